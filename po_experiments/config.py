@@ -1,0 +1,350 @@
+"""Structured config schemas (Hydra ConfigStore) and the checks OmegaConf's types cannot express.
+
+The YAML tree under `conf/` mirrors these dataclasses: every group option starts from its schema here, so a
+typo (`algo.bta=0.2`), a wrong type (`seed=abc`) or an unknown option fails at composition naming the key.
+Ranges and cross-field rules (`t2 > t1`, probabilities in [0, 1], non-negative steps) are checked by
+`validate()`, which `run.py` calls before any work starts.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from .errors import ConfigError
+
+# --------------------------------------------------------------------------------------------- enums
+
+
+class OnInvalid(str, Enum):
+    skip = "skip"  # drop the row, count it, log the counts
+    fail = "fail"  # stop with a report naming row index and field
+
+
+class Judge(str, Enum):
+    auto = "auto"  # gold for the synthetic task, none for the paper's data
+    gold = "gold"  # the embedded task's known reward
+    none = "none"  # write outputs only (LLM-as-judge comes with the evaluation stage)
+
+
+# --------------------------------------------------------------------------------------------- model
+
+
+@dataclass
+class TinyArch:
+    """A GPTNeoX (Pythia architecture) built from scratch for the embedded task."""
+
+    hidden_size: int = 128
+    num_hidden_layers: int = 3
+    num_attention_heads: int = 4
+    intermediate_size: int = 512
+    max_position_embeddings: int = 64
+
+
+@dataclass
+class StageHparams:
+    """Hyper-parameters of one training stage that depend on the model (paper App. C.1)."""
+
+    batch_size: int = MISSING  # global batch (per_device x accumulation x processes)
+    learning_rate: float = MISSING
+    epochs: float = 1.0
+    max_steps: int = -1  # > 0 overrides epochs
+    warmup_ratio: float = 0.0
+    lr_scheduler: str = "linear"
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    logging_steps: int = 10
+    save_steps: int = 0  # checkpoint every k optimizer steps (0 = none)
+    per_device_batch_size: Optional[int] = None  # None = batch_size / processes (no accumulation)
+
+
+@dataclass
+class ScheduleSteps:
+    """cDPO's (t1, t2) for this model (paper App. E cases); `algo.t1`/`algo.t2` read these by default."""
+
+    t1: Optional[int] = None
+    t2: Optional[int] = None
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    path: Optional[str] = None  # hub id or local directory; None builds the tiny model from `arch`
+    arch: Optional[TinyArch] = None
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    trust_remote_code: bool = False
+    max_length: int = 64  # tokens of prompt + response in training
+    sft: StageHparams = field(default_factory=StageHparams)
+    dpo: StageHparams = field(default_factory=StageHparams)
+    cdpo: ScheduleSteps = field(default_factory=ScheduleSteps)
+
+
+# --------------------------------------------------------------------------------------------- algorithms
+
+
+@dataclass
+class DPOAlgoConfig:
+    """Sigmoid DPO (Eq. 4). `components` is the training objective: a union of TOT/POS/NEG/TOP/MID/BOT."""
+
+    name: str = "dpo"
+    family: str = "dpo"
+    beta: float = 0.1
+    components: list[str] = field(default_factory=lambda: ["TOT"])
+
+
+@dataclass
+class CDPOAlgoConfig(DPOAlgoConfig):
+    """Controlled DPO (Eq. 32): lambda = clip((t - t1) / (t2 - t1), 0, 1) moves weight from y+ to y-.
+
+    Not conservative (label-smoothed) DPO, which other code bases also call cDPO."""
+
+    name: str = "cdpo"
+    t1: int = MISSING
+    t2: int = MISSING
+
+
+# --------------------------------------------------------------------------------------------- ablations
+
+
+@dataclass
+class AblationConfig:
+    """Drop components inside a window of optimizer steps [start_step, stop_step) (paper Sec. 4)."""
+
+    name: str = "none"
+    drop: list[str] = field(default_factory=list)
+    start_step: int = 0
+    stop_step: Optional[int] = None  # None = until the end
+    init_from: Optional[str] = None  # a checkpoint dir (e.g. a DPO run's step-6000) to continue from
+
+
+# --------------------------------------------------------------------------------------------- data
+
+
+@dataclass
+class SyntheticDataConfig:
+    """The embedded biased-dictionary task (DESIGN 2b): s_i -> t_i, with a demonstrator that errs."""
+
+    name: str = "synthetic"
+    vocab_size: int = 16  # source words s0..s{V-1}, target words t0..t{V-1}
+    hard_words: int = 6  # s0..s{hard-1} are mistranslated as t_{i+1} ...
+    hard_p_min: float = 0.55  # ... with probability rising from hard_p_min ...
+    hard_p_max: float = 0.80  # ... to hard_p_max across them
+    wrong_p: float = 0.1  # a random wrong word on the other words
+    edit_p: float = 0.1  # a demonstration drops or duplicates one token
+    train_min_len: int = 4
+    train_max_len: int = 6
+    heldout_min_len: int = 5  # the held-out shift that plays HH-RLHF's role
+    heldout_max_len: int = 7
+    n_sft: int = 20000
+    n_pref_prompts: int = 4000
+    sample_temperature: float = 1.0  # SFT samples that form preference pairs
+    label_scale: float = 0.2  # P(a > b) = sigmoid((r_a - r_b) / label_scale)
+    label_flip_p: float = 0.1  # annotator noise on top of Bradley-Terry
+    n_heldout: int = 500
+    max_new_tokens: int = 12
+
+
+@dataclass
+class SourceConfig:
+    """Where one data set comes from: a local file/dir (`path`) wins over the hub (`hub_id`)."""
+
+    hub_id: Optional[str] = None
+    split: str = "train"
+    data_dir: Optional[str] = None  # hub sub-folder, e.g. HH-RLHF's "helpful-base"
+    path: Optional[str] = None  # .json / .jsonl / .jsonl.gz / .parquet file, or a folder of them
+    max_rows: Optional[int] = None
+
+
+@dataclass
+class PaperDataConfig:
+    """The paper's data sets (DESIGN 2): UltraChat (SFT), UltraFeedback (pairs), HH-RLHF (D'), AlpacaEval."""
+
+    name: str = "paper"
+    sft: SourceConfig = field(default_factory=SourceConfig)
+    preferences: SourceConfig = field(default_factory=SourceConfig)
+    questions: SourceConfig = field(default_factory=SourceConfig)
+    instructions: SourceConfig = field(default_factory=SourceConfig)
+    on_invalid: OnInvalid = OnInvalid.skip
+    max_length: int = 1024  # tokens of prompt + response after the chat template
+    max_new_tokens: int = 512  # AlpacaEval protocol
+
+
+# --------------------------------------------------------------------------------------------- the rest
+
+
+@dataclass
+class EvalConfig:
+    judge: Judge = Judge.auto
+    batch_size: int = 64
+    n_prompts: Optional[int] = None  # None = all held-out prompts / instructions
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "wandb"
+    enabled: bool = True
+    mode: str = "offline"  # offline | online | disabled
+    project: str = "po-experiments"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+
+
+@dataclass
+class RuntimeConfig:
+    threads: int = 0  # torch CPU threads; 0 = the cores that are free right now
+    precompute_ref: bool = True  # reference log-probs once before training (exact, saves a forward per step)
+
+
+@dataclass
+class DebugConfig:
+    kill_at_step: Optional[int] = None  # SIGKILL the run after this optimizer step (tests of resume)
+
+
+@dataclass
+class PathsConfig:
+    output_dir: str = MISSING
+    cache_dir: str = MISSING
+
+
+@dataclass
+class Config:
+    model: ModelConfig = MISSING
+    algo: Any = MISSING
+    ablation: AblationConfig = MISSING
+    data: Any = MISSING
+    logger: LoggerConfig = MISSING
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    name: str = "default"
+    seed: int = 0
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=Config)
+    cs.store(group="algo", name="dpo_schema", node=DPOAlgoConfig)
+    cs.store(group="algo", name="cdpo_schema", node=CDPOAlgoConfig)
+    cs.store(group="ablation", name="ablation_schema", node=AblationConfig)
+    cs.store(group="data", name="synthetic_schema", node=SyntheticDataConfig)
+    cs.store(group="data", name="paper_schema", node=PaperDataConfig)
+    cs.store(group="logger", name="logger_schema", node=LoggerConfig)
+
+
+def _run_name(override_dirname: str) -> str:
+    """A run dir name from the command line's overrides: the same command finds the same dir (resume)."""
+    if not override_dirname:
+        return "default"
+    return re.sub(r"[^A-Za-z0-9=,._+-]", "_", override_dirname)
+
+
+if not OmegaConf.has_resolver("po_run_name"):
+    OmegaConf.register_new_resolver("po_run_name", _run_name)
+register_configs()
+
+
+# --------------------------------------------------------------------------------------------- validation
+
+COMPONENTS = ("TOT", "POS", "NEG", "TOP", "MID", "BOT")
+
+
+def _require(ok: bool, key: str, msg: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {msg}")
+
+
+def _check_prob(cfg: DictConfig, key: str) -> None:
+    v = OmegaConf.select(cfg, key)
+    _require(0.0 <= v <= 1.0, key, f"must be a probability in [0, 1], got {v}")
+
+
+def _check_stage(cfg: DictConfig, key: str) -> None:
+    s = OmegaConf.select(cfg, key)
+    _require(s.batch_size > 0, f"{key}.batch_size", f"must be > 0, got {s.batch_size}")
+    _require(s.learning_rate > 0, f"{key}.learning_rate", f"must be > 0, got {s.learning_rate}")
+    _require(s.epochs > 0 or s.max_steps > 0, f"{key}.epochs", "must be > 0 unless max_steps is set")
+    _require(s.save_steps >= 0, f"{key}.save_steps", f"must be >= 0, got {s.save_steps}")
+    _require(0.0 <= s.warmup_ratio < 1.0, f"{key}.warmup_ratio", f"must be in [0, 1), got {s.warmup_ratio}")
+    pd = s.per_device_batch_size
+    if pd is not None:
+        _require(pd > 0 and s.batch_size % pd == 0, f"{key}.per_device_batch_size",
+                 f"must divide {key}.batch_size={s.batch_size}, got {pd}")
+
+
+def _check_components(values, key: str) -> None:
+    for c in values:
+        _require(c in COMPONENTS, key, f"unknown component {c!r}; choose from {', '.join(COMPONENTS)}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Range and cross-field checks; raises ConfigError naming the offending key."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        _validate(cfg)
+    except OmegaConfBaseException as err:  # e.g. an interpolation to a value the model config leaves unset
+        key = getattr(err, "full_key", None) or "config"
+        raise ConfigError(f"{key}: {str(err).splitlines()[0]}") from None
+
+
+def _validate(cfg: DictConfig) -> None:
+    from .trainers.objectives import ALGORITHMS  # registry, imported late to keep config import light
+    from .trainers.ablations import ABLATIONS
+
+    _require(cfg.algo.name in ALGORITHMS, "algo.name",
+             f"unknown algorithm {cfg.algo.name!r}; registered: {', '.join(sorted(ALGORITHMS))}")
+    _require(cfg.algo.beta > 0, "algo.beta", f"must be > 0, got {cfg.algo.beta}")
+    _require(len(cfg.algo.components) > 0, "algo.components", "must name at least one component")
+    _check_components(cfg.algo.components, "algo.components")
+    if "t1" in cfg.algo:
+        _require(cfg.algo.t1 >= 0, "algo.t1", f"must be >= 0, got {cfg.algo.t1}")
+        _require(cfg.algo.t2 > cfg.algo.t1, "algo.t2", f"must be > algo.t1 ({cfg.algo.t1}), got {cfg.algo.t2}")
+
+    _require(cfg.ablation.name in ABLATIONS, "ablation.name",
+             f"unknown ablation {cfg.ablation.name!r}; registered: {', '.join(sorted(ABLATIONS))}")
+    _check_components(cfg.ablation.drop, "ablation.drop")
+    _require(cfg.ablation.start_step >= 0, "ablation.start_step", f"must be >= 0, got {cfg.ablation.start_step}")
+    if cfg.ablation.stop_step is not None:
+        _require(cfg.ablation.stop_step > cfg.ablation.start_step, "ablation.stop_step",
+                 f"must be > ablation.start_step ({cfg.ablation.start_step}), got {cfg.ablation.stop_step}")
+
+    _check_stage(cfg, "model.sft")
+    _check_stage(cfg, "model.dpo")
+    dpo = cfg.model.dpo
+    if dpo.save_steps:
+        _require(dpo.save_steps % dpo.logging_steps == 0, "model.dpo.logging_steps",
+                 f"must divide model.dpo.save_steps={dpo.save_steps} (each checkpoint records the loss logged at "
+                 f"its step), got {dpo.logging_steps}")
+    _require(cfg.model.dtype in ("float32", "bfloat16", "float16"), "model.dtype",
+             f"must be float32, bfloat16 or float16, got {cfg.model.dtype!r}")
+    _require(cfg.model.path is not None or cfg.model.arch is not None, "model.path",
+             "set a hub id or local directory (or model.arch for a model built from scratch)")
+    _require(cfg.model.max_length > 0, "model.max_length", f"must be > 0, got {cfg.model.max_length}")
+
+    if cfg.data.name == "synthetic":
+        for key in ("hard_p_min", "hard_p_max", "wrong_p", "edit_p", "label_flip_p"):
+            _check_prob(cfg, f"data.{key}")
+        d = cfg.data
+        _require(0 <= d.hard_words <= d.vocab_size, "data.hard_words", f"must be in [0, vocab_size], got {d.hard_words}")
+        _require(1 <= d.train_min_len <= d.train_max_len, "data.train_max_len", "need 1 <= train_min_len <= train_max_len")
+        _require(1 <= d.heldout_min_len <= d.heldout_max_len, "data.heldout_max_len",
+                 "need 1 <= heldout_min_len <= heldout_max_len")
+        for key in ("n_sft", "n_pref_prompts", "n_heldout", "max_new_tokens"):
+            _require(d[key] > 0, f"data.{key}", f"must be > 0, got {d[key]}")
+        _require(d.label_scale > 0, "data.label_scale", f"must be > 0, got {d.label_scale}")
+        _require(d.sample_temperature > 0, "data.sample_temperature", f"must be > 0, got {d.sample_temperature}")
+    else:
+        _require(cfg.eval.judge != Judge.gold, "eval.judge",
+                 "the gold judge exists only for the synthetic task; use eval.judge=auto or none with data=paper")
+
+    _require(cfg.eval.batch_size > 0, "eval.batch_size", f"must be > 0, got {cfg.eval.batch_size}")
+    _require(cfg.runtime.threads >= 0, "runtime.threads", f"must be >= 0 (0 = auto), got {cfg.runtime.threads}")
+    _require(cfg.logger.mode in ("offline", "online", "disabled"), "logger.mode",
+             f"must be offline, online or disabled, got {cfg.logger.mode!r}")
+    if cfg.debug.kill_at_step is not None:
+        _require(cfg.debug.kill_at_step > 0, "debug.kill_at_step", f"must be > 0, got {cfg.debug.kill_at_step}")

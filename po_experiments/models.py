@@ -1,0 +1,112 @@
+"""Models and tokenizers: the tiny offline Pythia-architecture model, or a real one by hub id / local path."""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast
+
+from .data.synthetic import ASSISTANT, EOS, PAD, SPECIAL_TOKENS, UNK, USER
+from .errors import ModelUnavailableError
+from .hub import hub_reachable
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Zephyr-style template (the paper's SFT recipe) for base models such as Pythia that ship without one.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def build_word_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer built offline: specials first, then the task's words."""
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + list(words))}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token=PAD, eos_token=EOS, unk_token=UNK, bos_token=EOS,
+        additional_special_tokens=[USER, ASSISTANT],
+    )
+    tok.padding_side = "left"  # generation pads on the left; TRL's collators pad as they need
+    return tok
+
+
+def build_tiny_model(arch, tokenizer: PreTrainedTokenizerFast, seed: int) -> GPTNeoXForCausalLM:
+    """Randomly initialised GPTNeoX (Pythia's architecture) sized by `arch`."""
+    config = GPTNeoXConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=arch.hidden_size,
+        num_hidden_layers=arch.num_hidden_layers,
+        num_attention_heads=arch.num_attention_heads,
+        intermediate_size=arch.intermediate_size,
+        max_position_embeddings=arch.max_position_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    return GPTNeoXForCausalLM(config)
+
+
+def _source_hint(cfg) -> str:
+    return (f"Point at a local copy with model.path=/path/to/{Path(cfg.path).name} (a folder with config.json, "
+            "the weights and the tokenizer files), or run where the Hugging Face Hub can be reached.")
+
+
+def resolve_model_source(cfg) -> str:
+    """Fail within seconds, with a clear message, when a real model cannot be had here."""
+    path = cfg.path
+    if Path(path).expanduser().exists():
+        if not (Path(path).expanduser() / "config.json").exists():
+            raise ModelUnavailableError(f"model.path={path} exists but has no config.json. {_source_hint(cfg)}")
+        return str(Path(path).expanduser())
+    if path.startswith(("/", ".", "~")):
+        raise ModelUnavailableError(f"model.path={path}: no such directory. {_source_hint(cfg)}")
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        if isinstance(try_to_load_from_cache(path, "config.json"), str):
+            return path  # in the local HF cache: loads offline
+    except Exception:  # an odd cache layout is no reason to fail here; the reachability check decides
+        pass
+    if not hub_reachable():
+        raise ModelUnavailableError(
+            f"model {path!r} is not in the local Hugging Face cache and the Hub cannot be reached "
+            f"(offline or HF_HUB_OFFLINE set). {_source_hint(cfg)}")
+    return path
+
+
+def load_tokenizer(cfg, source: str):
+    tok = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if getattr(tok, "chat_template", None) is None:
+        tok.chat_template = DEFAULT_CHAT_TEMPLATE
+    tok.padding_side = "left"
+    return tok
+
+
+def load_model(source: str, cfg) -> torch.nn.Module:
+    return AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[cfg.dtype],
+                                                trust_remote_code=cfg.trust_remote_code)
+
+
+def free_cores() -> int:
+    """Cores not busy right now: with another process on one of two cores, 2 torch threads ran 30x slower."""
+    total = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    busy = round(os.getloadavg()[0]) if hasattr(os, "getloadavg") else 0
+    return max(1, total - busy)
+
+
+def set_threads(requested: int) -> int:
+    n = requested or free_cores()
+    torch.set_num_threads(n)
+    log.info("torch CPU threads: %d%s", n, " (auto: free cores)" if not requested else "")
+    return n

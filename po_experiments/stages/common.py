@@ -1,0 +1,69 @@
+"""What the training stages share: Trainer arguments from a `StageHparams`, and greedy/sampled generation."""
+from __future__ import annotations
+
+import logging
+
+import torch
+from accelerate import PartialState
+from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
+
+
+def batch_split(global_batch: int, per_device: int | None) -> tuple[int, int]:
+    """(per-device batch, accumulation steps) giving `global_batch` over the processes of this job."""
+    world = PartialState().num_processes
+    per_device = per_device or max(1, global_batch // world)
+    accumulation, rest = divmod(global_batch, per_device * world)
+    if rest or accumulation == 0:
+        raise ValueError(f"batch_size={global_batch} is not a multiple of per_device_batch_size={per_device} x "
+                         f"{world} processes")
+    return per_device, accumulation
+
+
+def trainer_kwargs(hp, *, output_dir: str, seed: int, dtype: str, report_to: list[str]) -> dict:
+    """Keyword arguments shared by SFTConfig and DPOConfig (both are TrainingArguments)."""
+    per_device, accumulation = batch_split(hp.batch_size, hp.per_device_batch_size)
+    return dict(
+        output_dir=output_dir,
+        per_device_train_batch_size=per_device,
+        gradient_accumulation_steps=accumulation,
+        learning_rate=hp.learning_rate,
+        num_train_epochs=hp.epochs,
+        max_steps=hp.max_steps,
+        lr_scheduler_type=hp.lr_scheduler,
+        warmup_steps=hp.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
+        weight_decay=hp.weight_decay,
+        max_grad_norm=hp.max_grad_norm,
+        logging_steps=hp.logging_steps,
+        save_strategy="steps" if hp.save_steps > 0 else "no",
+        save_steps=hp.save_steps if hp.save_steps > 0 else 500,
+        seed=seed,
+        data_seed=seed,
+        bf16=dtype == "bfloat16" and torch.cuda.is_available(),
+        fp16=dtype == "float16" and torch.cuda.is_available(),
+        report_to=report_to,
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+    )
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch_size: int,
+             temperature: float = 0.0, seed: int = 0, desc: str = "generating") -> list[str]:
+    """Completions for text prompts, in order: greedy when temperature == 0, else ancestral sampling."""
+    model.eval()
+    tokenizer.padding_side = "left"
+    sampling = temperature > 0
+    if sampling:
+        torch.manual_seed(seed)
+    device = next(model.parameters()).device
+    outputs: list[str] = []
+    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False):
+        batch = prompts[start:start + batch_size]
+        enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        extra = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if sampling else dict(do_sample=False)
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=tokenizer.eos_token_id, **extra)
+        outputs += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    return [o.strip() for o in outputs]

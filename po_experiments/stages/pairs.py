@@ -1,0 +1,45 @@
+"""Preference pairs: two SFT samples per prompt labelled by the gold reward (synthetic, cached), or UltraFeedback."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+from datasets import Dataset, load_from_disk
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from ..cache import cached
+from ..data.synthetic import DictionaryTask
+from .common import generate
+from .sft import sft_key
+
+log = logging.getLogger(__name__)
+
+
+def sample_pairs(cfg, sft_dir: Path, out_dir: Path) -> None:
+    task = DictionaryTask.from_config(cfg.data)
+    model = AutoModelForCausalLM.from_pretrained(sft_dir)
+    tokenizer = AutoTokenizer.from_pretrained(sft_dir)
+    prompts = task.preference_prompts(cfg.data.n_pref_prompts, cfg.seed)
+    kw = dict(max_new_tokens=cfg.data.max_new_tokens, batch_size=256, temperature=cfg.data.sample_temperature)
+    a = generate(model, tokenizer, prompts, seed=cfg.seed, desc="sampling pairs (a)", **kw)
+    b = generate(model, tokenizer, prompts, seed=cfg.seed + 1, desc="sampling pairs (b)", **kw)
+    pairs = task.label_pairs(prompts, a, b, scale=cfg.data.label_scale, flip_p=cfg.data.label_flip_p, seed=cfg.seed)
+    pairs.save_to_disk(str(out_dir / "pairs"))
+    agree = np.mean(np.array(pairs["gold_chosen"]) > np.array(pairs["gold_rejected"]))
+    stats = {"prompts": len(prompts), "pairs": len(pairs), "dropped_identical": len(prompts) - len(pairs),
+             "chosen_better_by_gold": float(agree)}
+    (out_dir / "pairs_stats.json").write_text(json.dumps(stats, indent=2))
+    log.info("preference pairs: %s", stats)
+
+
+def preference_data(cfg, sft_dir: Path, tokenizer) -> Dataset:
+    if cfg.data.name == "synthetic":
+        keys = ("n_pref_prompts", "sample_temperature", "label_scale", "label_flip_p", "max_new_tokens")
+        key = {"sft": sft_key(cfg), "pairs": {k: cfg.data[k] for k in keys}}
+        folder = cached(cfg.paths.cache_dir, "pairs", key, lambda out: sample_pairs(cfg, sft_dir, out))
+        return load_from_disk(str(folder / "pairs")).select_columns(["prompt", "chosen", "rejected"])
+    from ..data.paper import load_preferences
+
+    return load_preferences(cfg.data, tokenizer).select_columns(["prompt", "chosen", "rejected"])

@@ -1,0 +1,97 @@
+"""Preference-optimisation stage (DPO family): train from the SFT model, checkpoint every k steps, resume.
+
+A run killed at any point and started again with the same command continues from its last complete
+checkpoint (model, optimizer, scheduler, RNG and data position come back through transformers' Trainer) and
+ends where an uninterrupted run would have ended.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl import DPOConfig
+
+from ..checkpoints import STEP_DIR, StepCheckpoints, last_checkpoint
+from ..errors import ConfigError
+from ..models import DTYPES
+from ..trainers.dpo import ComponentDPOTrainer
+from .common import trainer_kwargs
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainedPolicy:
+    model_dir: Path
+    final_step: int
+    final_loss: float | None
+    resumed_from: str | None
+
+
+def _seed_from_other_run(init_from: str, checkpoint_root: Path) -> Path:
+    """Start from another run's checkpoint (e.g. DPO's step-6000 for the w/o-POS ablation) by copying it in."""
+    source = Path(init_from).expanduser()
+    if not STEP_DIR.match(source.name) or not (source / "trainer_state.json").exists():
+        raise ConfigError(f"ablation.init_from={init_from}: not a checkpoint folder (expected .../checkpoints/step-N)")
+    target = checkpoint_root / source.name
+    checkpoint_root.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(source, target.with_name(target.name + ".copying"), dirs_exist_ok=True)
+    os.replace(target.with_name(target.name + ".copying"), target)
+    return target
+
+
+def _final_loss(log_history: list[dict]) -> float | None:
+    losses = [entry["loss"] for entry in log_history if "loss" in entry]
+    return losses[-1] if losses else None
+
+
+def train_policy(cfg, sft_dir: Path, train_data, run_dir: Path, report_to: list[str]) -> TrainedPolicy:
+    model_dir = run_dir / "model"
+    if (model_dir / "DONE").exists():
+        info = json.loads((model_dir / "train_result.json").read_text())
+        log.info("policy already trained (step %d): %s", info["final_step"], model_dir)
+        return TrainedPolicy(model_dir, info["final_step"], info["final_loss"], info.get("resumed_from"))
+
+    checkpoint_root = run_dir / "checkpoints"
+    resume = last_checkpoint(checkpoint_root)
+    if resume is None and cfg.ablation.init_from:
+        resume = _seed_from_other_run(cfg.ablation.init_from, checkpoint_root)
+    if resume is not None:
+        log.info("resuming from %s", resume)
+
+    model = AutoModelForCausalLM.from_pretrained(sft_dir, dtype=DTYPES[cfg.model.dtype])
+    tokenizer = AutoTokenizer.from_pretrained(sft_dir)
+    args = DPOConfig(
+        **trainer_kwargs(cfg.model.dpo, output_dir=str(checkpoint_root), seed=cfg.seed, dtype=cfg.model.dtype,
+                         report_to=report_to),
+        beta=cfg.algo.beta,
+        max_length=cfg.model.max_length,
+        precompute_ref_log_probs=cfg.runtime.precompute_ref,
+        dataset_num_proc=None,
+        run_name=run_dir.name,
+    )
+    trainer = ComponentDPOTrainer(
+        model=model, args=args, train_dataset=train_data, processing_class=tokenizer,
+        algo=cfg.algo, ablation=cfg.ablation,
+        callbacks=[StepCheckpoints(checkpoint_root, kill_at_step=cfg.debug.kill_at_step)],
+    )
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+
+    # The final policy, written aside and renamed into place: `model/DONE` means training finished.
+    tmp = run_dir / "model.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    trainer.save_model(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    info = {"final_step": trainer.state.global_step, "final_loss": _final_loss(trainer.state.log_history),
+            "resumed_from": str(resume) if resume else None}
+    (tmp / "train_result.json").write_text(json.dumps(info, indent=2))
+    (tmp / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
+    (tmp / "DONE").touch()
+    shutil.rmtree(model_dir, ignore_errors=True)
+    os.replace(tmp, model_dir)
+    return TrainedPolicy(model_dir, info["final_step"], info["final_loss"], info["resumed_from"])

@@ -1,0 +1,79 @@
+"""`ComponentDPOTrainer`: TRL's DPOTrainer with the paper's decomposition as the training objective.
+
+TRL keeps data preparation, the reference model (or precomputed reference log-probs), the Trainer loop,
+checkpointing and DeepSpeed; we replace only the loss: per-pair sequence log-probs go through a registered
+algorithm (dpo, cdpo, ...) and are masked by the active components (POS/NEG/TOP/MID/BOT, minus what the
+ablation drops at this step).
+"""
+from __future__ import annotations
+
+import torch
+from trl import DPOTrainer
+from trl.trainer.utils import selective_log_softmax
+
+from .ablations import ABLATIONS
+from .objectives import ALGORITHMS, PairTerms, active_masks, objective, rank_thirds
+
+
+def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
+    """Sum of completion-token log-probs per sequence (token t is predicted by position t-1)."""
+    token_logps = selective_log_softmax(logits[:, :-1], input_ids[:, 1:])
+    return (token_logps * completion_mask[:, 1:]).sum(dim=1)
+
+
+class ComponentDPOTrainer(DPOTrainer):
+    def __init__(self, *args, algo, ablation, **kwargs):
+        if algo.name not in ALGORITHMS:
+            raise KeyError(f"unknown algorithm {algo.name!r}; registered: {sorted(ALGORITHMS)}")
+        self.algo, self.ablation = algo, ablation
+        self.algorithm = ALGORITHMS[algo.name]
+        self.drop_components = ABLATIONS[ablation.name]
+        super().__init__(*args, **kwargs)
+        if self.use_liger_kernel:
+            raise ValueError("use_liger_kernel fuses TRL's own loss; the component objective needs the log-probs")
+
+    # ----------------------------------------------------------------------------------------- loss
+    def pair_terms(self, model, inputs) -> PairTerms:
+        """Policy and reference sequence log-probs for a collated batch ([chosen; rejected] along the batch)."""
+        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
+        logps = sequence_logps(outputs.logits, inputs["input_ids"], inputs["completion_mask"])
+        chosen, rejected = logps.chunk(2, dim=0)
+        if "ref_chosen_logps" in inputs:
+            ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+        else:
+            ref_chosen, ref_rejected = self.compute_ref_log_probs(self.ref_model or model, inputs)
+        return PairTerms(chosen, rejected, ref_chosen.detach(), ref_rejected.detach(), step=self.state.global_step)
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        terms = self.pair_terms(model, inputs)
+        decomposition = self.algorithm(terms, self.algo)
+        thirds = rank_thirds(decomposition.rank_by)
+        dropped = self.drop_components(terms.step, self.ablation)
+        pos_mask, neg_mask = active_masks(self.algo.components, dropped, thirds)
+        loss = objective(decomposition, terms, pos_mask, neg_mask)
+        self._record_metrics(terms, decomposition, pos_mask, neg_mask)
+        return (loss, None) if return_outputs else loss
+
+    # ----------------------------------------------------------------------------------------- logging
+    @torch.no_grad()
+    def _record_metrics(self, t: PairTerms, d, pos_mask, neg_mask) -> None:
+        mode = "train" if self.model.training else "eval"
+        gather = self.accelerator.gather_for_metrics
+        chosen_r = gather(self.algo.beta * (t.chosen - t.ref_chosen).detach())
+        rejected_r = gather(self.algo.beta * (t.rejected - t.ref_rejected).detach())
+        omega = gather(d.rank_by.detach()).float()
+        q = torch.quantile(omega, torch.tensor([1 / 3, 2 / 3], device=omega.device))
+        m = self._metrics[mode]
+        m["rewards/chosen"].append(chosen_r.mean().item())
+        m["rewards/rejected"].append(rejected_r.mean().item())
+        m["rewards/margins"].append((chosen_r - rejected_r).mean().item())
+        m["rewards/accuracies"].append((chosen_r > rejected_r).float().mean().item())
+        m["logps/chosen"].append(gather(t.chosen.detach()).mean().item())
+        m["logps/rejected"].append(gather(t.rejected.detach()).mean().item())
+        m["omega/mean"].append(omega.mean().item())
+        m["omega/q33"].append(q[0].item())
+        m["omega/q67"].append(q[1].item())
+        m["components/pos_share"].append(pos_mask.mean().item())
+        m["components/neg_share"].append(neg_mask.mean().item())
+        for key, value in d.scalars.items():
+            m[key].append(value)
