@@ -1,0 +1,86 @@
+"""Shared fixtures: the tiny model, tokenizer and preference pairs built offline in a second."""
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset
+from omegaconf import OmegaConf
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(1)
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def task():
+    from po_experiments.data.synthetic import DictionaryTask
+
+    return DictionaryTask()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(task):
+    from po_experiments.models import build_word_tokenizer
+
+    return build_word_tokenizer(task.words)
+
+
+def make_pairs(task, n: int, seed: int = 0) -> Dataset:
+    """Pairs of two demonstrator samples per prompt, chosen by gold reward (enough for gradient tests)."""
+    rng = np.random.default_rng(seed)
+    rows = {"prompt": [], "chosen": [], "rejected": []}
+    while len(rows["prompt"]) < n:
+        src = task.sample_source(rng)
+        prompt = task.prompt_text(src)
+        a, b = task.completion_text(task.demonstrate(src, rng)), task.completion_text(task.demonstrate(src, rng))
+        if a == b:
+            continue
+        if task.gold_reward(prompt, a) < task.gold_reward(prompt, b):
+            a, b = b, a
+        rows["prompt"].append(prompt)
+        rows["chosen"].append(a)
+        rows["rejected"].append(b)
+    return Dataset.from_dict(rows)
+
+
+@pytest.fixture
+def tiny_model(tokenizer):
+    from po_experiments.models import build_tiny_model
+
+    arch = OmegaConf.create({"hidden_size": 32, "num_hidden_layers": 3, "num_attention_heads": 4,
+                             "intermediate_size": 64, "max_position_embeddings": 64})
+    return build_tiny_model(arch, tokenizer, seed=0)
+
+
+def dpo_trainer(model, tokenizer, pairs, tmp_path, algo: dict, ablation: dict | None = None, trainer_cls=None,
+                **config):
+    """A ComponentDPOTrainer (or stock DPOTrainer) with an explicit reference copy and no precomputation."""
+    from trl import DPOConfig
+
+    from po_experiments.trainers.dpo import ComponentDPOTrainer
+
+    args = DPOConfig(output_dir=str(tmp_path / "trainer"), per_device_train_batch_size=config.pop("batch", 8),
+                     report_to=[], max_length=32, dataset_num_proc=None, beta=algo.get("beta", 0.1),
+                     precompute_ref_log_probs=False, save_strategy="no", seed=0, bf16=False, **config)
+    ref = copy.deepcopy(model)
+    if trainer_cls is not None:
+        return trainer_cls(model=model, ref_model=ref, args=args, train_dataset=pairs, processing_class=tokenizer)
+    algo_cfg = OmegaConf.create({"name": "dpo", "beta": 0.1, "components": ["TOT"], **algo})
+    ablation_cfg = OmegaConf.create({"name": "none", "drop": [], "start_step": 0, "stop_step": None,
+                                     **(ablation or {})})
+    return ComponentDPOTrainer(model=model, ref_model=ref, args=args, train_dataset=pairs,
+                               processing_class=tokenizer, algo=algo_cfg, ablation=ablation_cfg)
+
+
+def first_batch(trainer):
+    batch = next(iter(trainer.get_train_dataloader()))
+    return trainer._prepare_inputs(batch)
