@@ -1,5 +1,4 @@
 """Entry point: `python run.py [group=option ...] [key=value ...]` (Hydra). See README.md."""
-import logging
 import sys
 
 import hydra
@@ -18,7 +17,6 @@ def main(cfg: DictConfig):
         validate(cfg)
         return run(cfg).get("win_rate")
     except PoError as err:  # a problem the user can fix: one clear line, no traceback
-        logging.getLogger("po_experiments").error("%s", err)
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2)
 

@@ -13,6 +13,7 @@ from trl.trainer.utils import selective_log_softmax
 
 from .ablations import ABLATIONS
 from .objectives import ALGORITHMS, PairTerms, active_masks, objective, rank_thirds
+from .resume import ExactResumeMixin
 
 
 def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
@@ -21,7 +22,7 @@ def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, completion_mas
     return (token_logps * completion_mask[:, 1:]).sum(dim=1)
 
 
-class ComponentDPOTrainer(DPOTrainer):
+class ComponentDPOTrainer(ExactResumeMixin, DPOTrainer):
     def __init__(self, *args, algo, ablation, **kwargs):
         if algo.name not in ALGORITHMS:
             raise KeyError(f"unknown algorithm {algo.name!r}; registered: {sorted(ALGORITHMS)}")

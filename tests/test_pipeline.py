@@ -1,0 +1,132 @@
+"""`python run.py` end to end in a fast mode: the output contract, resume after SIGKILL, skip when finished."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+# Small but real: SFT 40 steps, ~280 pairs, DPO ~17 steps of 16 pairs, checkpoints every 4 steps.
+FAST = ["data.n_sft=2000", "model.sft.max_steps=40", "data.n_pref_prompts=300", "data.n_heldout=60",
+        "model.dpo.batch_size=16", "model.dpo.epochs=1", "model.dpo.save_steps=4", "model.dpo.logging_steps=1",
+        "runtime.threads=1"]
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")  # one SFT model and one pair set for every run in this module
+
+
+def run(run_dir: Path, cache_dir: Path, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PO_CACHE_DIR": str(cache_dir)}
+    proc = subprocess.run([sys.executable, "run.py", *FAST, *overrides, f"hydra.run.dir={run_dir}"], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "model" / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, cache_dir):
+    run_dir = tmp_path_factory.mktemp("runs") / "dpo"
+    run(run_dir, cache_dir)
+    return run_dir
+
+
+def test_run_dir_follows_the_output_contract(finished):
+    summary = json.loads((finished / "summary.json").read_text())
+    for key in ("algo", "model", "seed", "final_step", "win_rate"):
+        assert key in summary
+    assert summary["algo"] == "dpo" and summary["model"] == "tiny" and summary["seed"] == 0
+    assert 0 <= summary["win_rate"] <= 100 and summary["final_step"] > 0
+    assert (finished / ".hydra" / "config.yaml").exists()
+
+    steps = sorted(int(p.name.split("-")[1]) for p in (finished / "checkpoints").glob("step-*"))
+    assert steps[:3] == [4, 8, 12] and steps[-1] == summary["final_step"]
+    record = json.loads((finished / "checkpoints" / "step-8" / "record.json").read_text())
+    assert record["step"] == 8 and isinstance(record["loss"], float)
+    state = json.loads((finished / "checkpoints" / "step-8" / "trainer_state.json").read_text())
+    assert state["global_step"] == 8
+
+    rows = (finished / "win_rate.csv").read_text().splitlines()
+    assert rows[0].split(",")[:2] == ["step", "win_rate"] and "judge" in rows[0]
+    assert rows[1].startswith(f"{summary['final_step']},")
+    for name in ("policy", "reference"):
+        records = json.loads((finished / "outputs" / f"{name}.json").read_text())
+        assert len(records) == 60
+        assert set(records[0]) == {"instruction", "output", "generator", "dataset"}
+    assert list((finished / "wandb").glob("offline-run-*"))  # W&B, offline, inside the run dir
+
+
+def test_logged_metrics_include_the_paper_quantities(finished):
+    history = json.loads((finished / "model" / "log_history.json").read_text())
+    logged = set().union(*history)
+    for key in ("loss", "omega/q33", "omega/q67", "rewards/margins", "components/pos_share"):
+        assert key in logged
+
+
+def test_rerunning_a_finished_run_does_nothing(finished, cache_dir):
+    before = {p: p.stat().st_mtime_ns for p in finished.rglob("*") if p.is_file() and "wandb" not in p.parts}
+    proc = run(finished, cache_dir)
+    assert "run already finished" in proc.stdout + proc.stderr
+    after = {p: p.stat().st_mtime_ns for p in before}
+    changed = [p for p in before if before[p] != after[p] and p.name != "run.log" and ".hydra" not in p.parts]
+    assert not changed
+
+
+def test_killed_run_resumes_to_the_same_result(finished, cache_dir, tmp_path):
+    run_dir = tmp_path / "killed"
+    killed = run(run_dir, cache_dir, "debug.kill_at_step=6", check=False)
+    assert killed.returncode == -signal.SIGKILL
+    assert not (run_dir / "summary.json").exists()
+    assert (run_dir / "checkpoints" / "step-4").exists() and not (run_dir / "checkpoints" / "step-8").exists()
+
+    run(run_dir, cache_dir)  # the same command (debug.* aside) picks up from step 4
+    resumed, uninterrupted = json.loads((run_dir / "summary.json").read_text()), \
+        json.loads((finished / "summary.json").read_text())
+    assert resumed["resumed_from"].endswith("step-4")
+    assert resumed["final_step"] == uninterrupted["final_step"]
+    assert resumed["final_loss"] == pytest.approx(uninterrupted["final_loss"], rel=1e-6)
+    a, b = weights(run_dir), weights(finished)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert resumed["win_rate"] == uninterrupted["win_rate"]
+
+
+@pytest.mark.parametrize("overrides", [
+    ["algo=cdpo", "algo.t1=3", "algo.t2=12"],
+    ["ablation=dpo_wo_neg_early", "ablation.stop_step=8"],
+    ["ablation=dpo_wo_pos_late", "ablation.start_step=8", "logger=none"],
+    ["algo.components=[TOP,MID]", "logger=none"],
+])
+def test_every_algorithm_and_ablation_runs(overrides, cache_dir, tmp_path):
+    run(tmp_path / "run", cache_dir, *overrides)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["win_rate"] is not None and summary["final_step"] > 0
+
+
+def test_continuing_from_another_runs_checkpoint(finished, cache_dir, tmp_path):
+    """The paper's w/o POS: continue from DPO's checkpoint at T without positive learning."""
+    source = finished / "checkpoints" / "step-8"
+    run(tmp_path / "wo_pos", cache_dir, "ablation=dpo_wo_pos_late", "ablation.start_step=8",
+        f"ablation.init_from={source}", "logger=none")
+    summary = json.loads((tmp_path / "wo_pos" / "summary.json").read_text())
+    assert summary["resumed_from"].endswith("step-8")
+    saved = sorted(int(p.name.split("-")[1]) for p in (tmp_path / "wo_pos" / "checkpoints").glob("step-*"))
+    assert saved[0] == 8 and len(saved) > 1  # nothing before step 8 was retrained (no step-4)
+    history = json.loads((tmp_path / "wo_pos" / "model" / "log_history.json").read_text())
+    share = {h["step"]: h["components/pos_share"] for h in history if "components/pos_share" in h}
+    assert all(v == 1 for s, v in share.items() if s <= 8)  # inherited from the DPO run
+    assert all(v == 0 for s, v in share.items() if s > 8) and max(share) > 8  # then no positive learning
