@@ -12,9 +12,10 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 from ..data.synthetic import DictionaryTask
+from ..models import load_for_inference
 from .common import generate
 
 log = logging.getLogger(__name__)
@@ -70,8 +71,7 @@ def _write_outputs(path: Path, prompts: EvalPrompts, outputs: list[str], generat
 
 
 def greedy_outputs(model_dir: Path, prompts: EvalPrompts, cfg, desc: str) -> list[str]:
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model, tokenizer = load_for_inference(model_dir, cfg.model.dtype)
     return generate(model, tokenizer, prompts.model_inputs, max_new_tokens=prompts.max_new_tokens,
                     batch_size=cfg.eval.batch_size, desc=desc)
 

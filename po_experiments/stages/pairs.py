@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 from datasets import Dataset, load_from_disk
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..cache import cached
 from ..data.synthetic import DictionaryTask
+from ..models import load_for_inference
 from .common import generate
 from .sft import sft_key
 
@@ -19,8 +19,7 @@ log = logging.getLogger(__name__)
 
 def sample_pairs(cfg, sft_dir: Path, out_dir: Path) -> None:
     task = DictionaryTask.from_config(cfg.data)
-    model = AutoModelForCausalLM.from_pretrained(sft_dir)
-    tokenizer = AutoTokenizer.from_pretrained(sft_dir)
+    model, tokenizer = load_for_inference(sft_dir, cfg.model.dtype)
     prompts = task.preference_prompts(cfg.data.n_pref_prompts, cfg.seed)
     kw = dict(max_new_tokens=cfg.data.max_new_tokens, batch_size=256, temperature=cfg.data.sample_temperature)
     a = generate(model, tokenizer, prompts, seed=cfg.seed, desc="sampling pairs (a)", **kw)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -58,6 +59,7 @@ def train_sft(cfg, out_dir: Path) -> None:
     result = trainer.train()
     trainer.save_model(str(out_dir))
     tokenizer.save_pretrained(str(out_dir))
+    shutil.rmtree(out_dir / "trainer", ignore_errors=True)  # the Trainer's scratch folder (no checkpoints)
     metrics = {"train_loss": result.training_loss, "steps": result.global_step, "examples": len(dataset)}
     (out_dir / "sft_metrics.json").write_text(json.dumps(metrics, indent=2))
     log.info("SFT done: %s", metrics)
