@@ -24,7 +24,7 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 def task():
     from po_experiments.data.synthetic import DictionaryTask
 
-    return DictionaryTask()
+    return DictionaryTask.from_config()
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,7 @@ import math
 import pytest
 from omegaconf import OmegaConf
 
+from po_experiments.config import SyntheticDataConfig
 from po_experiments.stages.evaluate import EvalPrompts, judge_gold, win_rate
 
 
@@ -19,9 +20,7 @@ def test_win_rate_by_hand():
 
 
 def test_gold_judge_prefers_the_right_answer_and_ties_equal_ones():
-    cfg = OmegaConf.create({"data": {"vocab_size": 16, "hard_words": 6, "hard_p_min": 0.55, "hard_p_max": 0.8,
-                                     "wrong_p": 0.1, "edit_p": 0.1, "train_min_len": 4, "train_max_len": 6,
-                                     "heldout_min_len": 5, "heldout_max_len": 7}})
+    cfg = OmegaConf.create({"data": OmegaConf.structured(SyntheticDataConfig)})
     prompts = ["<user> s1 s2 <assistant>"] * 3
     ep = EvalPrompts(prompts, prompts, ["synthetic"] * 3, 4)
     verdicts = judge_gold(cfg, ep, reference=["t2 t2", "t1 t2", "t1 t2"], candidate=["t1 t2", "t2 t2", "t1 t2 <eos>"])

@@ -1,11 +1,13 @@
 """The embedded task: deterministic, a gold reward computed by hand, a demonstrator with the designed flaws."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from po_experiments.data.synthetic import DictionaryTask, _rng
+from po_experiments.data.synthetic import _rng
 
 P = "<user> s1 s2 s3 <assistant>"
 
@@ -41,7 +43,7 @@ def test_demonstrator_has_the_designed_flaws(task):
     rng = _rng(0, "test")
     errors = np.zeros(task.vocab_size)
     counts = np.zeros(task.vocab_size)
-    no_edit = DictionaryTask(edit_p=0.0)
+    no_edit = dataclasses.replace(task, edit_p=0.0)
     for _ in range(6000):
         src = no_edit.sample_source(rng)
         out = no_edit.demonstrate(src, rng)

@@ -28,19 +28,26 @@ def _rng(seed: int, stream: str) -> np.random.Generator:
 
 @dataclass(frozen=True)
 class DictionaryTask:
-    vocab_size: int = 16
-    hard_words: int = 6
-    hard_p_min: float = 0.55
-    hard_p_max: float = 0.80
-    wrong_p: float = 0.1
-    edit_p: float = 0.1
-    train_min_len: int = 4
-    train_max_len: int = 6
-    heldout_min_len: int = 5
-    heldout_max_len: int = 7
+    """The task's parameters; their defaults and meaning live in `config.SyntheticDataConfig`."""
+
+    vocab_size: int
+    hard_words: int
+    hard_p_min: float
+    hard_p_max: float
+    wrong_p: float
+    edit_p: float
+    train_min_len: int
+    train_max_len: int
+    heldout_min_len: int
+    heldout_max_len: int
 
     @classmethod
-    def from_config(cls, cfg) -> "DictionaryTask":
+    def from_config(cls, cfg=None) -> "DictionaryTask":
+        """From a `data` config node; with none, the defaults of `SyntheticDataConfig`."""
+        if cfg is None:
+            from ..config import SyntheticDataConfig
+
+            cfg = vars(SyntheticDataConfig())
         return cls(**{k: cfg[k] for k in cls.__dataclass_fields__})
 
     # ----------------------------------------------------------------------------------- vocabulary
