@@ -63,6 +63,26 @@ class StageHparams:
 
 
 @dataclass
+class PPOHparams(StageHparams):
+    """PPO's rollout settings on top of the optimiser's (paper App. C.1: one response per prompt, top-p 0.9)."""
+
+    temperature: float = 1.0
+    top_p: float = 0.9
+    max_new_tokens: int = 256
+    max_prompt_length: int = 256
+
+
+@dataclass
+class PPOVariantDefaults:
+    """The paper's per-model case settings for cPPO (lambda on TOP / MID) and hPPO (t3, tau), App. E."""
+
+    lam_top: Optional[float] = None
+    lam_mid: Optional[float] = None
+    t3: Optional[float] = None
+    tau: Optional[float] = None
+
+
+@dataclass
 class ScheduleSteps:
     """cDPO's (t1, t2) for this model (paper App. E cases); `algo.t1`/`algo.t2` read these by default."""
 
@@ -81,6 +101,8 @@ class ModelConfig:
     sft: StageHparams = field(default_factory=StageHparams)
     dpo: StageHparams = field(default_factory=StageHparams)
     cdpo: ScheduleSteps = field(default_factory=ScheduleSteps)
+    ppo: PPOHparams = field(default_factory=PPOHparams)
+    ppo_variants: PPOVariantDefaults = field(default_factory=PPOVariantDefaults)
 
 
 # --------------------------------------------------------------------------------------------- algorithms
@@ -105,6 +127,57 @@ class CDPOAlgoConfig(DPOAlgoConfig):
     name: str = "cdpo"
     t1: int = MISSING
     t2: int = MISSING
+
+
+@dataclass
+class PPOAlgoConfig:
+    """PPO (Eq. 11) with per-token weights from a registered weighting (ppo, cppo_top, cppo_mid, hppo).
+
+    `components` is the training objective over tokens (TOT, POS: A >= 0, NEG: A < 0, TOP/MID/BOT: thirds of |A|
+    by rank over the rollout batch)."""
+
+    name: str = "ppo"
+    family: str = "ppo"
+    weighting: str = "ppo"
+    components: list[str] = field(default_factory=lambda: ["TOT"])
+    lam: Optional[float] = None  # cPPO's weight on the top (Eq. 33) or middle (Eq. 34) third, in [0, 1]
+    t3: Optional[float] = None  # hPPO's half period in optimizer steps (Eq. 35)
+    tau: Optional[float] = None  # hPPO's largest downweighting of A < 0 tokens (Eq. 35)
+    kl_coef: float = 0.05  # KL(pi || ref) penalty in the per-token reward
+    cliprange: float = 0.2
+    cliprange_value: float = 0.2
+    vf_coef: float = 0.1
+    gamma: float = 1.0
+    gae_lambda: float = 0.95
+    num_ppo_epochs: int = 4
+    num_mini_batches: int = 1
+    whiten_rewards: bool = False
+
+
+# --------------------------------------------------------------------------------------------- rewards
+
+
+@dataclass
+class RewardHparams:
+    """Training of a reward model on the preference pairs (TRL RewardTrainer), for `kind=learned`."""
+
+    batch_size: int = 64
+    learning_rate: float = 3e-4  # measured on the embedded pairs: held-out gold agreement 0.76-0.82
+    epochs: float = 3.0
+    warmup_ratio: float = 0.05
+
+
+@dataclass
+class RewardConfig:
+    """Where PPO's scalar reward comes from."""
+
+    name: str = MISSING
+    kind: str = MISSING  # gold (embedded task) | learned (trained on the pairs) | classifier (hub id / local path)
+    path: Optional[str] = None  # kind=classifier: e.g. RLHFlow/ArmoRM-Llama3-8B-v0.1
+    trust_remote_code: bool = False
+    batch_size: int = 32  # scoring batch
+    dtype: str = "float32"
+    train: RewardHparams = field(default_factory=RewardHparams)
 
 
 # --------------------------------------------------------------------------------------------- ablations
@@ -217,6 +290,7 @@ class Config:
     ablation: AblationConfig = MISSING
     data: Any = MISSING
     logger: LoggerConfig = MISSING
+    reward: RewardConfig = MISSING
     eval: EvalConfig = field(default_factory=EvalConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
@@ -230,6 +304,8 @@ def register_configs() -> None:
     cs.store(name="config_schema", node=Config)
     cs.store(group="algo", name="dpo_schema", node=DPOAlgoConfig)
     cs.store(group="algo", name="cdpo_schema", node=CDPOAlgoConfig)
+    cs.store(group="algo", name="ppo_schema", node=PPOAlgoConfig)
+    cs.store(group="reward", name="reward_schema", node=RewardConfig)
     cs.store(group="ablation", name="ablation_schema", node=AblationConfig)
     cs.store(group="data", name="synthetic_schema", node=SyntheticDataConfig)
     cs.store(group="data", name="paper_schema", node=PaperDataConfig)
@@ -292,18 +368,66 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"{key}: {str(err).splitlines()[0]}") from None
 
 
-def _validate(cfg: DictConfig) -> None:
+def _validate_dpo(cfg: DictConfig) -> None:
     from .trainers.objectives import ALGORITHMS  # registry, imported late to keep config import light
-    from .trainers.ablations import ABLATIONS
 
     _require(cfg.algo.name in ALGORITHMS, "algo.name",
              f"unknown algorithm {cfg.algo.name!r}; registered: {', '.join(sorted(ALGORITHMS))}")
     _require(cfg.algo.beta > 0, "algo.beta", f"must be > 0, got {cfg.algo.beta}")
-    _require(len(cfg.algo.components) > 0, "algo.components", "must name at least one component")
-    _check_components(cfg.algo.components, "algo.components")
     if "t1" in cfg.algo:
         _require(cfg.algo.t1 >= 0, "algo.t1", f"must be >= 0, got {cfg.algo.t1}")
         _require(cfg.algo.t2 > cfg.algo.t1, "algo.t2", f"must be > algo.t1 ({cfg.algo.t1}), got {cfg.algo.t2}")
+    _check_stage(cfg, "model.dpo")
+    dpo = cfg.model.dpo
+    if dpo.save_steps:
+        _require(dpo.save_steps % dpo.logging_steps == 0, "model.dpo.logging_steps",
+                 f"must divide model.dpo.save_steps={dpo.save_steps} (each checkpoint records the loss logged at "
+                 f"its step), got {dpo.logging_steps}")
+
+
+def _validate_ppo(cfg: DictConfig) -> None:
+    from .trainers.ppo_objectives import WEIGHTINGS
+
+    a = cfg.algo
+    _require(a.weighting in WEIGHTINGS, "algo.weighting",
+             f"unknown weighting {a.weighting!r}; registered: {', '.join(sorted(WEIGHTINGS))}")
+    if a.weighting.startswith("cppo"):
+        _require(a.lam is not None and 0.0 <= a.lam <= 1.0, "algo.lam", f"must be in [0, 1], got {a.lam}")
+    if a.weighting == "hppo":
+        _require(a.t3 is not None and a.t3 > 0, "algo.t3", f"must be > 0, got {a.t3}")
+        _require(a.tau is not None and a.tau > 0, "algo.tau", f"must be > 0, got {a.tau}")
+    for key in ("kl_coef", "cliprange_value", "vf_coef"):
+        _require(a[key] >= 0, f"algo.{key}", f"must be >= 0, got {a[key]}")
+    _require(0 < a.cliprange < 1, "algo.cliprange", f"must be in (0, 1), got {a.cliprange}")
+    for key in ("gamma", "gae_lambda"):
+        _require(0 <= a[key] <= 1, f"algo.{key}", f"must be in [0, 1], got {a[key]}")
+    _require(a.num_ppo_epochs > 0, "algo.num_ppo_epochs", f"must be > 0, got {a.num_ppo_epochs}")
+    _check_stage(cfg, "model.ppo")
+    p = cfg.model.ppo
+    _require(p.temperature > 0, "model.ppo.temperature", f"must be > 0, got {p.temperature}")
+    _require(0 < p.top_p <= 1, "model.ppo.top_p", f"must be in (0, 1], got {p.top_p}")
+    _require(p.max_new_tokens > 0, "model.ppo.max_new_tokens", f"must be > 0, got {p.max_new_tokens}")
+    r = cfg.reward
+    _require(r.kind in ("gold", "learned", "classifier"), "reward.kind",
+             f"must be gold, learned or classifier, got {r.kind!r}")
+    if r.kind in ("gold", "learned"):
+        _require(cfg.data.name == "synthetic", "reward.kind",
+                 f"reward.kind={r.kind} exists only for the synthetic task; use a classifier reward model")
+    else:
+        _require(r.path is not None, "reward.path", "a classifier reward needs a hub id or local directory")
+
+
+def _validate(cfg: DictConfig) -> None:
+    from .trainers.ablations import ABLATIONS  # registry, imported late to keep config import light
+
+    family = cfg.algo.family
+    _require(family in ("dpo", "ppo"), "algo.family", f"must be dpo or ppo, got {family!r}")
+    _require(len(cfg.algo.components) > 0, "algo.components", "must name at least one component")
+    _check_components(cfg.algo.components, "algo.components")
+    if family == "dpo":
+        _validate_dpo(cfg)
+    else:
+        _validate_ppo(cfg)
 
     _require(cfg.ablation.name in ABLATIONS, "ablation.name",
              f"unknown ablation {cfg.ablation.name!r}; registered: {', '.join(sorted(ABLATIONS))}")
@@ -314,12 +438,6 @@ def _validate(cfg: DictConfig) -> None:
                  f"must be > ablation.start_step ({cfg.ablation.start_step}), got {cfg.ablation.stop_step}")
 
     _check_stage(cfg, "model.sft")
-    _check_stage(cfg, "model.dpo")
-    dpo = cfg.model.dpo
-    if dpo.save_steps:
-        _require(dpo.save_steps % dpo.logging_steps == 0, "model.dpo.logging_steps",
-                 f"must divide model.dpo.save_steps={dpo.save_steps} (each checkpoint records the loss logged at "
-                 f"its step), got {dpo.logging_steps}")
     _require(cfg.model.dtype in ("float32", "bfloat16", "float16"), "model.dtype",
              f"must be float32, bfloat16 or float16, got {cfg.model.dtype!r}")
     _require(cfg.model.path is not None or cfg.model.arch is not None, "model.path",

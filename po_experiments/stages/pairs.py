@@ -15,6 +15,8 @@ from .common import generate
 from .sft import sft_key
 
 log = logging.getLogger(__name__)
+# The data settings that determine the synthetic pairs (with the SFT model): their cache key.
+PAIR_KEYS = ("n_pref_prompts", "sample_temperature", "label_scale", "label_flip_p", "max_new_tokens")
 
 
 def sample_pairs(cfg, sft_dir: Path, out_dir: Path) -> None:
@@ -35,8 +37,7 @@ def sample_pairs(cfg, sft_dir: Path, out_dir: Path) -> None:
 
 def preference_data(cfg, sft_dir: Path, tokenizer) -> Dataset:
     if cfg.data.name == "synthetic":
-        keys = ("n_pref_prompts", "sample_temperature", "label_scale", "label_flip_p", "max_new_tokens")
-        key = {"sft": sft_key(cfg), "pairs": {k: cfg.data[k] for k in keys}}
+        key = {"sft": sft_key(cfg), "pairs": {k: cfg.data[k] for k in PAIR_KEYS}}
         folder = cached(cfg.paths.cache_dir, "pairs", key, lambda out: sample_pairs(cfg, sft_dir, out))
         return load_from_disk(str(folder / "pairs")).select_columns(["prompt", "chosen", "rejected"])
     from ..data.paper import load_preferences

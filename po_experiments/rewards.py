@@ -1,0 +1,333 @@
+"""PPO's scalar reward: text in, one float per response out.
+
+Three sources behind one interface (`RewardFunction`):
+- `GoldReward`: the embedded task's exact reward (what the win rate measures);
+- `ClassifierReward`: a sequence-classification reward model: one trained here on the synthetic pairs with TRL's
+  RewardTrainer (`reward.kind=learned`), or a hub id / local copy such as ArmoRM or Skywork (`kind=classifier`).
+Scoring works on decoded text because the policy's tokenizer and the reward model's may differ (Pythia policy,
+Llama-3 reward model). `build_reward(cfg, sft_dir)` picks one from `cfg.reward`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Optional, Protocol, Sequence, Union
+
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, set_seed
+from trl import RewardConfig as TRLRewardConfig  # not to be confused with our config.RewardConfig
+from trl import RewardTrainer
+from trl.trainer.reward_trainer import suppress_seqcls_warning
+
+from .cache import cached
+from .data.synthetic import DictionaryTask
+from .errors import ConfigError, ModelUnavailableError
+from .hub import hub_reachable
+from .models import DTYPES
+from .stages.common import batch_split
+from .stages.pairs import PAIR_KEYS, preference_data
+from .stages.sft import sft_key
+
+log = logging.getLogger(__name__)
+
+Messages = list[dict[str, str]]  # [{"role": "user", "content": ...}, ...]
+# How a ClassifierReward recovers the user turns behind a prompt text (for the RM's chat template).
+MessagesLookup = Union[Mapping[str, Messages], Callable[[str], Optional[Messages]]]
+
+HELDOUT_FRACTION = 0.1  # the last 10 % of the pairs: the learned RM's held-out accuracy
+
+
+class RewardFunction(Protocol):
+    """`score(prompts, responses)` -> float32 tensor [B] on CPU.
+
+    `prompts` are the texts the policy was fed (chat-templated for real models, "<user> s.. <assistant>" for the
+    synthetic task); `responses` the decoded completions without special tokens. `messages`, when given, are the
+    original user turns of each prompt; rewards that cannot use them ignore them."""
+
+    name: str
+
+    def score(self, prompts: list[str], responses: list[str],
+              messages: Optional[Sequence[Optional[Messages]]] = None) -> torch.Tensor: ...
+
+
+def _check_batch(prompts, responses, messages=None) -> None:
+    if len(prompts) != len(responses) or (messages is not None and len(messages) != len(prompts)):
+        raise ValueError(f"prompts ({len(prompts)}), responses ({len(responses)}) and messages "
+                         f"({'-' if messages is None else len(messages)}) must have the same length")
+
+
+# --------------------------------------------------------------------------------------------- gold
+
+
+class GoldReward:
+    """The embedded task's gold reward: exact and free, so PPO optimises what the win rate measures."""
+
+    name = "gold"
+
+    def __init__(self, task: DictionaryTask):
+        self.task = task
+
+    def score(self, prompts, responses, messages=None) -> torch.Tensor:
+        _check_batch(prompts, responses, messages)
+        return torch.tensor([self.task.gold_reward(p, r) for p, r in zip(prompts, responses)], dtype=torch.float32)
+
+
+# --------------------------------------------------------------------------------------------- classifier
+
+
+def reward_from_output(output) -> torch.Tensor:
+    """One float32 reward per sequence, on CPU, from a reward model's forward output.
+
+    ArmoRM's custom output carries its preference score in `.score` ([B, 1] or [B]) beside per-objective `logits`,
+    so `score` wins when present; plain classifiers (Skywork, the learned RM) have only `logits` [B, labels],
+    whose first column is the reward."""
+    score = getattr(output, "score", None)
+    if isinstance(score, torch.Tensor):
+        if score.dim() == 2 and score.shape[1] == 1:
+            score = score[:, 0]
+        if score.dim() != 1:
+            raise ValueError(f"reward model output .score has shape {tuple(score.shape)}; expected [B] or [B, 1]")
+        return score.detach().float().cpu()
+    return output.logits[:, 0].detach().float().cpu()
+
+
+def align_pad_token(model, tokenizer) -> None:
+    """Make the tokenizer pad with the id the model skips when it looks for the last real token.
+
+    Sequence classifiers read the reward at the last non-pad token (found via `config.pad_token_id`); a pad id the
+    model does not know would make the score depend on the padding."""
+    model_pad = model.config.pad_token_id
+    if model_pad is not None and tokenizer.pad_token_id != model_pad:
+        token = tokenizer.convert_ids_to_tokens(model_pad)
+        if token is not None:  # an id outside the tokenizer's vocabulary: the model follows the tokenizer below
+            tokenizer.pad_token = token
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.pad_token_id = tokenizer.pad_token_id
+
+
+class ClassifierReward:
+    """A sequence-classification reward model (AutoModelForSequenceClassification + its tokenizer).
+
+    Input format per example: if the RM's tokenizer has a chat template and the user turns of the prompt are known
+    (`score(..., messages=...)`, or the constructor's `messages` lookup from prompt text to turns), the RM reads
+    those turns plus an assistant turn with the response, through its own template (how ArmoRM / Skywork were
+    trained). Otherwise it reads prompt + response + EOS, the text TRL's RewardTrainer trains on for
+    non-conversational pairs (the learned synthetic RM shares the policy's word tokenizer)."""
+
+    def __init__(self, path_or_id: str | Path, *, trust_remote_code: bool = False, dtype: str = "float32",
+                 batch_size: int = 32, device: str | torch.device | None = None,
+                 messages: Optional[MessagesLookup] = None):
+        self.name = f"classifier:{path_or_id}"
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.batch_size = batch_size
+        self.messages = messages
+        self._warned = False
+        self.tokenizer = AutoTokenizer.from_pretrained(str(path_or_id), trust_remote_code=trust_remote_code)
+        try:
+            self.model = AutoModelForSequenceClassification.from_pretrained(
+                str(path_or_id), dtype=DTYPES[dtype], trust_remote_code=trust_remote_code).to(self.device).eval()
+        except ImportError as err:  # remote code written for an older transformers (ArmoRM's modeling file)
+            raise ModelUnavailableError(
+                f"reward model {path_or_id}: its custom code does not import with this transformers version "
+                f"({err}). Use a transformers release the model supports, or a local copy with updated code.") from err
+        align_pad_token(self.model, self.tokenizer)
+
+    # -- formatting ---------------------------------------------------------------------------------------
+    def _turns(self, prompt: str) -> Optional[Messages]:
+        if self.messages is None:
+            return None
+        return self.messages(prompt) if callable(self.messages) else self.messages.get(prompt)
+
+    def format(self, prompt: str, response: str, turns: Optional[Messages] = None) -> tuple[str, bool]:
+        """(text the RM reads, whether the text already holds its special tokens)."""
+        turns = turns if turns is not None else self._turns(prompt)
+        has_template = bool(getattr(self.tokenizer, "chat_template", None))
+        if turns is not None and has_template:
+            conversation = [*turns, {"role": "assistant", "content": response}]
+            return self.tokenizer.apply_chat_template(conversation, tokenize=False), True
+        if has_template and not self._warned:  # works, but the RM reads the policy's template, not its own
+            log.warning("%s has a chat template but no user turns were given: scoring prompt + response text",
+                        self.name)
+            self._warned = True
+        eos = self.tokenizer.eos_token or ""
+        text = prompt + response
+        return (text if text.endswith(eos) else text + eos), False
+
+    def encode(self, prompts, responses, messages=None) -> list[list[int]]:
+        _check_batch(prompts, responses, messages)
+        ids = []
+        for i, (p, r) in enumerate(zip(prompts, responses)):
+            text, templated = self.format(p, r, None if messages is None else messages[i])
+            # a chat template writes BOS etc. itself; plain text gets what TRL's tokenization adds in training
+            ids.append(self.tokenizer(text, add_special_tokens=not templated)["input_ids"])
+        return ids
+
+    # -- scoring ------------------------------------------------------------------------------------------
+    def _pad_right(self, batch: list[list[int]]) -> dict[str, torch.Tensor]:
+        """Right padding: real tokens keep the positions they have alone, and causal attention never sees pads."""
+        width = max(len(x) for x in batch)
+        input_ids = torch.full((len(batch), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, ids in enumerate(batch):
+            input_ids[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[row, :len(ids)] = 1
+        return {"input_ids": input_ids.to(self.device), "attention_mask": attention_mask.to(self.device)}
+
+    @torch.no_grad()
+    def score(self, prompts, responses, messages=None) -> torch.Tensor:
+        ids = self.encode(prompts, responses, messages)
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths per batch: less padding
+        rewards = torch.empty(len(ids), dtype=torch.float32)
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start:start + self.batch_size]
+            output = self.model(**self._pad_right([ids[i] for i in chunk]))
+            rewards[chunk] = reward_from_output(output)
+        return rewards
+
+
+def pairwise_accuracy(reward: RewardFunction, pairs) -> float:
+    """Share of pairs whose chosen response the reward scores higher (ties count one half)."""
+    chosen = reward.score(list(pairs["prompt"]), list(pairs["chosen"]))
+    rejected = reward.score(list(pairs["prompt"]), list(pairs["rejected"]))
+    return ((chosen > rejected).float() + 0.5 * (chosen == rejected).float()).mean().item()
+
+
+# --------------------------------------------------------------------------------------------- learned RM
+
+
+def _trl_reward_args(cfg, out_dir: Path) -> TRLRewardConfig:
+    """TRL RewardConfig from `cfg.reward.train` (a RewardHparams, smaller than a stage's StageHparams)."""
+    hp = cfg.reward.train
+    per_device, accumulation = batch_split(hp.batch_size, None)
+    return TRLRewardConfig(
+        output_dir=str(out_dir / "trainer"),
+        per_device_train_batch_size=per_device,
+        gradient_accumulation_steps=accumulation,
+        learning_rate=hp.learning_rate,
+        num_train_epochs=hp.epochs,
+        warmup_steps=hp.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of the total steps
+        lr_scheduler_type="linear",
+        max_length=cfg.model.max_length,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=10,
+        bf16=False,  # TRL defaults to bf16; the learned RM is the tiny model, trained in float32
+        activation_checkpointing=False,  # TRL turns it on by default; pure overhead for a model this small
+        dataset_num_proc=None,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+
+
+def _gold_agreement(cfg, reward: RewardFunction, pairs) -> Optional[float]:
+    """Synthetic task: share of pairs with a gold-better response that the RM ranks the same way."""
+    if cfg.data.name != "synthetic":
+        return None
+    task = DictionaryTask.from_config(cfg.data)
+    prompts = list(pairs["prompt"])
+    gold_c = torch.tensor([task.gold_reward(p, y) for p, y in zip(prompts, pairs["chosen"])])
+    gold_r = torch.tensor([task.gold_reward(p, y) for p, y in zip(prompts, pairs["rejected"])])
+    decided = gold_c != gold_r
+    rm_c, rm_r = reward.score(prompts, list(pairs["chosen"])), reward.score(prompts, list(pairs["rejected"]))
+    agree = (rm_c > rm_r) == (gold_c > gold_r)
+    return agree[decided].float().mean().item() if decided.any() else None
+
+
+def train_reward_model(cfg, sft_dir: Path, out_dir: Path) -> None:
+    """TRL RewardTrainer on the preference pairs, starting from the SFT weights with a fresh 1-label head."""
+    out_dir = Path(out_dir)
+    tokenizer = AutoTokenizer.from_pretrained(sft_dir)
+    pairs = preference_data(cfg, sft_dir, tokenizer)
+    n_train = len(pairs) - max(1, round(HELDOUT_FRACTION * len(pairs)))
+    train, heldout = pairs.select(range(n_train)), pairs.select(range(n_train, len(pairs)))
+
+    set_seed(cfg.seed)  # the new score head is drawn at load time
+    with suppress_seqcls_warning():  # "lm head unexpected, score head missing" is the point of this load
+        model = AutoModelForSequenceClassification.from_pretrained(sft_dir, num_labels=1)
+    align_pad_token(model, tokenizer)
+    trainer = RewardTrainer(model=model, args=_trl_reward_args(cfg, out_dir), train_dataset=train,
+                            processing_class=tokenizer)
+    result = trainer.train()
+    trainer.save_model(str(out_dir))
+    tokenizer.save_pretrained(str(out_dir))
+    shutil.rmtree(out_dir / "trainer", ignore_errors=True)  # the Trainer's scratch folder (no checkpoints)
+
+    rm = ClassifierReward(out_dir, batch_size=256, device="cpu")  # measured through the same path PPO scores with
+    metrics = {"train_loss": result.training_loss, "steps": result.global_step, "train_pairs": len(train),
+               "heldout_pairs": len(heldout), "heldout_accuracy": pairwise_accuracy(rm, heldout),
+               "heldout_gold_agreement": _gold_agreement(cfg, rm, heldout)}
+    (out_dir / "reward_metrics.json").write_text(json.dumps(metrics, indent=2))
+    log.info("reward model trained: %s", metrics)
+
+
+def reward_model_dir(cfg, sft_dir: Path) -> Path:
+    """The learned RM for this SFT model, pair set, RM hyper-parameters and seed (trained once, then reused)."""
+    key = {"sft": sft_key(cfg), "pairs": {k: cfg.data[k] for k in PAIR_KEYS}, "reward": cfg.reward.train,
+           "seed": cfg.seed}
+    return cached(cfg.paths.cache_dir, "reward", key, lambda out: train_reward_model(cfg, sft_dir, out))
+
+
+# --------------------------------------------------------------------------------------------- builder
+
+
+def _source_hint(path: str) -> str:
+    return (f"Point at a local copy with reward.path=/path/to/{Path(path).name} (a folder with config.json, the "
+            "weights and the tokenizer files), or run where the Hugging Face Hub can be reached.")
+
+
+def resolve_reward_source(path: Optional[str]) -> str:
+    """A loadable local folder or hub id for `reward.path`, or a ModelUnavailableError within seconds."""
+    if not path:
+        raise ConfigError("reward.path: set a hub id or local directory for reward.kind=classifier")
+    local = Path(path).expanduser()
+    if local.exists():
+        if not (local / "config.json").exists():
+            raise ModelUnavailableError(f"reward.path={path} exists but has no config.json. {_source_hint(path)}")
+        return str(local)
+    if path.startswith(("/", ".", "~")):
+        raise ModelUnavailableError(f"reward.path={path}: no such directory. {_source_hint(path)}")
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        if isinstance(try_to_load_from_cache(path, "config.json"), str):
+            return path  # in the local HF cache: loads offline
+    except Exception:  # an odd cache layout is no reason to fail here; the reachability check decides
+        pass
+    if not hub_reachable():
+        raise ModelUnavailableError(
+            f"reward.path={path!r} is not in the local Hugging Face cache and the Hub cannot be reached "
+            f"(offline or HF_HUB_OFFLINE set). {_source_hint(path)}")
+    return path
+
+
+def _require_synthetic(cfg) -> None:
+    if cfg.data.name != "synthetic":
+        raise ConfigError(f"reward.kind: {cfg.reward.kind!r} exists only for the synthetic task (data.name="
+                          f"{cfg.data.name!r}); use reward=armorm or reward=skywork (kind=classifier)")
+
+
+def build_reward(cfg, sft_dir: Path, *, messages: Optional[MessagesLookup] = None) -> RewardFunction:
+    """The reward PPO optimises, from `cfg.reward.kind`: gold | learned | classifier.
+
+    `messages` (prompt text -> its user turns) lets a chat reward model read the conversation through its own
+    template; callers may also pass turns per call to `score`."""
+    kind, rc = cfg.reward.kind, cfg.reward
+    if rc.dtype not in DTYPES:
+        raise ConfigError(f"reward.dtype: must be one of {', '.join(DTYPES)}, got {rc.dtype!r}")
+    if kind == "gold":
+        _require_synthetic(cfg)
+        return GoldReward(DictionaryTask.from_config(cfg.data))
+    if kind == "learned":
+        _require_synthetic(cfg)
+        return ClassifierReward(reward_model_dir(cfg, sft_dir), dtype=rc.dtype, batch_size=rc.batch_size)
+    if kind == "classifier":
+        source = resolve_reward_source(rc.path)
+        return ClassifierReward(source, trust_remote_code=rc.trust_remote_code, dtype=rc.dtype,
+                                batch_size=rc.batch_size, messages=messages)
+    raise ConfigError(f"reward.kind: unknown kind {kind!r}; choose gold, learned or classifier")
