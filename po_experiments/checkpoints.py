@@ -44,9 +44,8 @@ def last_checkpoint(checkpoint_root: Path) -> Path | None:
 class StepCheckpoints(TrainerCallback):
     """Renames each finished Trainer checkpoint to step-<N> and records its step and training loss."""
 
-    def __init__(self, checkpoint_root: Path, kill_at_step: int | None = None):
+    def __init__(self, checkpoint_root: Path):
         self.root = Path(checkpoint_root)
-        self.kill_at_step = kill_at_step
         self.last_loss: float | None = None
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -65,8 +64,19 @@ class StepCheckpoints(TrainerCallback):
             shutil.rmtree(target)
         os.replace(written, target)
 
+
+
+class KillAtStep(TrainerCallback):
+    """SIGKILL the process after optimizer step N, as a node failure would (debug.kill_at_step, resume tests)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
     def on_step_end(self, args, state, control, **kwargs):
-        # A hard kill, as a node failure would do, for the resume tests (debug.kill_at_step).
-        if self.kill_at_step is not None and state.global_step >= self.kill_at_step:
-            log.warning("debug.kill_at_step=%d: killing this process with SIGKILL", self.kill_at_step)
+        if state.global_step >= self.step:
+            log.warning("debug.kill_at_step=%d: killing this process with SIGKILL", self.step)
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+def debug_callbacks(cfg) -> list[TrainerCallback]:
+    return [KillAtStep(cfg.debug.kill_at_step)] if cfg.debug.kill_at_step else []

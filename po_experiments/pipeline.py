@@ -26,6 +26,10 @@ def preflight(cfg) -> None:
     """Checks that must fail in seconds rather than after an hour of SFT."""
     if cfg.model.path is not None:
         resolve_model_source(cfg.model)
+    if cfg.algo.family == "ppo" and cfg.reward.kind == "classifier":
+        from .rewards import resolve_reward_source
+
+        resolve_reward_source(cfg.reward.path)
 
 
 def write_json_atomic(path: Path, obj: dict) -> None:
@@ -50,8 +54,13 @@ def run(cfg) -> dict:
     wandb_run = tracking.start(cfg, run_dir)
 
     sft_dir = sft_model_dir(cfg)
-    train_data = preference_data(cfg, sft_dir, AutoTokenizer.from_pretrained(sft_dir))
-    policy = train_policy(cfg, sft_dir, train_data, run_dir, tracking.report_to(wandb_run))
+    if cfg.algo.family == "ppo":
+        from .stages.ppo_policy import train_ppo_policy
+
+        policy = train_ppo_policy(cfg, sft_dir, run_dir, tracking.report_to(wandb_run))
+    else:
+        train_data = preference_data(cfg, sft_dir, AutoTokenizer.from_pretrained(sft_dir))
+        policy = train_policy(cfg, sft_dir, train_data, run_dir, tracking.report_to(wandb_run))
     result = evaluate(cfg, sft_dir, policy.model_dir, policy.final_step, run_dir)
 
     summary = {

@@ -30,18 +30,29 @@ def make(overrides=()):
         return compose("config", overrides=["paths.output_dir=/tmp/x", "paths.cache_dir=/tmp/y", *overrides])
 
 
-@pytest.mark.parametrize("model,algo,ablation,data,logger", list(product(
-    options("model"), options("algo"), options("ablation"), options("data"), options("logger"))))
-def test_every_config_composes_and_validates(model, algo, ablation, data, logger):
-    cfg = make([f"model={model}", f"algo={algo}", f"ablation={ablation}", f"data={data}", f"logger={logger}"])
-    if model == "llama3" and algo == "cdpo":  # the paper gives no cDPO case for Llama-3-8B
-        with pytest.raises(ConfigError, match="algo.t1"):
+# The paper gives no cDPO / cPPO / hPPO case for Llama-3-8B: those must be set explicitly.
+NO_CASE = {("llama3", "cdpo"): "algo.t1", ("llama3", "cppo"): "algo.lam", ("llama3", "cppo_mid"): "algo.lam",
+           ("llama3", "hppo"): "algo.t3"}
+
+
+@pytest.mark.parametrize("model,algo", list(product(options("model"), options("algo"))))
+def test_every_model_and_algorithm_compose_and_validate(model, algo):
+    cfg = make([f"model={model}", f"algo={algo}"])
+    if (model, algo) in NO_CASE:
+        with pytest.raises(ConfigError, match=NO_CASE[model, algo].replace(".", r"\.")):
             validate(cfg)
         return
-    if data == "synthetic" and model != "tiny":
-        validate(cfg)  # real model on the synthetic task is allowed (its tokenizer is used as is)
-        return
     validate(cfg)
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in ("ablation", "data", "logger", "reward")
+                                          for o in options(g)])
+@pytest.mark.parametrize("algo", ["dpo", "ppo"])
+def test_every_option_of_every_group_composes(group, option, algo):
+    overrides = [f"{group}={option}", f"algo={algo}"]
+    if group == "data" and option == "paper" and algo == "ppo":
+        overrides.append("reward=armorm")  # the gold and learned rewards exist only for the synthetic task
+    validate(make(overrides))
 
 
 def test_real_models_select_the_paper_data_and_hyper_parameters():
@@ -86,6 +97,15 @@ def test_composition_errors_name_the_key(override, key):
     (["ablation.drop=[POSITIVE]"], "ablation.drop"),
     (["model=llama3", "algo=cdpo"], "algo.t1"),
     (["model=pythia", "eval.judge=gold"], "eval.judge"),
+    (["algo=cppo", "algo.lam=1.5"], "algo.lam"),
+    (["algo=cppo_mid", "algo.lam=-0.1"], "algo.lam"),
+    (["algo=hppo", "algo.tau=0"], "algo.tau"),
+    (["algo=hppo", "algo.t3=-2"], "algo.t3"),
+    (["algo=ppo", "algo.weighting=cppo_bottom"], "algo.weighting"),
+    (["algo=ppo", "algo.cliprange=1.5"], "algo.cliprange"),
+    (["algo=ppo", "model.ppo.top_p=0"], "model.ppo.top_p"),
+    (["algo=ppo", "model=pythia", "reward=gold"], "reward.kind"),
+    (["algo=ppo", "reward=armorm", "reward.path=null"], "reward.path"),
 ])
 def test_validation_errors_name_the_key(overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -113,6 +133,19 @@ def test_offline_real_model_fails_fast_with_a_hint(tmp_path):
     assert "Traceback" not in proc.stderr
     assert seconds < 60  # seconds of imports, not a network time-out
     assert not (tmp_path / "cache" / "sft").exists()  # nothing was started
+
+
+def test_missing_reward_model_path_names_it(tmp_path):
+    proc, seconds = _run(["algo=ppo", "reward=armorm", f"reward.path={tmp_path}/no_rm", f"hydra.run.dir={tmp_path}/r",
+                          f"paths.cache_dir={tmp_path}/cache"])
+    assert proc.returncode == 2 and "reward.path" in proc.stderr and f"{tmp_path}/no_rm" in proc.stderr
+    assert "Traceback" not in proc.stderr and seconds < 60 and not (tmp_path / "cache" / "sft").exists()
+
+
+def test_offline_reward_hub_id_fails_fast(tmp_path):
+    proc, seconds = _run(["algo=ppo", "reward=armorm", f"hydra.run.dir={tmp_path}/r", f"paths.cache_dir={tmp_path}/c"])
+    assert proc.returncode == 2 and "RLHFlow/ArmoRM-Llama3-8B-v0.1" in proc.stderr and "reward.path" in proc.stderr
+    assert "Traceback" not in proc.stderr and seconds < 60
 
 
 def test_missing_local_model_path_names_it(tmp_path):

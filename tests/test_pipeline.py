@@ -130,3 +130,50 @@ def test_continuing_from_another_runs_checkpoint(finished, cache_dir, tmp_path):
     share = {h["step"]: h["components/pos_share"] for h in history if "components/pos_share" in h}
     assert all(v == 1 for s, v in share.items() if s <= 8)  # inherited from the DPO run
     assert all(v == 0 for s, v in share.items() if s > 8) and max(share) > 8  # then no positive learning
+
+
+# ------------------------------------------------------------------------------------------ the PPO family
+PPO_FAST = ["algo=ppo", "model.ppo.batch_size=32", "model.ppo.save_steps=3", "model.ppo.logging_steps=1"]
+
+
+@pytest.fixture(scope="module")
+def finished_ppo(tmp_path_factory, cache_dir):
+    run_dir = tmp_path_factory.mktemp("runs") / "ppo"
+    run(run_dir, cache_dir, *PPO_FAST, "logger=none")
+    return run_dir
+
+
+def test_ppo_run_writes_checkpoints_with_rollouts(finished_ppo):
+    summary = json.loads((finished_ppo / "summary.json").read_text())
+    assert summary["algo"] == "ppo" and summary["win_rate"] is not None
+    steps = sorted(int(p.name.split("-")[1]) for p in (finished_ppo / "checkpoints").glob("step-*"))
+    assert steps[:3] == [3, 6, 9] and steps[-1] == summary["final_step"]
+    rollout = torch.load(finished_ppo / "checkpoints" / "step-3" / "rollout.pt", weights_only=True)
+    for key in ("query_responses", "logprobs", "values", "scores", "rewards", "raw_advantages", "advantages"):
+        assert key in rollout
+    history = json.loads((finished_ppo / "model" / "log_history.json").read_text())
+    logged = set().union(*history)
+    for key in ("adv_raw/TOP", "adv_raw/MID", "adv_raw/BOT", "tokens/pos_share", "tokens/neg_share", "ppo/policy"):
+        assert key in logged
+
+
+def test_killed_ppo_run_resumes_to_the_same_result(finished_ppo, cache_dir, tmp_path):
+    run_dir = tmp_path / "killed"
+    killed = run(run_dir, cache_dir, *PPO_FAST, "logger=none", "debug.kill_at_step=5", check=False)
+    assert killed.returncode == -signal.SIGKILL and (run_dir / "checkpoints" / "step-3").exists()
+    run(run_dir, cache_dir, *PPO_FAST, "logger=none")
+    resumed = json.loads((run_dir / "summary.json").read_text())
+    uninterrupted = json.loads((finished_ppo / "summary.json").read_text())
+    assert resumed["resumed_from"].endswith("step-3")
+    assert resumed["final_loss"] == pytest.approx(uninterrupted["final_loss"], rel=1e-5)
+    a, b = weights(run_dir), weights(finished_ppo)
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+@pytest.mark.parametrize("overrides", [
+    ["algo=cppo"], ["algo=cppo_mid"], ["algo=hppo"], ["ablation=ppo_wo_top"], ["reward=learned"],
+])
+def test_every_ppo_variant_runs(overrides, cache_dir, tmp_path):
+    run(tmp_path / "run", cache_dir, *PPO_FAST, "logger=none", *overrides)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["win_rate"] is not None and summary["final_step"] > 0

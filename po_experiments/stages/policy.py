@@ -16,7 +16,7 @@ from pathlib import Path
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import DPOConfig
 
-from ..checkpoints import STEP_DIR, StepCheckpoints, last_checkpoint
+from ..checkpoints import STEP_DIR, StepCheckpoints, debug_callbacks, last_checkpoint
 from ..errors import ConfigError
 from ..models import DTYPES
 from ..trainers.dpo import ComponentDPOTrainer
@@ -78,7 +78,7 @@ def train_policy(cfg, sft_dir: Path, train_data, run_dir: Path, report_to: list[
     trainer = ComponentDPOTrainer(
         model=model, args=args, train_dataset=train_data, processing_class=tokenizer,
         algo=cfg.algo, ablation=cfg.ablation,
-        callbacks=[StepCheckpoints(checkpoint_root, kill_at_step=cfg.debug.kill_at_step)],
+        callbacks=[StepCheckpoints(checkpoint_root), *debug_callbacks(cfg)],
     )
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
 

@@ -21,8 +21,11 @@ NOT_SFT_KEYS = {"n_pref_prompts", "sample_temperature", "label_scale", "label_fl
                 "preferences", "questions", "instructions"}
 
 
+PO_KEYS = ("dpo", "cdpo", "ppo", "ppo_variants")  # model settings of later stages
+
+
 def sft_key(cfg) -> dict:
-    model = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k not in ("dpo", "cdpo")}
+    model = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k not in PO_KEYS}
     data = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if k not in NOT_SFT_KEYS}
     return {"model": model, "data": data, "seed": cfg.seed}
 

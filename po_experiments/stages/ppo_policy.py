@@ -1,0 +1,108 @@
+"""PPO-family stage: SFT policy + reference + value model + reward -> ComponentPPOTrainer -> final policy.
+
+Checkpoints (policy, value model, the rollout batch D_N, optimizer, scheduler, RNG) every `model.ppo.save_steps`
+updates under `checkpoints/step-N/`; a killed run started again resumes from the last one.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, set_seed
+from trl.experimental.ppo import PPOConfig
+
+from ..checkpoints import debug_callbacks, last_checkpoint
+from ..data.synthetic import DictionaryTask
+from ..models import DTYPES
+from ..rewards import build_reward, reward_model_dir
+from ..trainers.ppo import ComponentPPOTrainer
+from .common import trainer_kwargs
+from .policy import TrainedPolicy
+
+log = logging.getLogger(__name__)
+
+
+def prompt_dataset(cfg, tokenizer) -> tuple[Dataset, dict[str, list[dict]]]:
+    """Training prompts as token ids (the synthetic task's, or UltraFeedback's chat-templated and length-capped),
+    and for real data the user turns behind each prompt text, so a reward model reads them through its own
+    chat template."""
+    limit = cfg.model.ppo.max_prompt_length
+    if cfg.data.name == "synthetic":
+        texts = DictionaryTask.from_config(cfg.data).preference_prompts(cfg.data.n_pref_prompts, cfg.seed)
+        ids, turns = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts], None
+    else:
+        from ..data.paper import load_preferences
+
+        turns = list(load_preferences(cfg.data, tokenizer)["prompt"])
+        ids = [tokenizer.apply_chat_template(t, tokenize=True, add_generation_prompt=True) for t in turns]
+    kept = [k for k, i in enumerate(ids) if len(i) <= limit]
+    if len(kept) < len(ids):
+        log.info("PPO prompts: dropped %d of %d longer than model.ppo.max_prompt_length=%d", len(ids) - len(kept),
+                 len(ids), limit)
+    lookup = {tokenizer.decode(ids[k]): turns[k] for k in kept} if turns is not None else {}
+    return Dataset.from_dict({"input_ids": [ids[k] for k in kept]}), lookup
+
+
+def value_model(cfg, sft_dir: Path):
+    """Initialised the usual way: from the reward model when one was trained, else from the SFT model."""
+    source = reward_model_dir(cfg, sft_dir) if cfg.reward.kind == "learned" else sft_dir
+    model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1, dtype=DTYPES[cfg.model.dtype])
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = AutoTokenizer.from_pretrained(sft_dir).pad_token_id
+    return model
+
+
+def ppo_config(cfg, checkpoint_root: Path, report_to: list[str]) -> PPOConfig:
+    hp, algo = cfg.model.ppo, cfg.algo
+    kwargs = trainer_kwargs(hp, output_dir=str(checkpoint_root), seed=cfg.seed, dtype=cfg.model.dtype,
+                            report_to=report_to)
+    kwargs["save_strategy"] = "no"  # ComponentPPOTrainer writes its own checkpoints (with the rollout)
+    return PPOConfig(
+        **kwargs, response_length=hp.max_new_tokens, temperature=hp.temperature, stop_token="eos",
+        kl_coef=algo.kl_coef, cliprange=algo.cliprange, cliprange_value=algo.cliprange_value, vf_coef=algo.vf_coef,
+        gamma=algo.gamma, lam=algo.gae_lambda, num_ppo_epochs=algo.num_ppo_epochs, num_mini_batches=1,
+        whiten_rewards=algo.whiten_rewards, num_sample_generations=0, missing_eos_penalty=None,
+        local_rollout_forward_batch_size=kwargs["per_device_train_batch_size"], dataset_num_proc=None,
+    )
+
+
+def train_ppo_policy(cfg, sft_dir: Path, run_dir: Path, report_to: list[str]) -> TrainedPolicy:
+    model_dir = run_dir / "model"
+    if (model_dir / "DONE").exists():
+        info = json.loads((model_dir / "train_result.json").read_text())
+        return TrainedPolicy(model_dir, info["final_step"], info["final_loss"], info.get("resumed_from"))
+
+    checkpoint_root = run_dir / "checkpoints"
+    resume = last_checkpoint(checkpoint_root)
+    tokenizer = AutoTokenizer.from_pretrained(sft_dir)
+    tokenizer.padding_side = "left"
+    policy = AutoModelForCausalLM.from_pretrained(sft_dir, dtype=DTYPES[cfg.model.dtype])
+    prompts, user_turns = prompt_dataset(cfg, tokenizer)
+    set_seed(cfg.seed)  # the value head's init must not depend on whether SFT was trained in this process
+    trainer = ComponentPPOTrainer(
+        args=ppo_config(cfg, checkpoint_root, report_to), processing_class=tokenizer, model=policy,
+        ref_model=copy.deepcopy(policy), value_model=value_model(cfg, sft_dir), train_dataset=prompts,
+        eval_dataset=prompts.select(range(min(8, len(prompts)))), reward=build_reward(cfg, sft_dir, messages=user_turns or None),
+        algo=cfg.algo, ablation=cfg.ablation, top_p=cfg.model.ppo.top_p, max_grad_norm=cfg.model.ppo.max_grad_norm,
+        checkpoint_root=checkpoint_root, save_steps=cfg.model.ppo.save_steps, callbacks=debug_callbacks(cfg),
+    )
+    trainer.train(resume_from=resume)
+
+    tmp = run_dir / "model.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    trainer.accelerator.unwrap_model(trainer.model).policy.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    info = {"final_step": trainer.state.global_step, "final_loss": losses[-1] if losses else None,
+            "resumed_from": str(resume) if resume else None}
+    (tmp / "train_result.json").write_text(json.dumps(info, indent=2))
+    (tmp / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
+    (tmp / "DONE").touch()
+    shutil.rmtree(model_dir, ignore_errors=True)
+    os.replace(tmp, model_dir)
+    return TrainedPolicy(model_dir, info["final_step"], info["final_loss"], info["resumed_from"])

@@ -1,0 +1,347 @@
+"""`ComponentPPOTrainer`: TRL's experimental PPOTrainer with its update loop written as separate stages.
+
+TRL keeps the setup (policy + value wrapper, reference model, optimizer, scheduler, accelerator, callbacks,
+logging); `train()` is ours: rollout -> score -> advantages -> PPO epochs of (policy loss + value loss), where the
+policy loss is the clipped surrogate weighted per token by a registered weighting (ppo, cppo_top, cppo_mid,
+hppo) and restricted to the active components (POS/NEG/TOP/MID/BOT minus what the ablation drops).
+
+Checkpoint `step-N` holds the policy and value model after N updates *and* the rollout they generate next
+(D_N): exactly the pair (theta_t, D_t) the gradient-alignment analysis needs, and what a resumed run continues
+from without regenerating, so it ends where an uninterrupted run ends.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import GenerationConfig
+from trl.experimental.ppo import PPOTrainer
+from trl.trainer.utils import selective_log_softmax
+
+from .ablations import ABLATIONS
+from .ppo_objectives import WEIGHTINGS, clipped_surrogate, gae, policy_loss, token_mask, token_thirds, whiten
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Rollout:
+    """One rollout batch: everything the update (and the analysis) needs, on one device."""
+
+    query_responses: torch.Tensor  # [B, Lq + Lr], left-padded queries, responses padded after their stop token
+    attention_mask: torch.Tensor  # [B, Lq + Lr]
+    context_length: int  # Lq
+    logprobs: torch.Tensor  # [B, Lr] behaviour-policy log-probs of the response tokens
+    ref_logprobs: torch.Tensor  # [B, Lr]
+    values: torch.Tensor  # [B, Lr]
+    valid: torch.Tensor  # [B, Lr] bool: response tokens up to and including the stop token
+    scores: torch.Tensor  # [B] reward-model / gold score of each response
+    rewards: torch.Tensor  # [B, Lr] -beta KL per token, + score on the last valid token
+    raw_advantages: torch.Tensor  # [B, Lr] GAE before whitening
+    advantages: torch.Tensor  # [B, Lr] whitened, 0 on padding
+    returns: torch.Tensor  # [B, Lr]
+
+    @property
+    def responses(self) -> torch.Tensor:
+        return self.query_responses[:, self.context_length:]
+
+    def to(self, device) -> "Rollout":
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        return Rollout(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in moved.items()})
+
+    def save(self, path: Path) -> None:
+        torch.save({k: v.cpu() if torch.is_tensor(v) else v for k, v in asdict(self).items()}, path)
+
+    @classmethod
+    def load(cls, path: Path, device="cpu") -> "Rollout":
+        return cls(**torch.load(path, map_location="cpu", weights_only=True)).to(device)
+
+
+class _TextReward(torch.nn.Module):
+    """TRL's constructor wants a reward *module*; scoring here is text-level through `RewardFunction`."""
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    return (attention_mask.cumsum(1) - 1).clamp(min=0)
+
+
+class ComponentPPOTrainer(PPOTrainer):
+    def __init__(self, *args, reward, algo, ablation, top_p: float = 1.0, max_grad_norm: float | None = 1.0,
+                 checkpoint_root: Path | None = None, save_steps: int = 0, **kwargs):
+        if algo.weighting not in WEIGHTINGS:
+            raise KeyError(f"unknown weighting {algo.weighting!r}; registered: {sorted(WEIGHTINGS)}")
+        self.reward, self.algo, self.ablation = reward, algo, ablation
+        self.weighting = WEIGHTINGS[algo.weighting]
+        self.drop_components = ABLATIONS[ablation.name]
+        self.top_p, self.max_grad_norm = top_p, max_grad_norm
+        self.checkpoint_root = Path(checkpoint_root) if checkpoint_root else None
+        self.save_every = save_steps
+        super().__init__(*args, reward_model=_TextReward(), **kwargs)
+        self.sampler = torch.Generator().manual_seed(self.args.seed)  # PPO minibatch shuffles, saved with checkpoints
+
+    # ========================================================================================= data order
+    def batch_for(self, update: int) -> dict:
+        """The prompts of update `update` (1-based): epoch-wise permutations seeded by (seed, epoch), so a resumed
+        run finds its place without replaying the data loader."""
+        n, b = len(self.train_dataset), self.args.local_batch_size
+        per_epoch = n // b
+        epoch, index = divmod(update - 1, per_epoch)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.args.seed + epoch))
+        rows = [self.train_dataset[int(i)] for i in order[index * b:(index + 1) * b]]
+        return self.data_collator([{"input_ids": r["input_ids"]} for r in rows])
+
+    # ========================================================================================= 1. rollout
+    @torch.no_grad()
+    def rollout(self, batch: dict) -> Rollout:
+        """Sample responses, then behaviour, reference and value estimates for every response token, in chunks of
+        `local_rollout_forward_batch_size` prompts (memory at billion-parameter scale)."""
+        chunk = self.args.local_rollout_forward_batch_size or len(batch["input_ids"])
+        parts = [self.rollout_chunk(batch["input_ids"][i:i + chunk], batch["attention_mask"][i:i + chunk])
+                 for i in range(0, len(batch["input_ids"]), chunk)]
+        width = max(p["responses"].shape[1] for p in parts)  # chunks may stop at different lengths
+        cat = {k: torch.cat([self.pad_right(p[k], width) for p in parts]) for k in parts[0] if k != "queries"}
+        queries = torch.cat([p["queries"] for p in parts])
+        query_mask = batch["attention_mask"].to(queries.device)
+        valid = cat["valid"].bool()
+        query_responses = torch.cat([queries, cat["responses"].masked_fill(~valid, self.processing_class.pad_token_id)], 1)
+        zero = torch.zeros_like(cat["logprobs"])
+        return Rollout(query_responses, torch.cat([query_mask, valid.long()], 1), queries.shape[1],
+                       cat["logprobs"], cat["ref_logprobs"], cat["values"], valid,
+                       scores=torch.zeros(len(queries), device=queries.device), rewards=zero, raw_advantages=zero,
+                       advantages=zero, returns=zero)
+
+    @staticmethod
+    def pad_right(x: torch.Tensor, width: int) -> torch.Tensor:
+        return torch.nn.functional.pad(x, (0, width - x.shape[1])) if x.shape[1] < width else x
+
+    def rollout_chunk(self, queries: torch.Tensor, query_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        device, args = self.accelerator.device, self.args
+        queries, query_mask = queries.to(device), query_mask.to(device)
+        context = queries.shape[1]
+        policy = self.accelerator.unwrap_model(self.model).policy
+        generation = GenerationConfig(max_new_tokens=args.response_length, do_sample=True, top_k=0, top_p=self.top_p,
+                                      temperature=args.temperature, pad_token_id=self.processing_class.pad_token_id,
+                                      eos_token_id=self.stop_token_id, return_dict_in_generate=True,
+                                      output_logits=True)
+        out = policy.generate(input_ids=queries, attention_mask=query_mask, generation_config=generation)
+        responses = out.sequences[:, context:]
+        # Raw logits / temperature: the policy's own distribution, as the update's forward pass computes it
+        logits = torch.stack(out.logits, dim=1)[:, :responses.shape[1]] / args.temperature
+        logprobs = selective_log_softmax(logits, responses)
+        del out, logits
+        valid = self.response_mask(responses)
+        responses = responses.masked_fill(~valid, self.processing_class.pad_token_id)
+        query_responses = torch.cat([queries, responses], dim=1)
+        attention_mask = torch.cat([query_mask, valid.long()], dim=1)
+        ref_logprobs = self.sequence_logprobs(self.ref_model, query_responses, attention_mask, context)
+        values = self.token_values(query_responses, attention_mask, context)
+        return {"queries": queries, "responses": responses, "valid": valid.long(),
+                "logprobs": logprobs.masked_fill(~valid, 0.0), "ref_logprobs": ref_logprobs.masked_fill(~valid, 0.0),
+                "values": values.masked_fill(~valid, 0.0)}
+
+    def response_mask(self, responses: torch.Tensor) -> torch.Tensor:
+        """True for response tokens up to and including the first stop token."""
+        if self.stop_token_id is None:
+            return torch.ones_like(responses, dtype=torch.bool)
+        is_stop = (responses == self.stop_token_id).long()
+        stops_before = is_stop.cumsum(1) - is_stop  # stop tokens strictly before this position
+        return stops_before == 0
+
+    def sequence_logprobs(self, model, query_responses, attention_mask, context) -> torch.Tensor:
+        out = model(input_ids=query_responses, attention_mask=attention_mask,
+                    position_ids=position_ids(attention_mask), return_dict=True)
+        logits = out.logits[:, context - 1:-1] / self.args.temperature
+        return selective_log_softmax(logits, query_responses[:, context:])
+
+    def token_values(self, query_responses, attention_mask, context) -> torch.Tensor:
+        value_model = self.accelerator.unwrap_model(self.model).value_model
+        backbone = getattr(value_model, value_model.base_model_prefix)
+        hidden = backbone(input_ids=query_responses, attention_mask=attention_mask,
+                          position_ids=position_ids(attention_mask), return_dict=True).last_hidden_state
+        return value_model.score(hidden)[:, context - 1:-1].squeeze(-1)
+
+    # ========================================================================================= 2. score
+    @torch.no_grad()
+    def score(self, r: Rollout) -> Rollout:
+        tok, ctx = self.processing_class, r.context_length
+        # The prompt exactly as fed (padding dropped by the mask: for Pythia the pad token *is* EOS)
+        prompts = [tok.decode(q[m.bool()]) for q, m in zip(r.query_responses[:, :ctx], r.attention_mask[:, :ctx])]
+        responses = tok.batch_decode(r.responses, skip_special_tokens=True)
+        r.scores = self.reward.score(prompts, responses).to(r.logprobs.device, r.logprobs.dtype)
+        return r
+
+    # ========================================================================================= 3. advantages
+    @torch.no_grad()
+    def advantages(self, r: Rollout) -> Rollout:
+        """Per-token reward = -beta KL(pi || ref) + the score on the last valid token; GAE; whitening."""
+        args = self.args
+        log_ratio = r.ref_logprobs - r.logprobs
+        kl = -log_ratio if args.kl_estimator == "k1" else log_ratio.exp() - 1 - log_ratio
+        rewards = (-args.kl_coef * kl).masked_fill(~r.valid, 0.0)
+        last = r.valid.long().sum(1).clamp(min=1) - 1
+        rewards[torch.arange(len(last)), last] += r.scores
+        if args.whiten_rewards:
+            rewards = whiten(rewards, r.valid, shift_mean=False).masked_fill(~r.valid, 0.0)
+        r.rewards = rewards
+        r.raw_advantages = gae(rewards, r.values, args.gamma, args.lam).masked_fill(~r.valid, 0.0)
+        r.returns = r.raw_advantages + r.values
+        r.advantages = whiten(r.raw_advantages, r.valid).masked_fill(~r.valid, 0.0)
+        return r
+
+    def make_rollout(self, batch: dict) -> Rollout:
+        return self.advantages(self.score(self.rollout(batch)))
+
+    # ========================================================================================= 4-5. losses
+    def token_weights(self, r: Rollout, step: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """Per-token weight (the variant) and 0/1 mask (the active components) for this rollout at step t."""
+        thirds = token_thirds(r.advantages, r.valid)
+        weights, scalars = self.weighting(r.advantages, thirds, step, self.algo)
+        mask = token_mask(self.algo.components, self.drop_components(step, self.ablation), r.advantages, thirds,
+                          r.valid)
+        return weights, mask, scalars
+
+    def micro_batch_losses(self, r: Rollout, idx, weights, mask) -> dict[str, torch.Tensor]:
+        """Policy loss (weighted clipped surrogate) and clipped value loss on the rows `idx` of the rollout."""
+        args, ctx = self.args, r.context_length
+        ids, att = r.query_responses[idx], r.attention_mask[idx]
+        policy_out, value_logits = self.model(input_ids=ids, attention_mask=att, position_ids=position_ids(att),
+                                              return_dict=True, output_hidden_states=True)
+        new_logprobs = selective_log_softmax(policy_out.logits[:, ctx - 1:-1] / args.temperature, ids[:, ctx:])
+        valid = r.valid[idx]
+        per_token = clipped_surrogate(new_logprobs, r.logprobs[idx], r.advantages[idx], args.cliprange)
+        pg_loss = policy_loss(per_token, weights[idx], mask[idx], valid)
+
+        vpred = value_logits[:, ctx - 1:-1].squeeze(-1)
+        vclipped = r.values[idx] + (vpred - r.values[idx]).clamp(-args.cliprange_value, args.cliprange_value)
+        vf = torch.max((vpred - r.returns[idx]) ** 2, (vclipped - r.returns[idx]) ** 2)
+        vf_loss = 0.5 * (vf * valid).sum() / valid.sum().clamp(min=1)
+        with torch.no_grad():
+            ratio = torch.exp(new_logprobs - r.logprobs[idx])
+            stats = {"clipfrac": (((ratio - 1).abs() > args.cliprange) & valid).float().sum() / valid.sum(),
+                     "approxkl": 0.5 * (((new_logprobs - r.logprobs[idx]) ** 2) * valid).sum() / valid.sum(),
+                     "ratio": (ratio * valid).sum() / valid.sum()}
+        return {"loss": pg_loss + args.vf_coef * vf_loss, "policy": pg_loss, "value": vf_loss, **stats}
+
+    # ========================================================================================= the update
+    def update(self, r: Rollout, step: int) -> dict[str, float]:
+        """num_ppo_epochs passes over the rollout in shuffled minibatches (gradient accumulation over micro-batches)."""
+        args = self.args
+        weights, mask, scalars = self.token_weights(r, step)
+        sums: dict[str, float] = {}
+        count = 0
+        self.model.train()
+        for _ in range(args.num_ppo_epochs):
+            order = torch.randperm(args.local_batch_size, generator=self.sampler)
+            for mb_start in range(0, args.local_batch_size, args.local_mini_batch_size):
+                minibatch = order[mb_start:mb_start + args.local_mini_batch_size]
+                for mc_start in range(0, len(minibatch), args.per_device_train_batch_size):
+                    idx = minibatch[mc_start:mc_start + args.per_device_train_batch_size].to(r.logprobs.device)
+                    with self.accelerator.accumulate(self.model):
+                        losses = self.micro_batch_losses(r, idx, weights, mask)
+                        self.accelerator.backward(losses["loss"])
+                        if self.accelerator.sync_gradients and self.max_grad_norm:
+                            self.accelerator.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+                        self.optimizer.step()
+                        self.optimizer.zero_grad()
+                    for k, v in losses.items():
+                        sums[k] = sums.get(k, 0.0) + float(v.detach())
+                    count += 1
+        return {**{f"ppo/{k}": v / count for k, v in sums.items()}, **scalars}
+
+    def rollout_metrics(self, r: Rollout) -> dict[str, float]:
+        """Fig. 3's mean raw advantage per |A| third, and the share of tokens in POS / NEG."""
+        thirds = token_thirds(r.advantages, r.valid)
+        m = {"objective/scores": r.scores.mean().item(),
+             "objective/kl": ((r.logprobs - r.ref_logprobs) * r.valid).sum(1).mean().item(),
+             "objective/response_length": r.valid.float().sum(1).mean().item(),
+             "tokens/pos_share": (r.valid & (r.advantages >= 0)).sum().item() / max(r.valid.sum().item(), 1),
+             "tokens/neg_share": (r.valid & (r.advantages < 0)).sum().item() / max(r.valid.sum().item(), 1)}
+        for name, k in (("BOT", 0), ("MID", 1), ("TOP", 2)):
+            sel = thirds == k
+            m[f"adv_raw/{name}"] = r.raw_advantages[sel].mean().item() if sel.any() else 0.0
+        return m
+
+    # ========================================================================================= loop
+    def train(self, resume_from: Path | None = None) -> None:
+        args = self.args
+        total = args.num_total_batches
+        self.state.max_steps = total
+        self.state.logging_steps = args.logging_steps
+        start, pending = (self.restore(resume_from) if resume_from else (0, None))
+        self.state.global_step = start
+        self.state.episode = start * args.batch_size
+        self.control = self.callback_handler.on_train_begin(args, self.state, self.control)
+        for update in range(start + 1, total + 1):
+            step = update - 1  # updates completed so far: the paper's t
+            rollout = pending if pending is not None else self.make_rollout(self.batch_for(update))
+            if pending is None and self.save_every and step > 0 and step % self.save_every == 0:
+                self.save_step(step, rollout)
+            pending = None
+            metrics = {**self.rollout_metrics(rollout), **self.update(rollout, step)}
+            self.state.global_step = update
+            self.state.episode = update * args.batch_size
+            self.state.epoch = self.state.episode / len(self.train_dataset)
+            metrics["lr"] = self.lr_scheduler.get_last_lr()[0]
+            self.lr_scheduler.step()
+            if update % max(1, args.logging_steps) == 0 or update == total:
+                self.log({"loss": metrics["ppo/loss"], **metrics})
+            self.control = self.callback_handler.on_step_end(args, self.state, self.control)
+        if self.checkpoint_root is not None and total not in self.saved_steps():
+            self.save_step(total, self.make_rollout(self.batch_for(total + 1)))
+        self.control = self.callback_handler.on_train_end(args, self.state, self.control)
+
+    # ========================================================================================= checkpoints
+    def saved_steps(self) -> set[int]:
+        from ..checkpoints import step_dirs
+
+        return set(step_dirs(self.checkpoint_root)) if self.checkpoint_root else set()
+
+    def save_step(self, step: int, rollout: Rollout) -> None:
+        """Write checkpoints/step-N atomically: policy, value model, rollout D_N, optimizer, scheduler, RNG."""
+        if self.checkpoint_root is None or not self.accelerator.is_main_process:
+            return
+        target = self.checkpoint_root / f"step-{step}"
+        tmp = target.with_name(target.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        wrapper = self.accelerator.unwrap_model(self.model)
+        wrapper.policy.save_pretrained(tmp)
+        self.processing_class.save_pretrained(tmp)
+        wrapper.value_model.save_pretrained(tmp / "value")
+        rollout.save(tmp / "rollout.pt")
+        torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(self.lr_scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+                    "sampler": self.sampler.get_state()}, tmp / "rng_state.pth")
+        self.state.save_to_json(str(tmp / "trainer_state.json"))
+        losses = [h["loss"] for h in self.state.log_history if "loss" in h]
+        record = {"step": step, "loss": losses[-1] if losses else None, "epoch": self.state.epoch,
+                  "mean_score": rollout.scores.mean().item()}
+        (tmp / "record.json").write_text(json.dumps(record, indent=2))
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+
+    def restore(self, folder: Path) -> tuple[int, Rollout]:
+        """Load step-N: weights (through from_pretrained's name mapping, strictly), optimizer, scheduler, RNG."""
+        wrapper = self.accelerator.unwrap_model(self.model)
+        for module, path in ((wrapper.policy, folder), (wrapper.value_model, folder / "value")):
+            loaded = type(module).from_pretrained(path, dtype=next(module.parameters()).dtype)
+            module.load_state_dict(loaded.state_dict(), strict=True)
+        self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=False))
+        self.lr_scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=False))
+        rng = torch.load(folder / "rng_state.pth", weights_only=False)
+        torch.set_rng_state(rng["torch"])
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
+        self.sampler.set_state(rng["sampler"])
+        state = json.loads((folder / "trainer_state.json").read_text())
+        self.state.log_history = state.get("log_history", [])
+        step = int(json.loads((folder / "record.json").read_text())["step"])
+        log.info("resumed PPO at step %d from %s", step, folder)
+        return step, Rollout.load(folder / "rollout.pt", self.accelerator.device)
