@@ -110,7 +110,8 @@ class ComponentPPOTrainer(PPOTrainer):
         queries = torch.cat([p["queries"] for p in parts])
         query_mask = batch["attention_mask"].to(queries.device)
         valid = cat["valid"].bool()
-        query_responses = torch.cat([queries, cat["responses"].masked_fill(~valid, self.processing_class.pad_token_id)], 1)
+        responses = cat["responses"].masked_fill(~valid, self.processing_class.pad_token_id)
+        query_responses = torch.cat([queries, responses], 1)
         zero = torch.zeros_like(cat["logprobs"])
         return Rollout(query_responses, torch.cat([query_mask, valid.long()], 1), queries.shape[1],
                        cat["logprobs"], cat["ref_logprobs"], cat["values"], valid,
