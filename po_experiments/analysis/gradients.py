@@ -1,0 +1,182 @@
+"""Gradient alignment G (paper Eq. 3) for the DPO family, every component and layer group from one pass.
+
+G(L; theta) = E_D'[-grad log pi(y'|x')]^T grad L(D; theta). With g' the D' gradient restricted to each layer group
+(the columns of a P x 4 matrix M), and the per-sequence gradients S (n x P) of a mini-batch's completion
+log-probs, every DPO component is a coefficient vector c over the mini-batch's sequences (Eq. 5-10: -w+ m+ on
+y+, +w- m- on y-), so G_c(b) = c^T (S M) and ||grad L_c(b)|| = ||c^T S||: all components and groups cost one
+vmap'd per-sequence backward per mini-batch (DESIGN 2c), never one backward per component.
+
+Layer groups: the transformer blocks split into bottom / middle / top thirds by index; the input embeddings
+count in `bottom`, the final norm and the output head in `top`, so the three groups partition the parameters
+and add up to `all` exactly.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch.func import functional_call, grad, vmap
+
+from ..trainers.objectives import ALGORITHMS, PairTerms, rank_thirds, union_masks
+
+GROUPS = ("all", "bottom", "middle", "top")
+LAYER = re.compile(r"\.layers\.(\d+)\.")
+
+
+def parameter_groups(model) -> torch.Tensor:
+    """For the flattened trainable parameters: 0/1/2 = bottom/middle/top group of each entry."""
+    n_layers = model.config.num_hidden_layers
+    parts = []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        m = LAYER.search(name)
+        if m:
+            g = (3 * int(m.group(1))) // n_layers
+        else:
+            g = 0 if "embed_in" in name or "embed_tokens" in name or "wte" in name else 2
+        parts.append(torch.full((p.numel(),), g, dtype=torch.long))
+    return torch.cat(parts)
+
+
+def group_matrix(g: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """P x 4: g restricted to all / bottom / middle / top."""
+    cols = [g] + [torch.where(groups == k, g, torch.zeros_like(g)) for k in range(3)]
+    return torch.stack(cols, dim=1)
+
+
+def flat(grads) -> torch.Tensor:
+    """Per-sequence gradient tensors (each chunk x param shape) -> chunk x P, in named_parameters order."""
+    return torch.cat([t.reshape(t.shape[0], -1) for t in grads], dim=1)
+
+
+def encode(tokenizer, prompts: list[str], completions: list[str]) -> tuple[torch.Tensor, ...]:
+    """Right-padded ids, attention mask and completion mask of prompt + completion + EOS (as DPO trains on)."""
+    rows = []
+    for p, c in zip(prompts, completions):
+        prompt = tokenizer(p, add_special_tokens=False)["input_ids"]
+        completion = tokenizer(c, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        rows.append((prompt + completion, [0] * len(prompt) + [1] * len(completion)))
+    width = max(len(ids) for ids, _ in rows)
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id)
+    mask, comp = torch.zeros_like(ids), torch.zeros_like(ids)
+    for i, (row, c) in enumerate(rows):
+        ids[i, :len(row)], mask[i, :len(row)], comp[i, :len(row)] = torch.tensor(row), 1, torch.tensor(c)
+    return ids, mask, comp
+
+
+def encode_pairs(tokenizer, pairs) -> dict[str, torch.Tensor]:
+    """chosen_* and rejected_* tensors of one common width (a mini-batch stacks both sides)."""
+    prompts = list(pairs["prompt"])
+    tensors = encode(tokenizer, prompts + prompts, list(pairs["chosen"]) + list(pairs["rejected"]))
+    n = len(prompts)
+    return {f"{side}_{name}": t[half] for t, name in zip(tensors, ("ids", "mask", "comp"))
+            for side, half in (("chosen", slice(0, n)), ("rejected", slice(n, 2 * n)))}
+
+
+def token_logps(model, params, input_ids, attention_mask):
+    out = functional_call(model, params, (), {"input_ids": input_ids, "attention_mask": attention_mask,
+                                              "use_cache": False})
+    logp = torch.log_softmax(out.logits[:, :-1].to(torch.float32 if out.logits.dtype == torch.float16
+                                                   else out.logits.dtype), -1)
+    return logp.gather(-1, input_ids[:, 1:, None])[..., 0]
+
+
+def sequence_logps(model, input_ids, attention_mask, completion_mask) -> torch.Tensor:
+    params = dict(model.named_parameters())
+    return (token_logps(model, params, input_ids, attention_mask) * completion_mask[:, 1:]).sum(1)
+
+
+def per_sequence_grads(model, input_ids, attention_mask, completion_mask, chunk: int = 8) -> torch.Tensor:
+    """n x P: gradient of each sequence's completion log-prob (vmap over sequences, `chunk` at a time)."""
+    params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
+
+    def one(p, ids, mask, comp):
+        return (token_logps(model, p, ids[None], mask[None])[0] * comp[1:]).sum()
+
+    rows = []
+    for s in range(0, len(input_ids), chunk):
+        g = vmap(grad(one), in_dims=(None, 0, 0, 0))(params, input_ids[s:s + chunk], attention_mask[s:s + chunk],
+                                                    completion_mask[s:s + chunk])
+        rows.append(flat(list(g.values())))
+    return torch.cat(rows)
+
+
+def dprime_gradient(model, batches) -> torch.Tensor:
+    """g' = E_D'[-grad log pi(y'|x')] (sequence log-likelihood, mean over D' sequences), flattened."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    total = [torch.zeros_like(p) for p in params]
+    count = 0
+    for ids, mask, comp in batches:
+        loss = -sequence_logps(model, ids, mask, comp).sum()
+        for acc, g in zip(total, torch.autograd.grad(loss, params)):
+            acc += g
+        count += len(ids)
+    return torch.cat([t.flatten() for t in total]) / count
+
+
+@dataclass
+class MinibatchAlignment:
+    """Per mini-batch b: G[b, component, group] and ||grad L_component(b)||[b, component]."""
+
+    components: tuple[str, ...]
+    G: torch.Tensor  # n_batches x n_components x 4
+    norms: torch.Tensor  # n_batches x n_components
+
+
+DPO_COMPONENTS = ("TOT", "POS", "NEG", "TOP", "MID", "BOT")
+
+
+def dpo_coefficients(chosen, rejected, ref_chosen, ref_rejected, algo, step: int) -> dict[str, torch.Tensor]:
+    """Per component, the coefficients on [grad log pi(y+_i); grad log pi(y-_i)] of its loss gradient, for the
+    whole sample (thirds of omega are ranked over the sample, as the paper ranks over D)."""
+    terms = PairTerms(chosen, rejected, ref_chosen, ref_rejected, step=step)
+    d = ALGORITHMS[algo.name](terms, algo)
+    thirds = rank_thirds(d.rank_by)
+    coef = {}
+    for comp in DPO_COMPONENTS:
+        pos, neg = union_masks([comp], thirds)
+        coef[comp] = torch.cat([-d.w_pos * pos, d.w_neg * neg])
+    return coef
+
+
+def dpo_alignment(model, pairs, ref_logps, dprime_matrix, algo, step: int, batch_size: int = 4,
+                  chunk: int = 8, progress=None) -> MinibatchAlignment:
+    """G for every DPO component and layer group on mini-batches of `batch_size` pairs.
+
+    `pairs`: dict of chosen_ids/chosen_mask/chosen_comp and rejected_* tensors (N rows each, right-padded);
+    `ref_logps`: (N, N) reference sequence log-probs of chosen and rejected."""
+    with torch.no_grad():
+        chosen = sequence_logps(model, pairs["chosen_ids"], pairs["chosen_mask"], pairs["chosen_comp"])
+        rejected = sequence_logps(model, pairs["rejected_ids"], pairs["rejected_mask"], pairs["rejected_comp"])
+    coef = dpo_coefficients(chosen, rejected, *ref_logps, algo, step)
+    n = len(chosen)
+    G, norms = [], []
+    starts = range(0, n, batch_size)
+    for s in (progress(starts) if progress else starts):
+        idx = torch.arange(s, min(s + batch_size, n))
+        ids = torch.cat([pairs["chosen_ids"][idx], pairs["rejected_ids"][idx]])
+        mask = torch.cat([pairs["chosen_mask"][idx], pairs["rejected_mask"][idx]])
+        comp = torch.cat([pairs["chosen_comp"][idx], pairs["rejected_comp"][idx]])
+        S = per_sequence_grads(model, ids, mask, comp, chunk)  # 2b x P
+        dots = S @ dprime_matrix  # 2b x 4
+        C = torch.stack([torch.cat([coef[c][idx], coef[c][n + idx]]) for c in DPO_COMPONENTS]) / len(idx)
+        G.append(C.to(dots.dtype) @ dots)
+        norms.append(torch.linalg.vector_norm(C.to(S.dtype) @ S, dim=1))
+    return MinibatchAlignment(DPO_COMPONENTS, torch.stack(G), torch.stack(norms))
+
+
+def iqr_outliers(norms: torch.Tensor) -> torch.Tensor:
+    """Mini-batches whose gradient norm exceeds Q3 + 1.5 IQR (paper App. C.2)."""
+    q1, q3 = torch.quantile(norms.double(), torch.tensor([0.25, 0.75], dtype=torch.float64))
+    return norms.double() > q3 + 1.5 * (q3 - q1)
+
+
+def summarise(mb: MinibatchAlignment) -> dict:
+    """G over D: the mean of the mini-batch G's, over all mini-batches and over the non-outliers (outliers by the
+    TOT gradient norm, the same batches excluded for every component so components stay additive)."""
+    outliers = iqr_outliers(mb.norms[:, 0])
+    kept = ~outliers
+    return {"G_filtered": mb.G[kept].mean(0), "G_unfiltered": mb.G.mean(0), "outliers": outliers,
+            "n_batches": len(outliers), "n_outliers": int(outliers.sum())}
