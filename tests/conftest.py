@@ -81,6 +81,45 @@ def dpo_trainer(model, tokenizer, pairs, tmp_path, algo: dict, ablation: dict | 
                                processing_class=tokenizer, algo=algo_cfg, ablation=ablation_cfg)
 
 
+PPO_ALGO = {"name": "ppo", "family": "ppo", "weighting": "ppo", "components": ["TOT"], "lam": None, "t3": None,
+            "tau": None}
+
+
+@pytest.fixture
+def ppo(task, tokenizer, tiny_model, tmp_path):
+    """A ComponentPPOTrainer on the tiny model with the gold reward, float64 for exact comparisons."""
+    from transformers import GPTNeoXForSequenceClassification
+    from trl.experimental.ppo import PPOConfig
+
+    from po_experiments.rewards import GoldReward
+    from po_experiments.trainers.ppo import ComponentPPOTrainer
+
+    def build(algo=None, ablation=None, model=None, save_steps=0, prompt_words=None):
+        policy = copy.deepcopy(model or tiny_model).double()
+        torch.manual_seed(0)  # the same value-head init in every trainer a test builds
+        value_config = copy.deepcopy(policy.config)
+        value_config.num_labels = 1
+        value = GPTNeoXForSequenceClassification(value_config).double()
+        texts = task.preference_prompts(32 if prompt_words is None else 400, 0)
+        if prompt_words is not None:  # equal lengths: no left padding (eager attention in float64 needs that)
+            texts = [t for t in texts if len(task.parse_prompt(t)) == prompt_words][:32]
+        prompts = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in texts]
+        args = PPOConfig(output_dir=str(tmp_path / "ppo"), per_device_train_batch_size=8, gradient_accumulation_steps=2,
+                         num_train_epochs=1, response_length=6, temperature=1.0, stop_token="eos", learning_rate=1e-4,
+                         num_ppo_epochs=2, num_mini_batches=1, num_sample_generations=0, report_to=[], bf16=False,
+                         seed=0, save_strategy="no", local_rollout_forward_batch_size=8, kl_coef=0.05)
+        data = Dataset.from_dict({"input_ids": prompts})
+        ablation_cfg = OmegaConf.create({"name": "none", "drop": [], "start_step": 0, "stop_step": None,
+                                         **(ablation or {})})
+        return ComponentPPOTrainer(args=args, processing_class=tokenizer, model=policy,
+                                   ref_model=copy.deepcopy(policy), value_model=value, train_dataset=data,
+                                   eval_dataset=data.select(range(8)), reward=GoldReward(task),
+                                   algo=OmegaConf.create({**PPO_ALGO, **(algo or {})}), ablation=ablation_cfg,
+                                   checkpoint_root=tmp_path / "checkpoints", save_steps=save_steps)
+    return build
+
+
+
 def first_batch(trainer):
     batch = next(iter(trainer.get_train_dataloader()))
     return trainer._prepare_inputs(batch)

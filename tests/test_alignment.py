@@ -117,3 +117,82 @@ def test_iqr_rule_by_hand():
     q1, q3 = torch.quantile(norms, torch.tensor([0.25, 0.75]))
     assert iqr_outliers(norms).tolist() == (norms > q3 + 1.5 * (q3 - q1)).tolist()
     assert iqr_outliers(norms).nonzero().flatten().tolist() == [5]
+
+
+# ============================================================================================== PPO
+from po_experiments.analysis.gradients import ppo_alignment, ppo_token_coefficients  # noqa: E402
+from po_experiments.trainers.ppo_objectives import WEIGHTINGS  # noqa: E402
+
+
+@pytest.fixture
+def ppo_setup(ppo, task, tokenizer):
+    """A trained-for-one-update PPO checkpoint and the rollout its weights generate (theta_t, D_t)."""
+    trainer = ppo(prompt_words=5)
+    trainer.update(trainer.make_rollout(trainer.batch_for(1)), step=0)
+    rollout = trainer.make_rollout(trainer.batch_for(2))
+    model = trainer.accelerator.unwrap_model(trainer.model).policy.eval()
+    model.config._attn_implementation = "eager"
+    prompts = task.heldout_prompts(8)
+    answers = [task.completion_text([int(w[1:]) for w in p.split()[1:-1]]) for p in prompts]
+    dprime = [encode(tokenizer, prompts[i:i + 4], answers[i:i + 4]) for i in (0, 4)]
+    coef = ppo_token_coefficients(rollout, trainer.algo, 1, WEIGHTINGS["ppo"])
+    return model, rollout, dprime, coef
+
+
+def ppo_brute_force(model, rollout, g, coef, idx):
+    from po_experiments.analysis.gradients import _response_logps
+
+    live = dict(model.named_parameters())
+    lp = _response_logps(model, live, rollout, idx, 1.0).masked_fill(~rollout.valid[idx], 0.0)
+    loss = (coef[idx] * lp).sum() / rollout.valid[idx].sum()
+    grads = torch.autograd.grad(loss, list(live.values()), allow_unused=True)
+    flat = torch.cat([(gr if gr is not None else torch.zeros_like(p)).flatten().double()
+                      for gr, p in zip(grads, live.values())])
+    return flat @ g.double()
+
+
+def test_ppo_components_equal_brute_force_and_add_up(ppo_setup):
+    model, rollout, dprime, coef = ppo_setup
+    g = dprime_gradient(model, dprime)
+    groups = parameter_groups(model)
+    mb = ppo_alignment(model, rollout, g, groups, coef, batch_size=6)
+    assert mb.G.shape[1:] == (6, 4) and torch.isfinite(mb.norms[:, 0]).all()
+    idx = torch.arange(0, 6)
+    for c, comp in enumerate(DPO_COMPONENTS):
+        assert mb.G[0, c, 0].item() == pytest.approx(ppo_brute_force(model, rollout, g, coef[comp], idx).item(),
+                                                     rel=1e-6, abs=1e-12)
+        bottom = torch.where(groups == 0, g, torch.zeros_like(g))
+        assert mb.G[0, c, 1].item() == pytest.approx(
+            ppo_brute_force(model, rollout, bottom, coef[comp], idx).item(), rel=1e-6, abs=1e-12)
+    G = mb.G
+    c = {name: G[:, i] for i, name in enumerate(DPO_COMPONENTS)}
+    scale = G.abs().max()
+    assert torch.allclose(c["POS"] + c["NEG"], c["TOT"], atol=1e-10 * scale)
+    assert torch.allclose(c["TOP"] + c["MID"] + c["BOT"], c["TOT"], atol=1e-10 * scale)
+    assert torch.allclose(G[..., 1:].sum(-1), G[..., 0], atol=1e-10 * scale)
+
+
+def test_ppo_first_order_meaning_of_G(ppo_setup):
+    model, rollout, dprime, coef = ppo_setup
+    g = dprime_gradient(model, dprime)
+    mb = ppo_alignment(model, rollout, g, parameter_groups(model), coef, batch_size=6)
+    G = mb.G[:, 0, 0].mean().item()
+
+    def nll():
+        with torch.no_grad():
+            return -sum(sequence_logps(model, *b).sum() for b in dprime).item() / 8
+
+    from po_experiments.analysis.gradients import _response_logps
+
+    model.zero_grad()
+    live = dict(model.named_parameters())
+    n = rollout.valid.shape[0]
+    total = 0
+    for s in range(0, n, 6):  # grad L = mean over mini-batches of their policy-loss gradients
+        idx = torch.arange(s, min(s + 6, n))
+        lp = _response_logps(model, live, rollout, idx, 1.0).masked_fill(~rollout.valid[idx], 0.0)
+        total = total + (coef["TOT"][idx] * lp).sum() / rollout.valid[idx].sum()
+    (total / len(range(0, n, 6))).backward()
+    before, eta = nll(), 1e-3 / max(p.grad.norm().item() for p in model.parameters() if p.grad is not None)
+    torch.optim.SGD(model.parameters(), lr=eta).step()
+    assert abs(G) > 0 and -(nll() - before) / eta == pytest.approx(G, rel=0.01)

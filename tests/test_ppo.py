@@ -1,15 +1,11 @@
 """The PPO family's formulas (Eq. 11-16, 33-35), GAE, and checkpoints that carry their rollout."""
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
 import torch
-from datasets import Dataset
 from omegaconf import OmegaConf
-from transformers import GPTNeoXForSequenceClassification
-from trl.experimental.ppo import PPOConfig
 
 from po_experiments.trainers.objectives import BOT, MID, TOP
 from po_experiments.trainers.ppo import ComponentPPOTrainer, Rollout
@@ -17,8 +13,7 @@ from po_experiments.trainers.ppo_objectives import (
     TOKEN_COMPONENTS, WEIGHTINGS, clipped_surrogate, gae, hppo_lambda, token_mask, token_thirds,
 )
 
-ALGO = {"name": "ppo", "family": "ppo", "weighting": "ppo", "components": ["TOT"], "lam": None, "t3": None,
-        "tau": None}
+from conftest import PPO_ALGO as ALGO
 
 
 def random_batch(seed=0, rows=6, length=9):
@@ -113,33 +108,6 @@ def literal_eq11(new, old, adv, valid, eps):
 
 
 # ------------------------------------------------------------------------------------------ the trainer
-
-
-@pytest.fixture
-def ppo(task, tokenizer, tiny_model, tmp_path):
-    """A ComponentPPOTrainer on the tiny model with the gold reward, float64 for exact comparisons."""
-    from po_experiments.rewards import GoldReward
-
-    def build(algo=None, ablation=None, model=None, save_steps=0):
-        policy = copy.deepcopy(model or tiny_model).double()
-        torch.manual_seed(0)  # the same value-head init in every trainer a test builds
-        value_config = copy.deepcopy(policy.config)
-        value_config.num_labels = 1
-        value = GPTNeoXForSequenceClassification(value_config).double()
-        prompts = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in task.preference_prompts(32, 0)]
-        args = PPOConfig(output_dir=str(tmp_path / "ppo"), per_device_train_batch_size=8, gradient_accumulation_steps=2,
-                         num_train_epochs=1, response_length=6, temperature=1.0, stop_token="eos", learning_rate=1e-4,
-                         num_ppo_epochs=2, num_mini_batches=1, num_sample_generations=0, report_to=[], bf16=False,
-                         seed=0, save_strategy="no", local_rollout_forward_batch_size=8, kl_coef=0.05)
-        data = Dataset.from_dict({"input_ids": prompts})
-        ablation_cfg = OmegaConf.create({"name": "none", "drop": [], "start_step": 0, "stop_step": None,
-                                         **(ablation or {})})
-        return ComponentPPOTrainer(args=args, processing_class=tokenizer, model=policy,
-                                   ref_model=copy.deepcopy(policy), value_model=value, train_dataset=data,
-                                   eval_dataset=data.select(range(8)), reward=GoldReward(task),
-                                   algo=OmegaConf.create({**ALGO, **(algo or {})}), ablation=ablation_cfg,
-                                   checkpoint_root=tmp_path / "checkpoints", save_steps=save_steps)
-    return build
 
 
 def whole_batch_policy_loss(trainer, r: Rollout, step=0, components=None):

@@ -180,3 +180,74 @@ def summarise(mb: MinibatchAlignment) -> dict:
     kept = ~outliers
     return {"G_filtered": mb.G[kept].mean(0), "G_unfiltered": mb.G.mean(0), "outliers": outliers,
             "n_batches": len(outliers), "n_outliers": int(outliers.sum())}
+
+
+# ============================================================================================== PPO
+
+PPO_COMPONENTS = DPO_COMPONENTS
+
+
+def unflatten(vector: torch.Tensor, model) -> dict[str, torch.Tensor]:
+    """A flat P-vector back to {parameter name: tensor}, in named_parameters order."""
+    out, start = {}, 0
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            out[name] = vector[start:start + p.numel()].view_as(p).to(p.dtype)
+            start += p.numel()
+    return out
+
+
+def ppo_token_coefficients(rollout, algo, step: int, weighting) -> dict[str, torch.Tensor]:
+    """Per component, the coefficient of each response token's grad log pi in its policy-loss gradient at the
+    rollout's own policy (ratio 1, inside the clip): -A_t * weight_t * mask_t, thirds ranked over the batch.
+    (Dividing by the mini-batch's number of valid tokens is done per mini-batch.)"""
+    from ..trainers.ppo_objectives import TOKEN_COMPONENTS, token_thirds
+
+    adv, valid = rollout.advantages, rollout.valid
+    thirds = token_thirds(adv, valid)
+    weights, _ = weighting(adv, thirds, step, algo)
+    return {c: -(adv * weights * TOKEN_COMPONENTS[c](adv, thirds, valid).to(adv.dtype)) for c in PPO_COMPONENTS}
+
+
+def _response_logps(model, params, rollout, idx, temperature: float):
+    """Log-probs of the response tokens (temperature-scaled, as PPO trains), float64 for the dot products."""
+    ids, mask = rollout.query_responses[idx], rollout.attention_mask[idx]
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    out = functional_call(model, params, (), {"input_ids": ids, "attention_mask": mask, "position_ids": pos,
+                                              "use_cache": False})
+    ctx = rollout.context_length
+    logits = out.logits[:, ctx - 1:-1].to(torch.float64) / temperature
+    return torch.log_softmax(logits, -1).gather(-1, ids[:, ctx:, None])[..., 0]
+
+
+def ppo_alignment(model, rollout, dprime: torch.Tensor, groups: torch.Tensor, coefficients: dict,
+                  temperature: float = 1.0, batch_size: int = 6, progress=None) -> MinibatchAlignment:
+    """G for every PPO component and layer group on mini-batches of `batch_size` responses of a saved rollout.
+
+    Per mini-batch: one forward-mode pass per layer group (bottom, middle, top) gives g'_k . grad log pi(y_t) for
+    every token at once, so any token-level component is a weighted sum; one backward gives the TOT norm.
+    Forward-mode AD needs eager attention on CPU (SDPA has none); in float64, eager attention turns the fully
+    masked rows of left padding into NaN, so run it in float32/bfloat16 (as the analysis stage does)."""
+    params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
+    tangents = [unflatten(torch.where(groups == k, dprime, torch.zeros_like(dprime)), model) for k in range(3)]
+    n = rollout.valid.shape[0]
+    G, norms = [], []
+    starts = range(0, n, batch_size)
+    for s in (progress(starts) if progress else starts):
+        idx = torch.arange(s, min(s + batch_size, n))
+        scale = rollout.valid[idx].sum().clamp(min=1)
+        C = torch.stack([coefficients[c][idx] for c in PPO_COMPONENTS]) / scale  # comps x b x L
+        per_group = []
+        for tangent in tangents:
+            _, dlp = torch.func.jvp(lambda p: _response_logps(model, p, rollout, idx, temperature), (params,),
+                                    (tangent,))
+            per_group.append((C * dlp.masked_fill(~rollout.valid[idx], 0.0)).sum((1, 2)))
+        g = torch.stack(per_group, dim=1)  # comps x 3
+        G.append(torch.cat([g.sum(1, keepdim=True), g], dim=1))
+        live = dict(model.named_parameters())
+        lp = _response_logps(model, live, rollout, idx, temperature).masked_fill(~rollout.valid[idx], 0.0)
+        grads = torch.autograd.grad((C[0] * lp).sum(), [v for v in live.values() if v.requires_grad])
+        tot = torch.linalg.vector_norm(torch.cat([x.flatten() for x in grads]).double())
+        norms.append(torch.cat([tot[None], torch.full((len(PPO_COMPONENTS) - 1,), float("nan"),
+                                                       dtype=torch.float64)]))
+    return MinibatchAlignment(PPO_COMPONENTS, torch.stack(G), torch.stack(norms))
