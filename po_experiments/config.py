@@ -257,6 +257,21 @@ class EvalConfig:
 
 
 @dataclass
+class AnalysisConfig:
+    """Gradient alignment G (Eq. 3) at every checkpoint, after training (paper App. C.2 settings)."""
+
+    enabled: bool = True
+    n_pairs: int = 500  # DPO: pairs sampled from D (PPO uses the rollout saved with each checkpoint)
+    n_dprime: int = 500  # D': questions answered greedily by the final model
+    dprime: str = "heldout"  # heldout (out of distribution, the paper's main figures) | train (Fig. 7b)
+    dpo_batch_size: int = 4
+    ppo_batch_size: int = 6
+    chunk: int = 8  # sequences per vmap'd backward (memory: chunk x parameters)
+    dtype: str = "float32"
+    exclude_loss_increase: bool = False  # App. A: leave out checkpoints whose training loss rose (figures)
+
+
+@dataclass
 class LoggerConfig:
     name: str = "wandb"
     enabled: bool = True
@@ -275,6 +290,7 @@ class RuntimeConfig:
 @dataclass
 class DebugConfig:
     kill_at_step: Optional[int] = None  # SIGKILL the run after this optimizer step (tests of resume)
+    kill_after_analysed: Optional[int] = None  # SIGKILL the analysis after this many checkpoints (tests of resume)
 
 
 @dataclass
@@ -292,6 +308,7 @@ class Config:
     logger: LoggerConfig = MISSING
     reward: RewardConfig = MISSING
     eval: EvalConfig = field(default_factory=EvalConfig)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
@@ -461,6 +478,12 @@ def _validate(cfg: DictConfig) -> None:
                  "the gold judge exists only for the synthetic task; use eval.judge=auto or none with data=paper")
 
     _require(cfg.eval.batch_size > 0, "eval.batch_size", f"must be > 0, got {cfg.eval.batch_size}")
+    an = cfg.analysis
+    _require(an.dprime in ("heldout", "train"), "analysis.dprime", f"must be heldout or train, got {an.dprime!r}")
+    for key in ("n_pairs", "n_dprime", "dpo_batch_size", "ppo_batch_size", "chunk"):
+        _require(an[key] > 0, f"analysis.{key}", f"must be > 0, got {an[key]}")
+    _require(an.dtype in ("float32", "bfloat16"), "analysis.dtype",
+             f"must be float32 or bfloat16 (eager attention needs it), got {an.dtype!r}")
     _require(cfg.runtime.threads >= 0, "runtime.threads", f"must be >= 0 (0 = auto), got {cfg.runtime.threads}")
     _require(cfg.logger.mode in ("offline", "online", "disabled"), "logger.mode",
              f"must be offline, online or disabled, got {cfg.logger.mode!r}")

@@ -13,6 +13,7 @@ from pathlib import Path
 from transformers import AutoTokenizer, set_seed
 
 from . import tracking
+from .analysis.stage import run_alignment
 from .models import resolve_model_source, set_threads
 from .stages.evaluate import evaluate
 from .stages.pairs import preference_data
@@ -62,11 +63,12 @@ def run(cfg) -> dict:
         train_data = preference_data(cfg, sft_dir, AutoTokenizer.from_pretrained(sft_dir))
         policy = train_policy(cfg, sft_dir, train_data, run_dir, tracking.report_to(wandb_run))
     result = evaluate(cfg, sft_dir, policy.model_dir, policy.final_step, run_dir)
+    alignment = run_alignment(cfg, run_dir, sft_dir, wandb_run)
 
     summary = {
         "algo": cfg.algo.name, "model": cfg.model.name, "seed": cfg.seed, "ablation": cfg.ablation.name,
         "data": cfg.data.name, "final_step": policy.final_step, "final_loss": policy.final_loss,
-        **result, "resumed_from": policy.resumed_from, "sft_dir": str(sft_dir),
+        **result, "alignment": str(alignment) if alignment else None, "resumed_from": policy.resumed_from, "sft_dir": str(sft_dir),
         "wall_time_s": round(time.time() - started, 1),
     }
     write_json_atomic(summary_path, summary)

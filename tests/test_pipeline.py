@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 # Small but real: SFT 40 steps, ~280 pairs, DPO ~17 steps of 16 pairs, checkpoints every 4 steps.
 FAST = ["data.n_sft=2000", "model.sft.max_steps=40", "data.n_pref_prompts=300", "data.n_heldout=60",
         "model.dpo.batch_size=16", "model.dpo.epochs=1", "model.dpo.save_steps=4", "model.dpo.logging_steps=1",
-        "runtime.threads=1"]
+        "runtime.threads=1", "analysis.n_pairs=40", "analysis.n_dprime=24"]
 
 pytestmark = pytest.mark.slow
 
@@ -177,3 +177,52 @@ def test_every_ppo_variant_runs(overrides, cache_dir, tmp_path):
     run(tmp_path / "run", cache_dir, *PPO_FAST, "logger=none", *overrides)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["win_rate"] is not None and summary["final_step"] > 0
+
+
+# ------------------------------------------------------------------------------------------ the G analysis
+def read_table(run_dir: Path):
+    import pandas as pd
+
+    return pd.read_csv(run_dir / "alignment.csv")
+
+
+def assert_additive(table):
+    """POS + NEG = TOT, TOP + MID + BOT = TOT, bottom + middle + top = all, for every step (rel. 1e-4)."""
+    for column in ("G", "G_unfiltered"):
+        g = table.pivot_table(index=["step", "layer_group"], columns="component", values=column)
+        scale = g.abs().max(axis=1) + 1e-12
+        assert ((g["POS"] + g["NEG"] - g["TOT"]).abs() / scale).max() < 1e-4
+        assert ((g["TOP"] + g["MID"] + g["BOT"] - g["TOT"]).abs() / scale).max() < 1e-4
+        by_group = table.pivot_table(index=["step", "component"], columns="layer_group", values=column)
+        scale = by_group.abs().max(axis=1) + 1e-12
+        assert ((by_group["bottom"] + by_group["middle"] + by_group["top"] - by_group["all"]).abs() / scale).max() < 1e-4
+
+
+@pytest.mark.parametrize("fixture", ["finished", "finished_ppo"])
+def test_alignment_table_covers_every_checkpoint(fixture, request):
+    run_dir = request.getfixturevalue(fixture)
+    table = read_table(run_dir)
+    steps = sorted(int(p.name.split("-")[1]) for p in (run_dir / "checkpoints").glob("step-*"))
+    assert len(steps) >= 3 and sorted(table["step"].unique()) == steps
+    assert len(table) == len(steps) * 6 * 4 and table["G"].notna().all()
+    assert_additive(table)
+    assert (table["n_batches"] > 0).all()
+    import pandas as pd
+
+    mb = pd.read_csv(run_dir / "alignment_minibatches.csv")
+    assert not mb.duplicated(["step", "batch", "component"]).any()
+    for name in ("G_components", "G_filtering", "G_layers", "grad_norms"):
+        assert (run_dir / "figures" / f"{name}.png").stat().st_size > 5000
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["alignment"].endswith("alignment.csv")
+
+
+def test_killed_analysis_resumes_without_duplicates(finished, cache_dir, tmp_path):
+    run_dir = tmp_path / "killed_analysis"
+    killed = run(run_dir, cache_dir, "debug.kill_after_analysed=2", "logger=none", check=False)
+    assert killed.returncode == -signal.SIGKILL
+    assert read_table(run_dir)["step"].nunique() == 2 and not (run_dir / "summary.json").exists()
+    run(run_dir, cache_dir, "logger=none")
+    resumed, straight = read_table(run_dir), read_table(finished)
+    assert len(resumed) == len(straight)
+    assert resumed["G"].to_numpy() == pytest.approx(straight["G"].to_numpy(), rel=1e-5, abs=1e-9)

@@ -108,8 +108,9 @@ def dprime_gradient(model, batches) -> torch.Tensor:
     params = [p for p in model.parameters() if p.requires_grad]
     total = [torch.zeros_like(p) for p in params]
     count = 0
+    device = params[0].device
     for ids, mask, comp in batches:
-        loss = -sequence_logps(model, ids, mask, comp).sum()
+        loss = -sequence_logps(model, ids.to(device), mask.to(device), comp.to(device)).sum()
         for acc, g in zip(total, torch.autograd.grad(loss, params)):
             acc += g
         count += len(ids)
@@ -147,6 +148,9 @@ def dpo_alignment(model, pairs, ref_logps, dprime_matrix, algo, step: int, batch
 
     `pairs`: dict of chosen_ids/chosen_mask/chosen_comp and rejected_* tensors (N rows each, right-padded);
     `ref_logps`: (N, N) reference sequence log-probs of chosen and rejected."""
+    device = dprime_matrix.device
+    pairs = {k: v.to(device) for k, v in pairs.items()}
+    ref_logps = tuple(r.to(device) for r in ref_logps)
     with torch.no_grad():
         chosen = sequence_logps(model, pairs["chosen_ids"], pairs["chosen_mask"], pairs["chosen_comp"])
         rejected = sequence_logps(model, pairs["rejected_ids"], pairs["rejected_mask"], pairs["rejected_comp"])
@@ -155,15 +159,15 @@ def dpo_alignment(model, pairs, ref_logps, dprime_matrix, algo, step: int, batch
     G, norms = [], []
     starts = range(0, n, batch_size)
     for s in (progress(starts) if progress else starts):
-        idx = torch.arange(s, min(s + batch_size, n))
+        idx = torch.arange(s, min(s + batch_size, n), device=device)
         ids = torch.cat([pairs["chosen_ids"][idx], pairs["rejected_ids"][idx]])
         mask = torch.cat([pairs["chosen_mask"][idx], pairs["rejected_mask"][idx]])
         comp = torch.cat([pairs["chosen_comp"][idx], pairs["rejected_comp"][idx]])
         S = per_sequence_grads(model, ids, mask, comp, chunk)  # 2b x P
-        dots = S @ dprime_matrix  # 2b x 4
+        dots = S.double() @ dprime_matrix.double()  # 2b x 4; float64: TOT is a small difference of large terms
         C = torch.stack([torch.cat([coef[c][idx], coef[c][n + idx]]) for c in DPO_COMPONENTS]) / len(idx)
         G.append(C.to(dots.dtype) @ dots)
-        norms.append(torch.linalg.vector_norm(C.to(S.dtype) @ S, dim=1))
+        norms.append(torch.linalg.vector_norm(C.to(S.dtype) @ S, dim=1).double())
     return MinibatchAlignment(DPO_COMPONENTS, torch.stack(G), torch.stack(norms))
 
 
@@ -229,12 +233,14 @@ def ppo_alignment(model, rollout, dprime: torch.Tensor, groups: torch.Tensor, co
     Forward-mode AD needs eager attention on CPU (SDPA has none); in float64, eager attention turns the fully
     masked rows of left padding into NaN, so run it in float32/bfloat16 (as the analysis stage does)."""
     params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
+    rollout = rollout.to(dprime.device)
+    coefficients = {k: v.to(dprime.device) for k, v in coefficients.items()}
     tangents = [unflatten(torch.where(groups == k, dprime, torch.zeros_like(dprime)), model) for k in range(3)]
     n = rollout.valid.shape[0]
     G, norms = [], []
     starts = range(0, n, batch_size)
     for s in (progress(starts) if progress else starts):
-        idx = torch.arange(s, min(s + batch_size, n))
+        idx = torch.arange(s, min(s + batch_size, n), device=dprime.device)
         scale = rollout.valid[idx].sum().clamp(min=1)
         C = torch.stack([coefficients[c][idx] for c in PPO_COMPONENTS]) / scale  # comps x b x L
         per_group = []
@@ -243,7 +249,7 @@ def ppo_alignment(model, rollout, dprime: torch.Tensor, groups: torch.Tensor, co
                                     (tangent,))
             per_group.append((C * dlp.masked_fill(~rollout.valid[idx], 0.0)).sum((1, 2)))
         g = torch.stack(per_group, dim=1)  # comps x 3
-        G.append(torch.cat([g.sum(1, keepdim=True), g], dim=1))
+        G.append(torch.cat([g.sum(1, keepdim=True), g], dim=1).double())
         live = dict(model.named_parameters())
         lp = _response_logps(model, live, rollout, idx, temperature).masked_fill(~rollout.valid[idx], 0.0)
         grads = torch.autograd.grad((C[0] * lp).sum(), [v for v in live.values() if v.requires_grad])

@@ -1,0 +1,195 @@
+"""The analysis stage: G (Eq. 3) at every saved checkpoint, for every component and layer group.
+
+D' = greedy responses of the *final* model to held-out questions (or training prompts, `analysis.dprime=train`,
+the in-distribution variant of Fig. 7b). D = 500 pairs sampled from the training pairs (DPO family) or the
+rollout saved with the checkpoint (PPO family). Each finished checkpoint's rows are added to `alignment.csv`
+and `alignment_minibatches.csv` by an atomic rewrite, so a killed analysis continues from the next checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+from pathlib import Path
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from ..checkpoints import step_dirs
+from ..data.synthetic import DictionaryTask
+from ..models import DTYPES, load_for_inference
+from ..stages.common import generate
+from .gradients import (
+    GROUPS, dpo_alignment, dprime_gradient, encode, encode_pairs, group_matrix, parameter_groups, ppo_alignment,
+    ppo_token_coefficients, sequence_logps, summarise,
+)
+
+log = logging.getLogger(__name__)
+TABLE, MINIBATCHES = "alignment.csv", "alignment_minibatches.csv"
+
+
+def load_model(folder: Path, dtype: str):
+    """Eager attention: forward-mode AD (PPO) and vmap (DPO) need it on CPU."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[dtype], attn_implementation="eager")
+    return model.to(device).eval()
+
+
+# ------------------------------------------------------------------------------------------------ D' and D
+
+
+def dprime_prompts(cfg, tokenizer) -> list[str]:
+    n = cfg.analysis.n_dprime
+    if cfg.data.name == "synthetic":
+        task = DictionaryTask.from_config(cfg.data)
+        return task.heldout_prompts(n) if cfg.analysis.dprime == "heldout" else task.preference_prompts(n, cfg.seed)
+    from ..data.paper import load_preferences, load_questions
+
+    turns = (load_questions(cfg.data, tokenizer) if cfg.analysis.dprime == "heldout"
+             else load_preferences(cfg.data, tokenizer))["prompt"][:n]
+    return [tokenizer.apply_chat_template(t, tokenize=False, add_generation_prompt=True) for t in turns]
+
+
+def dprime_batches(cfg, run_dir: Path, tokenizer, batch_size: int) -> list[tuple[torch.Tensor, ...]]:
+    """D' answered greedily by the final model (cached in analysis/dprime.json), in mini-batches."""
+    cache = run_dir / "analysis" / f"dprime_{cfg.analysis.dprime}.json"
+    if cache.exists():
+        rows = json.loads(cache.read_text())
+    else:
+        prompts = dprime_prompts(cfg, tokenizer)
+        model, _ = load_for_inference(run_dir / "model", cfg.model.dtype)
+        max_new = cfg.data.max_new_tokens
+        answers = generate(model, tokenizer, prompts, max_new_tokens=max_new, batch_size=64, desc="D' answers")
+        rows = [{"prompt": p, "response": " " + a if cfg.data.name == "synthetic" else a}
+                for p, a in zip(prompts, answers)]
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps(rows, indent=1))
+    return [encode(tokenizer, [r["prompt"] for r in rows[i:i + batch_size]],
+                   [r["response"] for r in rows[i:i + batch_size]]) for i in range(0, len(rows), batch_size)]
+
+
+def pair_sample(cfg, sft_dir: Path, tokenizer):
+    """D: `analysis.n_pairs` training pairs (seeded), encoded, with their reference (SFT) log-probs."""
+    from ..stages.pairs import preference_data
+
+    pairs = preference_data(cfg, sft_dir, tokenizer)
+    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.analysis.n_pairs]
+    encoded = encode_pairs(tokenizer, pairs.select(order.tolist()))
+    ref = load_model(sft_dir, cfg.analysis.dtype)
+    device = next(ref.parameters()).device
+    with torch.no_grad():
+        ref_logps = tuple(torch.cat([sequence_logps(ref, *(encoded[f"{s}_{k}"][i:i + 64].to(device)
+                                                           for k in ("ids", "mask", "comp")))
+                                     for i in range(0, len(order), 64)]) for s in ("chosen", "rejected"))
+    return encoded, ref_logps
+
+
+# ------------------------------------------------------------------------------------------------ one checkpoint
+
+
+def analyse_checkpoint(cfg, step: int, folder: Path, dprime, pairs=None) -> tuple[list[dict], list[dict]]:
+    model = load_model(folder, cfg.analysis.dtype)
+    g = dprime_gradient(model, dprime)
+    groups = parameter_groups(model)
+    bar = lambda it: tqdm(it, desc=f"G at step {step}", leave=False)  # noqa: E731
+    if cfg.algo.family == "ppo":
+        from ..trainers.ppo import Rollout
+        from ..trainers.ppo_objectives import WEIGHTINGS
+
+        rollout = Rollout.load(folder / "rollout.pt")
+        coef = ppo_token_coefficients(rollout, cfg.algo, step, WEIGHTINGS[cfg.algo.weighting])
+        mb = ppo_alignment(model, rollout, g, groups, coef, temperature=cfg.model.ppo.temperature,
+                           batch_size=cfg.analysis.ppo_batch_size, progress=bar)
+    else:
+        encoded, ref_logps = pairs
+        mb = dpo_alignment(model, encoded, ref_logps, group_matrix(g, groups), cfg.algo, step,
+                           batch_size=cfg.analysis.dpo_batch_size, chunk=cfg.analysis.chunk, progress=bar)
+    s = summarise(mb)
+    loss = json.loads((folder / "record.json").read_text()).get("loss")
+    kept = ~s["outliers"]
+    rows = [{"step": step, "component": comp, "layer_group": group, "G": s["G_filtered"][c, k].item(),
+             "G_unfiltered": s["G_unfiltered"][c, k].item(), "n_batches": s["n_batches"],
+             "n_outliers": s["n_outliers"], "grad_norm": mb.norms[kept, c].mean().item(), "loss": loss,
+             "algo_family": cfg.algo.family, "dprime": cfg.analysis.dprime}
+            for c, comp in enumerate(mb.components) for k, group in enumerate(GROUPS)]
+    batches = [{"step": step, "batch": b, "component": comp, "grad_norm": mb.norms[b, c].item(),
+                "G": mb.G[b, c, 0].item(), "outlier": bool(s["outliers"][b])}
+               for b in range(len(s["outliers"])) for c, comp in enumerate(mb.components)]
+    return rows, batches
+
+
+# ------------------------------------------------------------------------------------------------ tables
+
+
+def append_rows(path: Path, rows: list[dict]) -> pd.DataFrame:
+    """Rewrite the table with the new rows atomically: a killed run leaves the previous version, never half.
+    Rows of a step already present are replaced (a run killed between the two tables recomputes that step)."""
+    new = pd.DataFrame(rows)
+    if path.exists():
+        old = pd.read_csv(path)
+        table = pd.concat([old[~old["step"].isin(new["step"].unique())], new])
+    else:
+        table = new
+    table = table.sort_values(list(table.columns[:3])).reset_index(drop=True)
+    if "loss" in table:  # App. A: did the training loss rise since the previous checkpoint?
+        per_step = table.groupby("step")["loss"].first().sort_index()
+        table["loss_increased"] = table["step"].map(per_step.diff().gt(0))
+    tmp = path.with_suffix(".tmp")
+    table.to_csv(tmp, index=False)
+    os.replace(tmp, path)
+    return table
+
+
+def done_steps(run_dir: Path) -> set[int]:
+    path = run_dir / TABLE
+    return set(pd.read_csv(path)["step"].unique().tolist()) if path.exists() else set()
+
+
+def log_to_wandb(run, rows: list[dict]) -> None:
+    if run is None:
+        return
+    step = rows[0]["step"]
+    metrics = {"alignment/step": step}
+    for r in rows:
+        if r["layer_group"] == "all":
+            metrics[f"alignment/G/{r['component']}"] = r["G"]
+            metrics[f"alignment/G_unfiltered/{r['component']}"] = r["G_unfiltered"]
+        if r["component"] == "TOT":
+            metrics[f"alignment/G_layer/{r['layer_group']}"] = r["G"]
+    run.log(metrics)
+
+
+# ------------------------------------------------------------------------------------------------ the stage
+
+
+def run_alignment(cfg, run_dir: Path, sft_dir: Path, wandb_run=None) -> Path | None:
+    """G at every checkpoint not analysed yet; then the figures. Returns the table's path."""
+    if not cfg.analysis.enabled:
+        return None
+    todo = {s: f for s, f in step_dirs(run_dir / "checkpoints").items() if s not in done_steps(run_dir)}
+    if todo:
+        tokenizer = AutoTokenizer.from_pretrained(sft_dir)
+        batch = cfg.analysis.ppo_batch_size if cfg.algo.family == "ppo" else cfg.analysis.dpo_batch_size
+        dprime = dprime_batches(cfg, run_dir, tokenizer, batch)
+        pairs = pair_sample(cfg, sft_dir, tokenizer) if cfg.algo.family == "dpo" else None
+        if wandb_run is not None:
+            wandb_run.define_metric("alignment/*", step_metric="alignment/step")
+        for n, (step, folder) in enumerate(tqdm(sorted(todo.items()), desc="gradient alignment (checkpoints)")):
+            rows, batches = analyse_checkpoint(cfg, step, folder, dprime, pairs)
+            append_rows(run_dir / MINIBATCHES, batches)
+            append_rows(run_dir / TABLE, rows)  # last: a step is done once it is in the main table
+            log_to_wandb(wandb_run, rows)
+            log.info("G at step %d: TOT %.3g, POS %.3g, NEG %.3g", step, rows[0]["G"], rows[4]["G"], rows[8]["G"])
+            if cfg.debug.kill_after_analysed and n + 1 >= cfg.debug.kill_after_analysed:
+                os.kill(os.getpid(), signal.SIGKILL)  # a node failure mid-analysis (resume tests)
+    from .plots import draw_figures
+
+    figures = draw_figures(run_dir, exclude_loss_increase=cfg.analysis.exclude_loss_increase)
+    if wandb_run is not None and figures:
+        import wandb
+
+        wandb_run.log({f"figures/{p.stem}": wandb.Image(str(p)) for p in figures})
+    return run_dir / TABLE
