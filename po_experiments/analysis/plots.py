@@ -22,8 +22,8 @@ from pathlib import Path
 
 import matplotlib.ticker as ticker
 from matplotlib.figure import Figure  # no pyplot: no global backend switch, no figure registry to leak
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+import numpy as np
+import pandas as pd
 
 DPI = 120
 PANEL_SIZE = (4.6, 3.6)  # inches per panel
