@@ -266,6 +266,7 @@ class AnalysisConfig:
     dprime: str = "heldout"  # heldout (out of distribution, the paper's main figures) | train (Fig. 7b)
     dpo_batch_size: int = 4
     ppo_batch_size: int = 6
+    method: str = "vmap"  # DPO: vmap (per-sequence gradients, chunk x P memory, all norms) | jvp (1 gradient of memory)
     chunk: int = 8  # sequences per vmap'd backward (memory: chunk x parameters)
     dtype: str = "float32"
     exclude_loss_increase: bool = False  # App. A: leave out checkpoints whose training loss rose (figures)
@@ -480,6 +481,7 @@ def _validate(cfg: DictConfig) -> None:
     _require(cfg.eval.batch_size > 0, "eval.batch_size", f"must be > 0, got {cfg.eval.batch_size}")
     an = cfg.analysis
     _require(an.dprime in ("heldout", "train"), "analysis.dprime", f"must be heldout or train, got {an.dprime!r}")
+    _require(an.method in ("vmap", "jvp"), "analysis.method", f"must be vmap or jvp, got {an.method!r}")
     for key in ("n_pairs", "n_dprime", "dpo_batch_size", "ppo_batch_size", "chunk"):
         _require(an[key] > 0, f"analysis.{key}", f"must be > 0, got {an[key]}")
     _require(an.dtype in ("float32", "bfloat16"), "analysis.dtype",

@@ -224,36 +224,83 @@ def _response_logps(model, params, rollout, idx, temperature: float):
     return torch.log_softmax(logits, -1).gather(-1, ids[:, ctx:, None])[..., 0]
 
 
+def group_tangents(g: torch.Tensor, groups: torch.Tensor, model) -> list[dict[str, torch.Tensor]]:
+    """g' restricted to bottom / middle / top, as parameter dicts (the tangents of forward-mode passes)."""
+    return [unflatten(torch.where(groups == k, g, torch.zeros_like(g)), model) for k in range(3)]
+
+
+def forward_mode_minibatch(model, params, tangents, logps_fn, C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One mini-batch by forward-mode AD: G[component, group] and the TOT gradient norm.
+
+    `logps_fn(params)` -> per-token log-probs [b, T]; `C` [components, b, T] the token coefficients of each
+    component's loss gradient (component 0 = TOT). One jvp per layer group gives g'_k . grad log pi for every token
+    at once; one backward gives ||grad L_TOT||. No per-example gradient is ever materialised."""
+    per_group = []
+    for tangent in tangents:
+        _, dlp = torch.func.jvp(logps_fn, (params,), (tangent,))
+        per_group.append((C * dlp.double()).sum((1, 2)))
+    g = torch.stack(per_group, dim=1)  # components x 3
+    live = [v for v in model.parameters() if v.requires_grad]
+    grads = torch.autograd.grad((C[0] * logps_fn(dict(model.named_parameters()))).sum(), live)
+    norm = torch.linalg.vector_norm(torch.cat([x.flatten() for x in grads]).double())
+    return torch.cat([g.sum(1, keepdim=True), g], dim=1), norm
+
+
+def _tot_only_norms(norm: torch.Tensor, n_components: int) -> torch.Tensor:
+    return torch.cat([norm[None], torch.full((n_components - 1,), float("nan"), dtype=torch.float64,
+                                             device=norm.device)])
+
+
+def dpo_alignment_jvp(model, pairs, ref_logps, dprime: torch.Tensor, groups: torch.Tensor, algo, step: int,
+                      batch_size: int = 4, progress=None) -> MinibatchAlignment:
+    """`dpo_alignment` by forward-mode AD (3 jvps + 1 backward per mini-batch): memory of one gradient, for
+    billion-parameter models; per-component norms other than TOT are not computed."""
+    device = dprime.device
+    pairs = {k: v.to(device) for k, v in pairs.items()}
+    with torch.no_grad():
+        lp = [sequence_logps(model, pairs[f"{s}_ids"], pairs[f"{s}_mask"], pairs[f"{s}_comp"])
+              for s in ("chosen", "rejected")]
+    coef = dpo_coefficients(*lp, *(r.to(device) for r in ref_logps), algo, step)
+    params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
+    tangents = group_tangents(dprime, groups, model)
+    n, G, norms = len(lp[0]), [], []
+    starts = range(0, n, batch_size)
+    for s in (progress(starts) if progress else starts):
+        idx = torch.arange(s, min(s + batch_size, n), device=device)
+        ids = torch.cat([pairs["chosen_ids"][idx], pairs["rejected_ids"][idx]])
+        mask = torch.cat([pairs["chosen_mask"][idx], pairs["rejected_mask"][idx]])
+        comp = torch.cat([pairs["chosen_comp"][idx], pairs["rejected_comp"][idx]])[:, 1:].double()
+        seq = torch.stack([torch.cat([coef[c][idx], coef[c][n + idx]]) for c in DPO_COMPONENTS]) / len(idx)
+        C = seq.double()[:, :, None] * comp[None]
+        row, norm = forward_mode_minibatch(model, params, tangents, lambda p: token_logps(model, p, ids, mask), C)
+        G.append(row)
+        norms.append(_tot_only_norms(norm, len(DPO_COMPONENTS)))
+    return MinibatchAlignment(DPO_COMPONENTS, torch.stack(G), torch.stack(norms))
+
+
 def ppo_alignment(model, rollout, dprime: torch.Tensor, groups: torch.Tensor, coefficients: dict,
                   temperature: float = 1.0, batch_size: int = 6, progress=None) -> MinibatchAlignment:
     """G for every PPO component and layer group on mini-batches of `batch_size` responses of a saved rollout.
 
-    Per mini-batch: one forward-mode pass per layer group (bottom, middle, top) gives g'_k . grad log pi(y_t) for
-    every token at once, so any token-level component is a weighted sum; one backward gives the TOT norm.
+    Components are token-weighted (POS/NEG split a sequence), so this uses forward mode: one jvp per layer group
+    gives g'_k . grad log pi(y_t) for every token, plus one backward for the TOT norm.
     Forward-mode AD needs eager attention on CPU (SDPA has none); in float64, eager attention turns the fully
     masked rows of left padding into NaN, so run it in float32/bfloat16 (as the analysis stage does)."""
     params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
     rollout = rollout.to(dprime.device)
     coefficients = {k: v.to(dprime.device) for k, v in coefficients.items()}
-    tangents = [unflatten(torch.where(groups == k, dprime, torch.zeros_like(dprime)), model) for k in range(3)]
-    n = rollout.valid.shape[0]
-    G, norms = [], []
+    tangents = group_tangents(dprime, groups, model)
+    n, G, norms = rollout.valid.shape[0], [], []
     starts = range(0, n, batch_size)
     for s in (progress(starts) if progress else starts):
         idx = torch.arange(s, min(s + batch_size, n), device=dprime.device)
-        scale = rollout.valid[idx].sum().clamp(min=1)
-        C = torch.stack([coefficients[c][idx] for c in PPO_COMPONENTS]) / scale  # comps x b x L
-        per_group = []
-        for tangent in tangents:
-            _, dlp = torch.func.jvp(lambda p: _response_logps(model, p, rollout, idx, temperature), (params,),
-                                    (tangent,))
-            per_group.append((C * dlp.masked_fill(~rollout.valid[idx], 0.0)).sum((1, 2)))
-        g = torch.stack(per_group, dim=1)  # comps x 3
-        G.append(torch.cat([g.sum(1, keepdim=True), g], dim=1).double())
-        live = dict(model.named_parameters())
-        lp = _response_logps(model, live, rollout, idx, temperature).masked_fill(~rollout.valid[idx], 0.0)
-        grads = torch.autograd.grad((C[0] * lp).sum(), [v for v in live.values() if v.requires_grad])
-        tot = torch.linalg.vector_norm(torch.cat([x.flatten() for x in grads]).double())
-        norms.append(torch.cat([tot[None], torch.full((len(PPO_COMPONENTS) - 1,), float("nan"),
-                                                       dtype=torch.float64)]))
+        valid = rollout.valid[idx]
+        C = torch.stack([coefficients[c][idx] for c in PPO_COMPONENTS]).double() / valid.sum().clamp(min=1)
+
+        def logps(p, idx=idx, valid=valid):
+            return _response_logps(model, p, rollout, idx, temperature).masked_fill(~valid, 0.0)
+
+        row, norm = forward_mode_minibatch(model, params, tangents, logps, C)
+        G.append(row)
+        norms.append(_tot_only_norms(norm, len(PPO_COMPONENTS)))
     return MinibatchAlignment(PPO_COMPONENTS, torch.stack(G), torch.stack(norms))
