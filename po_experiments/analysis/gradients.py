@@ -143,7 +143,7 @@ def dpo_coefficients(chosen, rejected, ref_chosen, ref_rejected, algo, step: int
 
 
 def dpo_alignment(model, pairs, ref_logps, dprime_matrix, algo, step: int, batch_size: int = 4,
-                  chunk: int = 8, progress=None) -> MinibatchAlignment:
+                  chunk: int = 32, progress=None) -> MinibatchAlignment:
     """G for every DPO component and layer group on mini-batches of `batch_size` pairs.
 
     `pairs`: dict of chosen_ids/chosen_mask/chosen_comp and rejected_* tensors (N rows each, right-padded);
@@ -157,17 +157,22 @@ def dpo_alignment(model, pairs, ref_logps, dprime_matrix, algo, step: int, batch
     coef = dpo_coefficients(chosen, rejected, *ref_logps, algo, step)
     n = len(chosen)
     G, norms = [], []
-    starts = range(0, n, batch_size)
-    for s in (progress(starts) if progress else starts):
-        idx = torch.arange(s, min(s + batch_size, n), device=device)
-        ids = torch.cat([pairs["chosen_ids"][idx], pairs["rejected_ids"][idx]])
-        mask = torch.cat([pairs["chosen_mask"][idx], pairs["rejected_mask"][idx]])
-        comp = torch.cat([pairs["chosen_comp"][idx], pairs["rejected_comp"][idx]])
-        S = per_sequence_grads(model, ids, mask, comp, chunk)  # 2b x P
-        dots = S.double() @ dprime_matrix.double()  # 2b x 4; float64: TOT is a small difference of large terms
-        C = torch.stack([torch.cat([coef[c][idx], coef[c][n + idx]]) for c in DPO_COMPONENTS]) / len(idx)
-        G.append(C.to(dots.dtype) @ dots)
-        norms.append(torch.linalg.vector_norm(C.to(S.dtype) @ S, dim=1).double())
+    batches = [torch.arange(s, min(s + batch_size, n), device=device) for s in range(0, n, batch_size)]
+    span = max(1, chunk // (2 * batch_size))  # mini-batches per vmap call: amortises vmap's per-call cost
+    groups = range(0, len(batches), span)
+    for g0 in (progress(groups) if progress else groups):
+        group = batches[g0:g0 + span]
+        rows = torch.cat([torch.cat([idx, n + idx]) for idx in group])  # [chosen; rejected] per mini-batch
+        stacked = {k: torch.cat([pairs[f"chosen_{k}"], pairs[f"rejected_{k}"]])[rows] for k in ("ids", "mask", "comp")}
+        S_all = per_sequence_grads(model, stacked["ids"], stacked["mask"], stacked["comp"], chunk)
+        offset = 0
+        for idx in group:
+            S = S_all[offset:offset + 2 * len(idx)]  # 2b x P
+            offset += 2 * len(idx)
+            dots = S.double() @ dprime_matrix.double()  # 2b x 4; float64: TOT is a small difference of large terms
+            C = torch.stack([torch.cat([coef[c][idx], coef[c][n + idx]]) for c in DPO_COMPONENTS]) / len(idx)
+            G.append(C.to(dots.dtype) @ dots)
+            norms.append(torch.linalg.vector_norm(C.to(S.dtype) @ S, dim=1).double())
     return MinibatchAlignment(DPO_COMPONENTS, torch.stack(G), torch.stack(norms))
 
 
