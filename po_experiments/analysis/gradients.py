@@ -111,8 +111,7 @@ def dprime_gradient(model, batches) -> torch.Tensor:
     device = params[0].device
     for ids, mask, comp in batches:
         loss = -sequence_logps(model, ids.to(device), mask.to(device), comp.to(device)).sum()
-        for acc, g in zip(total, torch.autograd.grad(loss, params)):
-            acc += g
+        torch._foreach_add_(total, torch.autograd.grad(loss, params))
         count += len(ids)
     return torch.cat([t.flatten() for t in total]) / count
 
