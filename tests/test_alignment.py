@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from conftest import make_pairs
 from po_experiments.analysis.gradients import (
-    DPO_COMPONENTS, dpo_alignment, dpo_coefficients, dprime_gradient, encode, encode_pairs, group_matrix,
+    DPO_COMPONENTS, dpo_alignment, dpo_coefficients, dprime_gradient, encode, encode_pairs,
     iqr_outliers, parameter_groups, sequence_logps, summarise,
 )
 
@@ -60,8 +60,7 @@ def brute_force_G(model, pairs, ref_logps, g, comp, idx):
 def test_every_component_equals_brute_force(setup):
     model, pairs, ref_logps, dprime = setup
     g = dprime_gradient(model, dprime)
-    M = group_matrix(g, parameter_groups(model))
-    mb = dpo_alignment(model, pairs, ref_logps, M, ALGO, step=0, batch_size=4)
+    mb = dpo_alignment(model, pairs, ref_logps, g, parameter_groups(model), ALGO, step=0, batch_size=4)
     assert mb.G.shape == (3, 6, 4)
     for b in range(3):
         idx = torch.arange(4 * b, 4 * b + 4)
@@ -74,8 +73,8 @@ def test_every_component_equals_brute_force(setup):
 
 def test_components_and_layer_groups_add_up(setup):
     model, pairs, ref_logps, dprime = setup
-    M = group_matrix(dprime_gradient(model, dprime), parameter_groups(model))
-    G = dpo_alignment(model, pairs, ref_logps, M, ALGO, step=0).G
+    G = dpo_alignment(model, pairs, ref_logps, dprime_gradient(model, dprime), parameter_groups(model), ALGO,
+                      step=0).G
     c = {name: G[:, i] for i, name in enumerate(DPO_COMPONENTS)}
     scale = G.abs().max()
     assert torch.allclose(c["POS"] + c["NEG"], c["TOT"], atol=1e-12 * scale)
@@ -88,8 +87,8 @@ def test_components_and_layer_groups_add_up(setup):
 def test_first_order_meaning_of_G(setup, component):
     """-[NLL_D'(theta - eta grad L) - NLL_D'(theta)] / eta = G(L; theta), with a real optimizer step."""
     model, pairs, ref_logps, dprime = setup
-    M = group_matrix(dprime_gradient(model, dprime), parameter_groups(model))
-    G = summarise(dpo_alignment(model, pairs, ref_logps, M, ALGO, step=0))["G_unfiltered"][
+    g = dprime_gradient(model, dprime)
+    G = summarise(dpo_alignment(model, pairs, ref_logps, g, parameter_groups(model), ALGO, step=0))["G_unfiltered"][
         DPO_COMPONENTS.index(component), 0].item()
 
     def nll():
@@ -206,7 +205,7 @@ def test_forward_mode_dpo_equals_vmap(setup):
     model.float()  # eager attention in float64 NaNs on left padding; pairs are right-padded, but stay realistic
     g = dprime_gradient(model, dprime)
     groups = parameter_groups(model)
-    via_vmap = dpo_alignment(model, pairs, ref_logps, group_matrix(g, groups), ALGO, step=0)
+    via_vmap = dpo_alignment(model, pairs, ref_logps, g, groups, ALGO, step=0)
     via_jvp = dpo_alignment_jvp(model, pairs, ref_logps, g, groups, ALGO, step=0)
     scale = via_vmap.G.abs().max()
     assert torch.allclose(via_jvp.G, via_vmap.G, atol=1e-4 * scale)

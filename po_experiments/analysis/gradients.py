@@ -141,37 +141,77 @@ def dpo_coefficients(chosen, rejected, ref_chosen, ref_rejected, algo, step: int
     return coef
 
 
-def dpo_alignment(model, pairs, ref_logps, dprime_matrix, algo, step: int, batch_size: int = 4,
-                  chunk: int = 32, progress=None) -> MinibatchAlignment:
-    """G for every DPO component and layer group on mini-batches of `batch_size` pairs.
+def parameter_spans(model, groups: torch.Tensor) -> dict[str, tuple[int, int, int]]:
+    """name -> (start, end, group) of each trainable parameter in the flattened vector."""
+    spans, start = {}, 0
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            spans[name] = (start, start + p.numel(), int(groups[start]))
+            start += p.numel()
+    return spans
+
+
+def _sequence_stats(model, ids, mask, comp, g, spans):
+    """For each sequence of one vmap call: its completion log-prob, g'_k . grad log pi (k = bottom, middle, top)
+    and the Gram matrix of the per-sequence gradients. Products are taken parameter by parameter in the model's
+    dtype and summed in float64: no flat copy of the per-sequence gradients, and sums over billions of entries
+    never accumulate in float32."""
+    params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
+
+    def one(p, ids1, mask1, comp1):
+        lp = (token_logps(model, p, ids1[None], mask1[None])[0] * comp1[1:]).sum()
+        return lp, lp.detach()
+
+    grads, lp = vmap(grad(one, has_aux=True), in_dims=(None, 0, 0, 0))(params, ids, mask, comp)
+    dots = torch.zeros(len(ids), 3, dtype=torch.float64, device=ids.device)
+    gram = torch.zeros(len(ids), len(ids), dtype=torch.float64, device=ids.device)
+    for name, v in grads.items():
+        a, b, k = spans[name]
+        v = v.reshape(len(ids), -1)
+        dots[:, k] += (v @ g[a:b].to(v.dtype)).double()
+        gram += (v @ v.T).double()
+    return lp.double(), dots, gram
+
+
+def dpo_alignment(model, pairs, ref_logps, dprime: torch.Tensor, groups: torch.Tensor, algo, step: int,
+                  batch_size: int = 4, chunk: int = 32, progress=None) -> MinibatchAlignment:
+    """G for every DPO component and layer group on mini-batches of `batch_size` pairs, from one vmap'd
+    per-sequence backward per mini-batch: G_c(b) = c^T (S g'_k) and ||grad L_c(b)||^2 = c^T (S S^T) c, where the
+    coefficients c (thirds of omega over the whole sample) are formed after the pass from its own log-probs.
 
     `pairs`: dict of chosen_ids/chosen_mask/chosen_comp and rejected_* tensors (N rows each, right-padded);
     `ref_logps`: (N, N) reference sequence log-probs of chosen and rejected."""
-    device = dprime_matrix.device
+    device = dprime.device
     pairs = {k: v.to(device) for k, v in pairs.items()}
-    ref_logps = tuple(r.to(device) for r in ref_logps)
-    with torch.no_grad():
-        chosen = sequence_logps(model, pairs["chosen_ids"], pairs["chosen_mask"], pairs["chosen_comp"])
-        rejected = sequence_logps(model, pairs["rejected_ids"], pairs["rejected_mask"], pairs["rejected_comp"])
-    coef = dpo_coefficients(chosen, rejected, *ref_logps, algo, step)
-    n = len(chosen)
-    G, norms = [], []
+    n = len(pairs["chosen_ids"])
     batches = [torch.arange(s, min(s + batch_size, n), device=device) for s in range(0, n, batch_size)]
-    span = max(1, chunk // (2 * batch_size))  # mini-batches per vmap call: amortises vmap's per-call cost
-    groups = range(0, len(batches), span)
-    for g0 in (progress(groups) if progress else groups):
-        group = batches[g0:g0 + span]
-        rows = torch.cat([torch.cat([idx, n + idx]) for idx in group])  # [chosen; rejected] per mini-batch
-        stacked = {k: torch.cat([pairs[f"chosen_{k}"], pairs[f"rejected_{k}"]])[rows] for k in ("ids", "mask", "comp")}
-        S_all = per_sequence_grads(model, stacked["ids"], stacked["mask"], stacked["comp"], chunk)
-        offset = 0
-        for idx in group:
-            S = S_all[offset:offset + 2 * len(idx)]  # 2b x P
-            offset += 2 * len(idx)
-            dots = S.double() @ dprime_matrix.double()  # 2b x 4; float64: TOT is a small difference of large terms
-            C = torch.stack([torch.cat([coef[c][idx], coef[c][n + idx]]) for c in DPO_COMPONENTS]) / len(idx)
-            G.append(C.to(dots.dtype) @ dots)
-            norms.append(torch.linalg.vector_norm(C.to(S.dtype) @ S, dim=1).double())
+    chunk = max(chunk - chunk % (2 * batch_size), 2 * batch_size)  # whole mini-batches per vmap call
+    order = torch.cat([torch.cat([idx, n + idx]) for idx in batches])  # [chosen; rejected] per mini-batch
+    stacked = {k: torch.cat([pairs[f"chosen_{k}"], pairs[f"rejected_{k}"]])[order] for k in ("ids", "mask", "comp")}
+    spans = parameter_spans(model, groups)
+    starts = range(0, len(order), chunk)
+    logps, dots, grams = [], [], []
+    for s in (progress(starts) if progress else starts):
+        lp, d, gram = _sequence_stats(model, stacked["ids"][s:s + chunk], stacked["mask"][s:s + chunk],
+                                      stacked["comp"][s:s + chunk], dprime, spans)
+        logps.append(lp)
+        dots.append(d)
+        grams.append(gram)
+    logps, dots = torch.cat(logps), torch.cat(dots)
+    per_sequence = torch.empty_like(logps)
+    per_sequence[order] = logps  # back to [chosen (N); rejected (N)]
+    coef = dpo_coefficients(per_sequence[:n], per_sequence[n:], *(r.to(device).double() for r in ref_logps),
+                            algo, step)
+    G, norms, row = [], [], 0
+    for idx in batches:
+        rows = slice(row, row + 2 * len(idx))
+        gram_chunk, offset = grams[row // chunk], row % chunk
+        gram = gram_chunk[offset:offset + 2 * len(idx), offset:offset + 2 * len(idx)]
+        C = torch.stack([torch.cat([coef[c][idx], coef[c][n + idx]]) for c in DPO_COMPONENTS]).double() / len(idx)
+        g3 = C @ dots[rows]  # components x 3
+        G.append(torch.cat([g3.sum(1, keepdim=True), g3], dim=1))
+        norms.append(torch.einsum("ci,ij,cj->c", C, gram, C).clamp(min=0).sqrt())
+        row += 2 * len(idx)
     return MinibatchAlignment(DPO_COMPONENTS, torch.stack(G), torch.stack(norms))
 
 
@@ -237,13 +277,12 @@ def forward_mode_minibatch(model, params, tangents, logps_fn, C: torch.Tensor) -
     """One mini-batch by forward-mode AD: G[component, group] and the TOT gradient norm.
 
     `logps_fn(params)` -> per-token log-probs [b, T]; `C` [components, b, T] the token coefficients of each
-    component's loss gradient (component 0 = TOT). One jvp per layer group gives g'_k . grad log pi for every token
-    at once; one backward gives ||grad L_TOT||. No per-example gradient is ever materialised."""
-    per_group = []
-    for tangent in tangents:
-        _, dlp = torch.func.jvp(logps_fn, (params,), (tangent,))
-        per_group.append((C * dlp.double()).sum((1, 2)))
-    g = torch.stack(per_group, dim=1)  # components x 3
+    component's loss gradient (component 0 = TOT). A jvp per layer group (vmap'd over the three) gives
+    g'_k . grad log pi for every token at once; one backward gives ||grad L_TOT||. No per-example gradient is ever
+    materialised."""
+    stacked = {k: torch.stack([t[k] for t in tangents]) for k in tangents[0]}  # the 3 groups in one vmap'd jvp
+    dlp = vmap(lambda t: torch.func.jvp(logps_fn, (params,), (t,))[1])(stacked)  # 3 x b x T
+    g = torch.einsum("cbt,kbt->ck", C, dlp.double())  # components x 3
     live = [v for v in model.parameters() if v.requires_grad]
     grads = torch.autograd.grad((C[0] * logps_fn(dict(model.named_parameters()))).sum(), live)
     norm = torch.linalg.vector_norm(torch.cat([x.flatten() for x in grads]).double())

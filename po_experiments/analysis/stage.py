@@ -23,7 +23,7 @@ from ..data.synthetic import DictionaryTask
 from ..models import DTYPES, load_for_inference
 from ..stages.common import generate
 from .gradients import (
-    GROUPS, dpo_alignment, dpo_alignment_jvp, dprime_gradient, encode, encode_pairs, group_matrix, parameter_groups, ppo_alignment,
+    GROUPS, dpo_alignment, dpo_alignment_jvp, dprime_gradient, encode, encode_pairs, parameter_groups, ppo_alignment,
     ppo_token_coefficients, sequence_logps, summarise,
 )
 
@@ -109,7 +109,7 @@ def analyse_checkpoint(cfg, step: int, folder: Path, dprime, pairs=None) -> tupl
                                batch_size=cfg.analysis.dpo_batch_size, progress=bar)
     else:
         encoded, ref_logps = pairs
-        mb = dpo_alignment(model, encoded, ref_logps, group_matrix(g, groups), cfg.algo, step,
+        mb = dpo_alignment(model, encoded, ref_logps, g, groups, cfg.algo, step,
                            batch_size=cfg.analysis.dpo_batch_size, chunk=cfg.analysis.chunk, progress=bar)
     s = summarise(mb)
     loss = json.loads((folder / "record.json").read_text()).get("loss")

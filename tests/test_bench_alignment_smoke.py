@@ -1,0 +1,62 @@
+"""Smoke test of scripts/bench_alignment.py: both families run end to end on the tiny model and report all three
+methods, agreeing on G(TOT, all).
+
+Timings are noisy, so nothing here asserts on the ratio's value, only that it is there and finite.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench_alignment", REPO / "scripts" / "bench_alignment.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("family, size", [("dpo", ["--pairs", "16"]), ("ppo", ["--rollout", "12"])])
+def test_alignment_bench_runs_and_methods_agree(tmp_path, family, size):
+    out = tmp_path / "bench.json"
+    argv = ["--family", family, "--model", "tiny", *size, "--dprime", "8", "--repeats", "1", "--warmup", "0",
+            "--device", "cpu", "--threads", "1", "--out", str(out)]
+    assert load_bench().main(argv) == 0
+
+    res = json.loads(out.read_text())
+    assert set(res["methods"]) == {"tot_only", "full", "per_component"}
+    for stats in res["methods"].values():
+        assert stats["n"] == 1 and stats["median_s"] > 0
+        assert len(stats["times_s"]) == 1 and all(t > 0 for t in stats["times_s"])
+        assert 0 < stats["dprime_median_s"] < stats["median_s"]  # every method includes the D' pass
+    for key in ("full/tot_only", "full/per_component"):
+        assert math.isfinite(res["ratios"][key]) and res["ratios"][key] > 0
+    assert res["ratio"] == res["ratios"]["full/tot_only"]
+    assert res["verdict"] in {"PASS", "ABOVE TARGET"}
+
+    agree = res["agreement"]
+    for method in ("tot_only", "per_component"):
+        entry = agree[method]
+        for key in ("per_batch_G_rel", "G_filtered_rel", "G_unfiltered_rel", "norm_rel"):
+            assert entry[key] < 1e-4, (method, key, entry[key])
+        assert entry["same_outliers"] is True
+    if family == "dpo":  # every component and layer group, and every component's norm
+        assert agree["per_component"]["all_components_G_rel"] < 1e-4
+        assert agree["per_component"]["all_components_norm_rel"] < 1e-4
+    assert agree["full_G_tot_all"]["n_batches"] == (4 if family == "dpo" else 2)
+
+
+def test_csv_output(tmp_path):
+    out = tmp_path / "bench.csv"
+    argv = ["--pairs", "8", "--dprime", "4", "--repeats", "1", "--warmup", "0", "--device", "cpu", "--threads", "1",
+            "--out", str(out)]
+    assert load_bench().main(argv) == 0
+    lines = out.read_text().strip().splitlines()
+    assert lines[0].startswith("family,model,method,median_s")
+    assert [line.split(",")[2] for line in lines[1:]] == ["tot_only", "full", "per_component"]
