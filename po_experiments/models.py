@@ -10,8 +10,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast
 
 from .data.synthetic import ASSISTANT, EOS, PAD, SPECIAL_TOKENS, UNK, USER
-from .errors import ModelUnavailableError
-from .hub import hub_reachable
+from .hub import resolve_pretrained
 
 log = logging.getLogger(__name__)
 
@@ -62,25 +61,7 @@ def _source_hint(cfg) -> str:
 
 def resolve_model_source(cfg) -> str:
     """Fail within seconds, with a clear message, when a real model cannot be had here."""
-    path = cfg.path
-    if Path(path).expanduser().exists():
-        if not (Path(path).expanduser() / "config.json").exists():
-            raise ModelUnavailableError(f"model.path={path} exists but has no config.json. {_source_hint(cfg)}")
-        return str(Path(path).expanduser())
-    if path.startswith(("/", ".", "~")):
-        raise ModelUnavailableError(f"model.path={path}: no such directory. {_source_hint(cfg)}")
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        if isinstance(try_to_load_from_cache(path, "config.json"), str):
-            return path  # in the local HF cache: loads offline
-    except Exception:  # an odd cache layout is no reason to fail here; the reachability check decides
-        pass
-    if not hub_reachable():
-        raise ModelUnavailableError(
-            f"model {path!r} is not in the local Hugging Face cache and the Hub cannot be reached "
-            f"(offline or HF_HUB_OFFLINE set). {_source_hint(cfg)}")
-    return path
+    return resolve_pretrained(cfg.path, "model.path", _source_hint(cfg))
 
 
 def load_tokenizer(cfg, source: str):

@@ -25,7 +25,7 @@ from trl.trainer.reward_trainer import suppress_seqcls_warning
 from .cache import cached
 from .data.synthetic import DictionaryTask
 from .errors import ConfigError, ModelUnavailableError
-from .hub import hub_reachable
+from .hub import resolve_pretrained
 from .models import DTYPES
 from .stages.common import batch_split
 from .stages.pairs import PAIR_KEYS, preference_data
@@ -285,25 +285,7 @@ def resolve_reward_source(path: Optional[str]) -> str:
     """A loadable local folder or hub id for `reward.path`, or a ModelUnavailableError within seconds."""
     if not path:
         raise ConfigError("reward.path: set a hub id or local directory for reward.kind=classifier")
-    local = Path(path).expanduser()
-    if local.exists():
-        if not (local / "config.json").exists():
-            raise ModelUnavailableError(f"reward.path={path} exists but has no config.json. {_source_hint(path)}")
-        return str(local)
-    if path.startswith(("/", ".", "~")):
-        raise ModelUnavailableError(f"reward.path={path}: no such directory. {_source_hint(path)}")
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        if isinstance(try_to_load_from_cache(path, "config.json"), str):
-            return path  # in the local HF cache: loads offline
-    except Exception:  # an odd cache layout is no reason to fail here; the reachability check decides
-        pass
-    if not hub_reachable():
-        raise ModelUnavailableError(
-            f"reward.path={path!r} is not in the local Hugging Face cache and the Hub cannot be reached "
-            f"(offline or HF_HUB_OFFLINE set). {_source_hint(path)}")
-    return path
+    return resolve_pretrained(path, "reward.path", _source_hint(path))
 
 
 def _require_synthetic(cfg) -> None:

@@ -47,7 +47,7 @@ sys.path.insert(0, str(REPO))  # run as a plain script from anywhere
 from po_experiments.analysis.gradients import (  # noqa: E402
     DPO_COMPONENTS, MinibatchAlignment, _response_logps, dpo_alignment, dpo_coefficients, dprime_gradient, encode,
     encode_pairs, group_matrix, parameter_groups, ppo_alignment, ppo_token_coefficients,
-    sequence_logps, summarise, unflatten,
+    sequence_logps, summarise,
 )
 from po_experiments.data.synthetic import DictionaryTask  # noqa: E402
 from po_experiments.models import DTYPES, build_tiny_model, build_word_tokenizer, set_threads  # noqa: E402
@@ -303,7 +303,7 @@ def ppo_minibatch_logps(model, data, idx):
 
 
 def ppo_tot_only(data, args, clock):
-    model, r = data["model"], data["rollout"]
+    model = data["model"]
     g = clock("dprime", lambda: dprime_gradient(model, data["dprime"])).double()
     coef = ppo_coefficients(data)["TOT"]
     params = [p for p in model.parameters() if p.requires_grad]

@@ -50,12 +50,36 @@ def _final_loss(log_history: list[dict]) -> float | None:
     return losses[-1] if losses else None
 
 
-def train_policy(cfg, sft_dir: Path, train_data, run_dir: Path, report_to: list[str]) -> TrainedPolicy:
+def finished_policy(run_dir: Path) -> TrainedPolicy | None:
+    """The policy of a run whose training finished (`model/DONE`), or None."""
     model_dir = run_dir / "model"
-    if (model_dir / "DONE").exists():
-        info = json.loads((model_dir / "train_result.json").read_text())
-        log.info("policy already trained (step %d): %s", info["final_step"], model_dir)
-        return TrainedPolicy(model_dir, info["final_step"], info["final_loss"], info.get("resumed_from"))
+    if not (model_dir / "DONE").exists():
+        return None
+    info = json.loads((model_dir / "train_result.json").read_text())
+    log.info("policy already trained (step %d): %s", info["final_step"], model_dir)
+    return TrainedPolicy(model_dir, info["final_step"], info["final_loss"], info.get("resumed_from"))
+
+
+def write_final_policy(run_dir: Path, save, tokenizer, state, resume: Path | None) -> TrainedPolicy:
+    """Write the final policy (`save(folder)`) aside and rename it into place: `model/DONE` means finished."""
+    model_dir, tmp = run_dir / "model", run_dir / "model.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save(tmp)
+    tokenizer.save_pretrained(str(tmp))
+    info = {"final_step": state.global_step, "final_loss": _final_loss(state.log_history),
+            "resumed_from": str(resume) if resume else None}
+    (tmp / "train_result.json").write_text(json.dumps(info, indent=2))
+    (tmp / "log_history.json").write_text(json.dumps(state.log_history, indent=1))
+    (tmp / "DONE").touch()
+    shutil.rmtree(model_dir, ignore_errors=True)
+    os.replace(tmp, model_dir)
+    return TrainedPolicy(model_dir, info["final_step"], info["final_loss"], info["resumed_from"])
+
+
+def train_policy(cfg, sft_dir: Path, train_data, run_dir: Path, report_to: list[str]) -> TrainedPolicy:
+    done = finished_policy(run_dir)
+    if done is not None:
+        return done
 
     checkpoint_root = run_dir / "checkpoints"
     resume = last_checkpoint(checkpoint_root)
@@ -82,16 +106,5 @@ def train_policy(cfg, sft_dir: Path, train_data, run_dir: Path, report_to: list[
     )
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
 
-    # The final policy, written aside and renamed into place: `model/DONE` means training finished.
-    tmp = run_dir / "model.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    trainer.save_model(str(tmp))
-    tokenizer.save_pretrained(str(tmp))
-    info = {"final_step": trainer.state.global_step, "final_loss": _final_loss(trainer.state.log_history),
-            "resumed_from": str(resume) if resume else None}
-    (tmp / "train_result.json").write_text(json.dumps(info, indent=2))
-    (tmp / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
-    (tmp / "DONE").touch()
-    shutil.rmtree(model_dir, ignore_errors=True)
-    os.replace(tmp, model_dir)
-    return TrainedPolicy(model_dir, info["final_step"], info["final_loss"], info["resumed_from"])
+    return write_final_policy(run_dir, lambda folder: trainer.save_model(str(folder)), tokenizer, trainer.state,
+                              resume)

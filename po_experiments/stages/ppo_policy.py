@@ -6,10 +6,7 @@ updates under `checkpoints/step-N/`; a killed run started again resumes from the
 from __future__ import annotations
 
 import copy
-import json
 import logging
-import os
-import shutil
 from pathlib import Path
 
 from datasets import Dataset
@@ -22,7 +19,7 @@ from ..models import DTYPES
 from ..rewards import build_reward, reward_model_dir
 from ..trainers.ppo import ComponentPPOTrainer
 from .common import trainer_kwargs
-from .policy import TrainedPolicy
+from .policy import TrainedPolicy, finished_policy, write_final_policy
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +69,9 @@ def ppo_config(cfg, checkpoint_root: Path, report_to: list[str]) -> PPOConfig:
 
 
 def train_ppo_policy(cfg, sft_dir: Path, run_dir: Path, report_to: list[str]) -> TrainedPolicy:
-    model_dir = run_dir / "model"
-    if (model_dir / "DONE").exists():
-        info = json.loads((model_dir / "train_result.json").read_text())
-        return TrainedPolicy(model_dir, info["final_step"], info["final_loss"], info.get("resumed_from"))
+    done = finished_policy(run_dir)
+    if done is not None:
+        return done
 
     checkpoint_root = run_dir / "checkpoints"
     resume = last_checkpoint(checkpoint_root)
@@ -93,16 +89,5 @@ def train_ppo_policy(cfg, sft_dir: Path, run_dir: Path, report_to: list[str]) ->
     )
     trainer.train(resume_from=resume)
 
-    tmp = run_dir / "model.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    trainer.accelerator.unwrap_model(trainer.model).policy.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    info = {"final_step": trainer.state.global_step, "final_loss": losses[-1] if losses else None,
-            "resumed_from": str(resume) if resume else None}
-    (tmp / "train_result.json").write_text(json.dumps(info, indent=2))
-    (tmp / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
-    (tmp / "DONE").touch()
-    shutil.rmtree(model_dir, ignore_errors=True)
-    os.replace(tmp, model_dir)
-    return TrainedPolicy(model_dir, info["final_step"], info["final_loss"], info["resumed_from"])
+    policy = trainer.accelerator.unwrap_model(trainer.model).policy
+    return write_final_policy(run_dir, policy.save_pretrained, tokenizer, trainer.state, resume)
