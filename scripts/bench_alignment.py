@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
-import json
 import os
 import sys
 import time
@@ -44,6 +42,7 @@ from transformers import GPTNeoXConfig, GPTNeoXForCausalLM  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a plain script from anywhere
+from po_experiments.bench import cli, quartiles, write_results  # noqa: E402
 from po_experiments.analysis.gradients import (  # noqa: E402
     DPO_COMPONENTS, MinibatchAlignment, _response_logps, dpo_alignment, dpo_coefficients, dprime_gradient, encode,
     encode_pairs, group_matrix, parameter_groups, ppo_alignment, ppo_token_coefficients,
@@ -417,11 +416,6 @@ def agreement(results) -> dict:
     return out
 
 
-def quartiles(xs) -> tuple[float, float, float]:
-    q1, med, q3 = np.percentile(xs, [25, 50, 75])
-    return float(q1), float(med), float(q3)
-
-
 def run(args) -> dict:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     threads = set_threads(args.threads)
@@ -487,27 +481,16 @@ def print_table(res: dict) -> None:
               f"TOT norms {e['norm_rel']:.1e}, same outliers {e['same_outliers']}{extra}")
     print("  (rel. differences: per the components' scale, max |G| of TOT/POS/NEG, unless said otherwise)")
 def write_out(res: dict, path: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix == ".csv":  # one row per method; ratio, verdict and agreement repeated on each row
-        with path.open("w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["family", "model", "method", "median_s", "q1_s", "q3_s", "iqr_s", "n", "dprime_median_s",
-                        "ratio_full_tot_only", "ratio_full_per_component", "verdict", "agreement_max_rel"])
-            for m, s in res["methods"].items():
-                w.writerow([res["config"]["family"], res["config"]["model"], m, s["median_s"], s["q1_s"], s["q3_s"],
-                            s["iqr_s"], s["n"], s["dprime_median_s"], res["ratio"],
-                            res["ratios"]["full/per_component"], res["verdict"], res["agreement"]["max_rel"]])
-    else:
-        path.write_text(json.dumps(res, indent=2, default=str))
+    rows = [[res["config"]["family"], res["config"]["model"], m, s["median_s"], s["q1_s"], s["q3_s"], s["iqr_s"],
+             s["n"], s["dprime_median_s"], res["ratio"], res["ratios"]["full/per_component"], res["verdict"],
+             res["agreement"]["max_rel"]] for m, s in res["methods"].items()]  # one row per method
+    write_results(res, path, ["family", "model", "method", "median_s", "q1_s", "q3_s", "iqr_s", "n",
+                              "dprime_median_s", "ratio_full_tot_only", "ratio_full_per_component", "verdict",
+                              "agreement_max_rel"], rows)
 
 
 def main(argv=None) -> int:
-    res = run(parse_args(argv))
-    print_table(res)
-    if res["config"]["out"]:
-        write_out(res, res["config"]["out"])
-    return 0  # a measurement, not a test: the verdict is printed, never the exit code
+    return cli(run, parse_args, print_table, write_out, argv)
 
 
 if __name__ == "__main__":

@@ -36,8 +36,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
-import json
 import os
 import sys
 import tempfile
@@ -59,6 +57,7 @@ from trl.experimental.ppo import ppo_trainer as stock_module  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a plain script from anywhere
+from po_experiments.bench import cli, quartiles, write_results  # noqa: E402
 from po_experiments.config import PPOAlgoConfig  # noqa: E402
 from po_experiments.data.synthetic import DictionaryTask  # noqa: E402
 from po_experiments.models import DTYPES, build_tiny_model, build_word_tokenizer, set_threads  # noqa: E402
@@ -213,11 +212,6 @@ class UpdateTimer(TrainerCallback):
 
     def gc_intervals(self) -> list[float]:
         return list(np.diff(self.gc_marks))
-
-
-def quartiles(xs) -> tuple[float, float, float]:
-    q1, med, q3 = np.percentile(xs, [25, 50, 75])
-    return float(q1), float(med), float(q3)
 
 
 # ------------------------------------------------------------------------------------------ trainers
@@ -394,27 +388,15 @@ def print_table(res: dict) -> None:
 
 
 def write_out(res: dict, path: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix == ".csv":  # one row per trainer; the ratio repeated on each row
-        with path.open("w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["trainer", "median_ms", "q1_ms", "q3_ms", "iqr_ms", "n_updates", "peak_mem_gib", "ratio",
-                        "per_repeat_ratio", "verdict"])
-            for name, s in res["trainers"].items():
-                w.writerow([name, s["median_ms"], s["q1_ms"], s["q3_ms"], s["iqr_ms"], s["n_updates"],
-                            s["peak_mem_gib"], res["ratio"], ";".join(f"{x:.4f}" for x in res["per_repeat_ratio"]),
-                            res["verdict"]])
-    else:
-        path.write_text(json.dumps(res, indent=2, default=str))
+    rows = [[name, s["median_ms"], s["q1_ms"], s["q3_ms"], s["iqr_ms"], s["n_updates"], s["peak_mem_gib"],
+             res["ratio"], ";".join(f"{x:.4f}" for x in res["per_repeat_ratio"]), res["verdict"]]
+            for name, s in res["trainers"].items()]  # one row per trainer; the ratio repeated on each row
+    write_results(res, path, ["trainer", "median_ms", "q1_ms", "q3_ms", "iqr_ms", "n_updates", "peak_mem_gib",
+                              "ratio", "per_repeat_ratio", "verdict"], rows)
 
 
 def main(argv=None) -> int:
-    res = run(parse_args(argv))
-    print_table(res)
-    if res["config"]["out"]:
-        write_out(res, res["config"]["out"])
-    return 0  # a measurement, not a test: the verdict is printed, never the exit code
+    return cli(run, parse_args, print_table, write_out, argv)
 
 
 if __name__ == "__main__":
