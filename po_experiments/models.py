@@ -64,6 +64,13 @@ def resolve_model_source(cfg) -> str:
     return resolve_pretrained(cfg.path, "model.path", _source_hint(cfg))
 
 
+def chat_template_ids(tokenizer, messages, *, add_generation_prompt: bool = False) -> list[int]:
+    """Token ids of a chat-templated conversation (transformers 5 returns a BatchEncoding where 4 returned ids)."""
+    ids = tokenizer.apply_chat_template(list(messages), tokenize=True, add_generation_prompt=add_generation_prompt,
+                                        return_dict=False)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
 def load_tokenizer(cfg, source: str):
     tok = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
     if tok.pad_token is None:

@@ -1,6 +1,7 @@
 """The PPO family's formulas (Eq. 11-16, 33-35), GAE, and checkpoints that carry their rollout."""
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -207,3 +208,31 @@ def test_resumed_training_matches_uninterrupted(ppo, tmp_path):
     resumed.train(resume_from=tmp_path / "checkpoints" / "step-1")
     again = resumed.accelerator.unwrap_model(resumed.model).policy.state_dict()
     assert all(torch.allclose(weights[k], again[k], atol=1e-10) for k in weights)
+
+
+def test_ppo_prompts_from_paper_data_are_token_ids_with_their_turns(tokenizer, tmp_path):
+    """The real-data path: UltraFeedback rows -> chat-templated prompt ids (capped) + a text -> turns lookup."""
+    import json as _json
+
+    from po_experiments.config import PaperDataConfig, PPOHparams
+    from po_experiments.models import DEFAULT_CHAT_TEMPLATE
+    from po_experiments.stages.ppo_policy import prompt_dataset
+
+    rows = [{"prompt": p, "chosen": [{"role": "user", "content": p}, {"role": "assistant", "content": "t1 t2"}],
+             "rejected": [{"role": "user", "content": p}, {"role": "assistant", "content": "t2"}],
+             "score_chosen": 8.0, "score_rejected": 3.0}
+            for p in ("s1 s2", "s3 s4 s5", " ".join(["s6"] * 40))]  # the last one is too long for the cap
+    path = tmp_path / "ultrafeedback.jsonl"
+    path.write_text("\n".join(_json.dumps(r) for r in rows))
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = DEFAULT_CHAT_TEMPLATE
+    data = OmegaConf.structured(PaperDataConfig)
+    data.preferences.path = str(path)
+    cfg = OmegaConf.create({"data": data, "seed": 0,
+                            "model": {"ppo": OmegaConf.structured(PPOHparams(max_prompt_length=30))}})
+    dataset, lookup = prompt_dataset(cfg, tok)
+    assert len(dataset) == 2  # the 40-word prompt is over max_prompt_length and dropped
+    ids = dataset["input_ids"][0]
+    assert isinstance(ids, list) and all(isinstance(i, int) for i in ids)
+    text = tok.decode(ids)
+    assert lookup[text] == [{"role": "user", "content": "s1 s2"}]

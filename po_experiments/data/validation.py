@@ -174,11 +174,9 @@ def _with_detail(problem: str, detail: str) -> str:
 
 def count_tokens(tokenizer, messages: Sequence[Mapping[str, str]], *, add_generation_prompt: bool = False) -> int:
     """Length of the chat-templated conversation in tokens (what training and generation will see)."""
-    ids = tokenizer.apply_chat_template(list(messages), tokenize=True, add_generation_prompt=add_generation_prompt,
-                                        return_dict=False)
-    if isinstance(ids, Mapping):  # some tokenizer versions return a BatchEncoding regardless
-        ids = ids["input_ids"]
-    return len(ids)
+    from ..models import chat_template_ids  # late: models imports the data package
+
+    return len(chat_template_ids(tokenizer, messages, add_generation_prompt=add_generation_prompt))
 
 
 def check_length(tokenizer, messages: Sequence[Mapping[str, str]], name: str, max_length: int, *,

@@ -15,7 +15,7 @@ from trl.experimental.ppo import PPOConfig
 
 from ..checkpoints import debug_callbacks, last_checkpoint
 from ..data.synthetic import DictionaryTask
-from ..models import DTYPES
+from ..models import DTYPES, chat_template_ids
 from ..rewards import build_reward, reward_model_dir
 from ..trainers.ppo import ComponentPPOTrainer
 from .common import trainer_kwargs
@@ -36,7 +36,7 @@ def prompt_dataset(cfg, tokenizer) -> tuple[Dataset, dict[str, list[dict]]]:
         from ..data.paper import load_preferences
 
         turns = list(load_preferences(cfg.data, tokenizer)["prompt"])
-        ids = [tokenizer.apply_chat_template(t, tokenize=True, add_generation_prompt=True) for t in turns]
+        ids = [chat_template_ids(tokenizer, t, add_generation_prompt=True) for t in turns]
     kept = [k for k, i in enumerate(ids) if len(i) <= limit]
     if len(kept) < len(ids):
         log.info("PPO prompts: dropped %d of %d longer than model.ppo.max_prompt_length=%d", len(ids) - len(kept),
