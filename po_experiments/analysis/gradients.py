@@ -51,12 +51,24 @@ def flat(grads) -> torch.Tensor:
     return torch.cat([t.reshape(t.shape[0], -1) for t in grads], dim=1)
 
 
-def encode(tokenizer, prompts: list[str], completions: list[str]) -> tuple[torch.Tensor, ...]:
-    """Right-padded ids, attention mask and completion mask of prompt + completion + EOS (as DPO trains on)."""
+def prompt_completion_ids(tokenizer, prompt, completion) -> tuple[list[int], list[int]]:
+    """Ids of prompt and completion (+ EOS) as DPO trains on them: plain text, or message lists through the chat
+    template (the completion is what the full conversation adds after the prompt's generation prompt)."""
+    if isinstance(prompt, str):
+        return (tokenizer(prompt, add_special_tokens=False)["input_ids"],
+                tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
+    from ..models import chat_template_ids
+
+    head = chat_template_ids(tokenizer, prompt, add_generation_prompt=True)
+    full = chat_template_ids(tokenizer, list(prompt) + list(completion))
+    return head, full[len(head):]
+
+
+def encode(tokenizer, prompts: list, completions: list) -> tuple[torch.Tensor, ...]:
+    """Right-padded ids, attention mask and completion mask of prompt + completion (as DPO trains on them)."""
     rows = []
     for p, c in zip(prompts, completions):
-        prompt = tokenizer(p, add_special_tokens=False)["input_ids"]
-        completion = tokenizer(c, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        prompt, completion = prompt_completion_ids(tokenizer, p, c)
         rows.append((prompt + completion, [0] * len(prompt) + [1] * len(completion)))
     width = max(len(ids) for ids, _ in rows)
     ids = torch.full((len(rows), width), tokenizer.pad_token_id)
