@@ -8,10 +8,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from po_experiments.trainers.objectives import BOT, MID, TOP
-from po_experiments.trainers.ppo import ComponentPPOTrainer, Rollout
+from po_experiments.trainers.objectives import MID, TOP
+from po_experiments.trainers.ppo import Rollout
 from po_experiments.trainers.ppo_objectives import (
-    TOKEN_COMPONENTS, WEIGHTINGS, clipped_surrogate, gae, hppo_lambda, token_mask, token_thirds,
+    TOKEN_COMPONENTS, WEIGHTINGS, gae, hppo_lambda, token_mask, token_thirds,
 )
 
 from conftest import PPO_ALGO as ALGO
