@@ -131,16 +131,7 @@ def dpo_pairs(args, tok, task) -> dict[str, torch.Tensor]:
         rejected[0][:, :args.seq_len // 2] = chosen[0][:, :args.seq_len // 2]  # one prompt per pair
         return {f"{side}_{k}": t for side, rows in (("chosen", chosen), ("rejected", rejected))
                 for k, t in zip(("ids", "mask", "comp"), rows)}
-    rng, rows = np.random.default_rng(0), {"prompt": [], "chosen": [], "rejected": []}
-    while len(rows["prompt"]) < args.pairs:
-        src = task.sample_source(rng)
-        prompt = task.prompt_text(src)
-        a, b = (task.completion_text(task.demonstrate(src, rng)) for _ in range(2))
-        if a != b:
-            a, b = (a, b) if task.gold_reward(prompt, a) >= task.gold_reward(prompt, b) else (b, a)
-            for key, val in zip(rows, (prompt, a, b)):
-                rows[key].append(val)
-    return encode_pairs(tok, rows)
+    return encode_pairs(tok, task.ranked_demonstration_pairs(args.pairs, seed=0))
 
 
 def dprime_set(args, tok, task) -> list[tuple[torch.Tensor, ...]]:

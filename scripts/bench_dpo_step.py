@@ -73,16 +73,7 @@ def tiny_setup(n_pairs: int):
     tok = build_word_tokenizer(task.words)
     model_cfg = OmegaConf.load(REPO / "conf" / "model" / "tiny.yaml").model
     model = build_tiny_model(model_cfg.arch, tok, seed=0)
-    rng, rows = np.random.default_rng(0), {"prompt": [], "chosen": [], "rejected": []}
-    while len(rows["prompt"]) < n_pairs:
-        src = task.sample_source(rng)
-        prompt = task.prompt_text(src)
-        a, b = (task.completion_text(task.demonstrate(src, rng)) for _ in range(2))
-        if a != b:
-            a, b = (a, b) if task.gold_reward(prompt, a) >= task.gold_reward(prompt, b) else (b, a)
-            for key, val in zip(rows, (prompt, a, b)):
-                rows[key].append(val)
-    return tok, model, datasets.Dataset.from_dict(rows), int(model_cfg.max_length)
+    return tok, model, task.ranked_demonstration_pairs(n_pairs, seed=0), int(model_cfg.max_length)
 
 
 def pythia_setup(name: str, n_pairs: int, seq_len: int):

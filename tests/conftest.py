@@ -5,7 +5,6 @@ import copy
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from datasets import Dataset
@@ -36,20 +35,17 @@ def tokenizer(task):
 
 def make_pairs(task, n: int, seed: int = 0) -> Dataset:
     """Pairs of two demonstrator samples per prompt, chosen by gold reward (enough for gradient tests)."""
-    rng = np.random.default_rng(seed)
-    rows = {"prompt": [], "chosen": [], "rejected": []}
-    while len(rows["prompt"]) < n:
-        src = task.sample_source(rng)
-        prompt = task.prompt_text(src)
-        a, b = task.completion_text(task.demonstrate(src, rng)), task.completion_text(task.demonstrate(src, rng))
-        if a == b:
-            continue
-        if task.gold_reward(prompt, a) < task.gold_reward(prompt, b):
-            a, b = b, a
-        rows["prompt"].append(prompt)
-        rows["chosen"].append(a)
-        rows["rejected"].append(b)
-    return Dataset.from_dict(rows)
+    return task.ranked_demonstration_pairs(n, seed)
+
+
+def load_script(name: str):
+    """A script from scripts/ as a module (the benchmarks' smoke tests call their `main`)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture

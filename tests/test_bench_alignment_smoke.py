@@ -5,21 +5,17 @@ Timings are noisy, so nothing here asserts on the ratio's value, only that it is
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import load_script
+
 
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_alignment", REPO / "scripts" / "bench_alignment.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_alignment")
 
 
 @pytest.mark.parametrize("family, size", [("dpo", ["--pairs", "16"]), ("ppo", ["--rollout", "12"])])

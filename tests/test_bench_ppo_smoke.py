@@ -4,19 +4,15 @@ Timings are noisy, so nothing here asserts on the ratio's value, only that it is
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import load_script
+
 
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_ppo_update", REPO / "scripts" / "bench_ppo_update.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_ppo_update")
 
 
 def test_ppo_bench_runs_and_reports_both_trainers(tmp_path):

@@ -126,6 +126,21 @@ class DictionaryTask:
         rng = _rng(HELDOUT_SEED, "heldout")
         return [self.prompt_text(self.sample_source(rng, heldout=True)) for _ in range(n)]
 
+    def ranked_demonstration_pairs(self, n: int, seed: int) -> Dataset:
+        """Two demonstrator samples per prompt, the gold-better one chosen, no label noise: exact pairs for
+        gradient tests and benchmarks (the training pairs are SFT samples labelled by `label_pairs`)."""
+        rng = np.random.default_rng(seed)
+        rows = {"prompt": [], "chosen": [], "rejected": []}
+        while len(rows["prompt"]) < n:
+            source = self.sample_source(rng)
+            prompt = self.prompt_text(source)
+            a, b = (self.completion_text(self.demonstrate(source, rng)) for _ in range(2))
+            if a != b:
+                better_first = self.gold_reward(prompt, a) >= self.gold_reward(prompt, b)
+                for key, value in zip(rows, (prompt, *((a, b) if better_first else (b, a)))):
+                    rows[key].append(value)
+        return Dataset.from_dict(rows)
+
     def label_pairs(self, prompts: list[str], a: list[str], b: list[str], *, scale: float, flip_p: float,
                     seed: int) -> Dataset:
         """Bradley-Terry labels on the gold reward plus label noise; identical pairs are dropped."""

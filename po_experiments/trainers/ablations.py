@@ -5,16 +5,10 @@ A new ablation is one `@register_ablation` function (step, cfg) -> components to
 """
 from __future__ import annotations
 
-from typing import Callable
+from ..registry import registry
 
-ABLATIONS: dict[str, Callable[[int, object], list[str]]] = {}
+ABLATIONS, register_ablation = registry("ablation")
 
-
-def register_ablation(name: str):
-    def wrap(fn):
-        ABLATIONS[name] = fn
-        return fn
-    return wrap
 
 
 @register_ablation("none")

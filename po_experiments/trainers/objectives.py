@@ -12,9 +12,9 @@ A new algorithm is one `@register_algorithm` function plus `conf/algo/<name>.yam
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
-
 import torch
+
+from ..registry import registry
 import torch.nn.functional as F
 
 
@@ -40,14 +40,8 @@ class Decomposition:
 
 # ------------------------------------------------------------------------------------------ algorithms
 
-ALGORITHMS: dict[str, Callable[[PairTerms, object], Decomposition]] = {}
+ALGORITHMS, register_algorithm = registry("algorithm")
 
-
-def register_algorithm(name: str):
-    def wrap(fn):
-        ALGORITHMS[name] = fn
-        return fn
-    return wrap
 
 
 def _sigmoid_pair_loss(z: torch.Tensor, beta: float, pos_scale, neg_scale, scalars=None) -> Decomposition:
@@ -91,14 +85,8 @@ def rank_thirds(values: torch.Tensor) -> torch.Tensor:
     return (3 * ranks) // max(n, 1)
 
 
-COMPONENTS: dict[str, Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]] = {}
+COMPONENTS, register_component = registry("component")
 
-
-def register_component(name: str):
-    def wrap(fn):
-        COMPONENTS[name] = fn
-        return fn
-    return wrap
 
 
 def _both(keep: torch.Tensor):

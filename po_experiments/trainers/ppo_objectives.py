@@ -15,6 +15,8 @@ from typing import Callable
 
 import torch
 
+from ..registry import registry
+
 from .objectives import BOT, MID, TOP
 
 # ------------------------------------------------------------------------------------------ thirds and masks
@@ -56,14 +58,8 @@ def token_mask(include, exclude, adv, thirds, valid) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------ weightings
 
-WEIGHTINGS: dict[str, Callable] = {}
+WEIGHTINGS, register_weighting = registry("weighting")
 
-
-def register_weighting(name: str):
-    def wrap(fn):
-        WEIGHTINGS[name] = fn
-        return fn
-    return wrap
 
 
 @register_weighting("ppo")
