@@ -26,9 +26,11 @@ class OnInvalid(str, Enum):
 
 
 class Judge(str, Enum):
-    auto = "auto"  # gold for the synthetic task, none for the paper's data
+    auto = "auto"  # gold for the synthetic task, alpaca_eval for the paper's data
     gold = "gold"  # the embedded task's known reward
-    none = "none"  # write outputs only (LLM-as-judge comes with the evaluation stage)
+    reward_model = "reward_model"  # any sequence-classification reward model (eval.reward_model.path)
+    alpaca_eval = "alpaca_eval"  # an LLM judge through the alpaca_eval package (eval.alpaca_eval)
+    none = "none"  # write the outputs only
 
 
 # --------------------------------------------------------------------------------------------- model
@@ -250,10 +252,34 @@ class PaperDataConfig:
 
 
 @dataclass
+class RewardModelJudgeConfig:
+    path: Optional[str] = None  # hub id or folder of an AutoModelForSequenceClassification reward model
+    trust_remote_code: bool = False  # ArmoRM ships its own modeling code
+    dtype: str = "float32"
+    batch_size: int = 16
+
+
+@dataclass
+class AlpacaEvalConfig:
+    """AlpacaEval's protocol (paper App. C.3): the package's annotator prompts, order randomisation and parsing."""
+
+    annotator: str = "weighted_alpaca_eval_gpt4_turbo"  # an alpaca_eval evaluator config (name or path), or local
+    local_model: Optional[str] = None  # annotator=local: the judge LLM, hub id or folder, run on this machine
+    local_batch_size: int = 8
+    local_dtype: str = "bfloat16"  # on GPU; the CPU decodes in float32
+    length_controlled: bool = True  # LC win rate too, where alpaca_eval can fit its GLM (805 AlpacaEval instructions)
+
+
+@dataclass
 class EvalConfig:
     judge: Judge = Judge.auto
     batch_size: int = 64
     n_prompts: Optional[int] = None  # None = all held-out prompts / instructions
+    max_new_tokens: Optional[int] = None  # None = data.max_new_tokens (paper: 512)
+    checkpoints: str = "all"  # all (a win-rate curve, Fig. 4) | final
+    n_samples: int = 16  # outputs with verdicts shown per checkpoint in W&B and the report
+    reward_model: RewardModelJudgeConfig = field(default_factory=RewardModelJudgeConfig)
+    alpaca_eval: AlpacaEvalConfig = field(default_factory=AlpacaEvalConfig)
 
 
 @dataclass
@@ -435,6 +461,24 @@ def _validate_ppo(cfg: DictConfig) -> None:
         _require(r.path is not None, "reward.path", "a classifier reward needs a hub id or local directory")
 
 
+def _validate_eval(e: DictConfig) -> None:
+    for key in ("batch_size", "n_prompts", "max_new_tokens", "reward_model.batch_size", "alpaca_eval.local_batch_size"):
+        value = OmegaConf.select(e, key)
+        _require(value is None or value > 0, f"eval.{key}", f"must be > 0, got {value}")
+    _require(e.n_samples >= 0, "eval.n_samples", f"must be >= 0, got {e.n_samples}")
+    _require(e.checkpoints in ("all", "final"), "eval.checkpoints", f"must be all or final, got {e.checkpoints!r}")
+    if e.judge == Judge.reward_model:
+        _require(e.reward_model.path is not None, "eval.reward_model.path",
+                 "eval.judge=reward_model needs a reward model: a hub id or a local folder")
+    if e.judge == Judge.alpaca_eval and e.alpaca_eval.annotator == "local":
+        _require(e.alpaca_eval.local_model is not None, "eval.alpaca_eval.local_model",
+                 "eval.alpaca_eval.annotator=local needs a judge model: a hub id or a local folder")
+    for key in ("reward_model.dtype", "alpaca_eval.local_dtype"):
+        value = OmegaConf.select(e, key)
+        _require(value in ("float32", "bfloat16", "float16"), f"eval.{key}",
+                 f"must be float32, bfloat16 or float16, got {value!r}")
+
+
 def _validate(cfg: DictConfig) -> None:
     from .trainers.ablations import ABLATIONS  # registry, imported late to keep config import light
 
@@ -476,9 +520,8 @@ def _validate(cfg: DictConfig) -> None:
         _require(d.sample_temperature > 0, "data.sample_temperature", f"must be > 0, got {d.sample_temperature}")
     else:
         _require(cfg.eval.judge != Judge.gold, "eval.judge",
-                 "the gold judge exists only for the synthetic task; use eval.judge=auto or none with data=paper")
-
-    _require(cfg.eval.batch_size > 0, "eval.batch_size", f"must be > 0, got {cfg.eval.batch_size}")
+                 "the gold judge exists only for the synthetic task; use alpaca_eval, reward_model or none")
+    _validate_eval(cfg.eval)
     an = cfg.analysis
     _require(an.dprime in ("heldout", "train"), "analysis.dprime", f"must be heldout or train, got {an.dprime!r}")
     _require(an.method in ("vmap", "jvp"), "analysis.method", f"must be vmap or jvp, got {an.method!r}")
@@ -491,3 +534,21 @@ def _validate(cfg: DictConfig) -> None:
              f"must be offline, online or disabled, got {cfg.logger.mode!r}")
     if cfg.debug.kill_at_step is not None:
         _require(cfg.debug.kill_at_step > 0, "debug.kill_at_step", f"must be > 0, got {cfg.debug.kill_at_step}")
+
+
+def run_config(run_dir, overrides=()) -> DictConfig:
+    """An existing run dir's resolved config (`.hydra/config.yaml`) with key=value overrides, for the scripts
+    that work on a finished run (analysis, another judge) outside a Hydra job."""
+    import json
+    import os
+    from pathlib import Path
+
+    run_dir = Path(run_dir).resolve()
+    saved = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    cfg = OmegaConf.merge(OmegaConf.structured(Config), saved, OmegaConf.from_dotlist(list(overrides)))
+    cfg.paths.output_dir = str(run_dir)  # the saved config keeps ${hydra:...} paths, resolvable only in a job
+    summary = run_dir / "summary.json"
+    sft = json.loads(summary.read_text()).get("sft_dir") if summary.exists() else None
+    cfg.paths.cache_dir = os.environ.get("PO_CACHE_DIR") or (str(Path(sft).parents[1]) if sft else "outputs/cache")
+    validate(cfg)
+    return cfg

@@ -15,7 +15,9 @@ from transformers import AutoTokenizer, set_seed
 from . import tracking
 from .analysis.stage import run_alignment
 from .models import resolve_model_source, set_threads
-from .stages.evaluate import evaluate
+from .evaluation import judges
+from .evaluation.stage import evaluate, judged
+from .reporting.methods import describe
 from .stages.pairs import preference_data
 from .stages.policy import train_policy
 from .stages.sft import sft_model_dir
@@ -31,6 +33,7 @@ def preflight(cfg) -> None:
         from .rewards import resolve_reward_source
 
         resolve_reward_source(cfg.reward.path)
+    judges.preflight(cfg)
 
 
 def write_json_atomic(path: Path, obj: dict) -> None:
@@ -39,14 +42,28 @@ def write_json_atomic(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
+def finished_run(cfg, run_dir: Path, summary: dict) -> dict:
+    """A finished run does nothing again, unless asked for a judge it has no verdicts of: then that judge reads
+    the outputs already generated at every checkpoint (nothing is trained or generated again)."""
+    judge = judges.resolve_judge(cfg)
+    if judge == "none" or not judged(run_dir, judges.judge_name(cfg, judge)).empty:
+        log.info("run already finished (win rate %s): %s", summary.get("win_rate"), run_dir / "summary.json")
+        return summary
+    log.info("run already finished; judging its outputs with %s", judge)
+    set_threads(cfg.runtime.threads)
+    judges.preflight(cfg)
+    result = evaluate(cfg, run_dir, Path(summary["sft_dir"]), summary["final_step"])
+    summary.update(result, win_rates={**summary.get("win_rates", {}), result["judge"]: result["win_rate"]})
+    write_json_atomic(run_dir / "summary.json", summary)
+    return summary
+
+
 def run(cfg) -> dict:
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     summary_path = run_dir / "summary.json"
     if summary_path.exists():
-        summary = json.loads(summary_path.read_text())
-        log.info("run already finished (win rate %s): %s", summary.get("win_rate"), summary_path)
-        return summary
+        return finished_run(cfg, run_dir, json.loads(summary_path.read_text()))
 
     started = time.time()
     set_threads(cfg.runtime.threads)
@@ -62,14 +79,15 @@ def run(cfg) -> dict:
     else:
         train_data = preference_data(cfg, sft_dir, AutoTokenizer.from_pretrained(sft_dir))
         policy = train_policy(cfg, sft_dir, train_data, run_dir, tracking.report_to(wandb_run))
-    result = evaluate(cfg, sft_dir, policy.model_dir, policy.final_step, run_dir)
+    result = evaluate(cfg, run_dir, sft_dir, policy.final_step, wandb_run)
     alignment = run_alignment(cfg, run_dir, sft_dir, wandb_run)
 
     summary = {
         "algo": cfg.algo.name, "model": cfg.model.name, "seed": cfg.seed, "ablation": cfg.ablation.name,
-        "data": cfg.data.name, "final_step": policy.final_step, "final_loss": policy.final_loss,
-        **result, "alignment": str(alignment) if alignment else None, "resumed_from": policy.resumed_from, "sft_dir": str(sft_dir),
-        "wall_time_s": round(time.time() - started, 1),
+        **describe(cfg), "data": cfg.data.name, "final_step": policy.final_step, "final_loss": policy.final_loss,
+        **result, "win_rates": {result["judge"]: result["win_rate"]} if result["judge"] != "none" else {},
+        "alignment": str(alignment) if alignment else None, "resumed_from": policy.resumed_from,
+        "sft_dir": str(sft_dir), "wall_time_s": round(time.time() - started, 1),
     }
     write_json_atomic(summary_path, summary)
     tracking.finish(wandb_run, summary)

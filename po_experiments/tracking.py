@@ -8,6 +8,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from .reporting.methods import describe
+
 log = logging.getLogger(__name__)
 
 
@@ -23,7 +25,7 @@ def start(cfg, run_dir: Path):
         project=cfg.logger.project, entity=cfg.logger.entity, group=cfg.logger.group or cfg.name,
         name=f"{cfg.algo.name}-{cfg.model.name}-s{cfg.seed}-{run_dir.name}"[:128], id=run_id, resume="allow",
         dir=str(run_dir), mode=cfg.logger.mode, job_type="train",
-        config=OmegaConf.to_container(cfg, resolve=True),
+        config={**OmegaConf.to_container(cfg, resolve=True), **describe(cfg)},  # method: the report groups by it
     )
     log.info("W&B run %s (%s) in %s", run.id, cfg.logger.mode, run_dir / "wandb")
     return run

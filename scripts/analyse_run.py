@@ -10,18 +10,15 @@ Overrides use Hydra's key=value syntax on the run's `.hydra/config.yaml`. Checkp
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import sys
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import po_experiments.config  # noqa: E402,F401  (schemas and resolvers)
 from po_experiments.analysis.stage import run_alignment  # noqa: E402
-from po_experiments.config import validate  # noqa: E402
+from po_experiments.config import run_config  # noqa: E402
 from po_experiments.models import set_threads  # noqa: E402
 from po_experiments.stages.sft import sft_model_dir  # noqa: E402
 
@@ -34,14 +31,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     run_dir = args.run_dir.resolve()
     saved = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
-    cfg = OmegaConf.merge(OmegaConf.structured(po_experiments.config.Config), saved,
-                          OmegaConf.from_dotlist(args.overrides))
-    # The saved config keeps Hydra's ${hydra:...} paths, which only resolve inside a Hydra job
-    cfg.paths.output_dir = str(run_dir)
-    summary = run_dir / "summary.json"
-    sft = json.loads(summary.read_text()).get("sft_dir") if summary.exists() else None
-    cfg.paths.cache_dir = os.environ.get("PO_CACHE_DIR") or (str(Path(sft).parents[1]) if sft else "outputs/cache")
-    validate(cfg)
+    cfg = run_config(run_dir, args.overrides)
     if not (run_dir / "model" / "DONE").exists():
         parser.error(f"{run_dir} has no finished model/ (train it first with run.py)")
     set_threads(cfg.runtime.threads)

@@ -106,6 +106,11 @@ def test_composition_errors_name_the_key(override, key):
     (["algo=ppo", "model.ppo.top_p=0"], "model.ppo.top_p"),
     (["algo=ppo", "model=pythia", "reward=gold"], "reward.kind"),
     (["algo=ppo", "reward=armorm", "reward.path=null"], "reward.path"),
+    (["eval.judge=reward_model"], "eval.reward_model.path"),
+    (["eval.judge=alpaca_eval", "eval.alpaca_eval.annotator=local"], "eval.alpaca_eval.local_model"),
+    (["eval.checkpoints=some"], "eval.checkpoints"),
+    (["eval.n_prompts=0"], "eval.n_prompts"),
+    (["eval.max_new_tokens=-1"], "eval.max_new_tokens"),
 ])
 def test_validation_errors_name_the_key(overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -140,6 +145,12 @@ def test_missing_reward_model_path_names_it(tmp_path):
                           f"paths.cache_dir={tmp_path}/cache"])
     assert proc.returncode == 2 and "reward.path" in proc.stderr and f"{tmp_path}/no_rm" in proc.stderr
     assert "Traceback" not in proc.stderr and seconds < 60 and not (tmp_path / "cache" / "sft").exists()
+
+
+def test_api_judge_without_a_key_fails_before_training(tmp_path):
+    proc, seconds = _run(["eval.judge=alpaca_eval", f"hydra.run.dir={tmp_path}/run"], {"OPENAI_API_KEY": ""})
+    assert proc.returncode == 2 and "OPENAI_API_KEY" in proc.stderr and "annotator=local" in proc.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_offline_reward_hub_id_fails_fast(tmp_path):

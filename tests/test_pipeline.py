@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -61,13 +63,18 @@ def test_run_dir_follows_the_output_contract(finished):
     state = json.loads((finished / "checkpoints" / "step-8" / "trainer_state.json").read_text())
     assert state["global_step"] == 8
 
-    rows = (finished / "win_rate.csv").read_text().splitlines()
-    assert rows[0].split(",")[:2] == ["step", "win_rate"] and "judge" in rows[0]
-    assert rows[1].startswith(f"{summary['final_step']},")
-    for name in ("policy", "reference"):
-        records = json.loads((finished / "outputs" / f"{name}.json").read_text())
+    table = pd.read_csv(finished / "win_rate.csv")  # a win rate at every checkpoint (Fig. 4's curves)
+    assert {"judge", "step", "win_rate", "win_rate_se", "n"} <= set(table.columns)
+    assert table["step"].tolist() == steps and set(table["judge"]) == {"gold"} and (table["n"] == 60).all()
+    assert table["win_rate"].iloc[-1] == pytest.approx(summary["win_rate"], abs=1e-4)
+    for name in ["reference"] + [f"step-{s}" for s in steps]:  # AlpacaEval's output format
+        records = json.loads((finished / "eval" / "outputs" / f"{name}.json").read_text())
         assert len(records) == 60
-        assert set(records[0]) == {"instruction", "output", "generator", "dataset"}
+        assert set(records[0]) == {"instruction", "output", "generator", "dataset", "index"}
+    verdicts = json.loads((finished / "eval" / "gold" / f"step-{steps[-1]}.json").read_text())
+    assert len(verdicts) == 60 and {"output_1", "output_2", "preference", "annotator"} <= set(verdicts[0])
+    assert summary["method"] == "DPO" and summary["win_rates"] == {"gold": summary["win_rate"]}
+    assert (finished / "figures" / "win_rate.png").exists()
     assert list((finished / "wandb").glob("offline-run-*"))  # W&B, offline, inside the run dir
 
 
@@ -85,6 +92,25 @@ def test_rerunning_a_finished_run_does_nothing(finished, cache_dir):
     after = {p: p.stat().st_mtime_ns for p in before}
     changed = [p for p in before if before[p] != after[p] and p.name != "run.log" and ".hydra" not in p.parts]
     assert not changed
+
+
+def test_another_judge_reads_the_cached_outputs(finished, cache_dir, tmp_path, task):
+    """A finished run judged again by a reward model: every checkpoint, nothing retrained or regenerated."""
+    from po_experiments.models import build_word_tokenizer
+    from test_rewards import save_tiny_rm
+
+    run_dir = tmp_path / "rejudged"
+    shutil.copytree(finished, run_dir)
+    outputs = {p: p.stat().st_mtime_ns for p in (run_dir / "eval" / "outputs").iterdir()}
+    rm = save_tiny_rm(tmp_path / "tiny_rm", build_word_tokenizer(task.words))
+    run(run_dir, cache_dir, "eval.judge=reward_model", f"eval.reward_model.path={rm}")
+    assert {p: p.stat().st_mtime_ns for p in outputs} == outputs
+    table = pd.read_csv(run_dir / "win_rate.csv")
+    assert set(table["judge"]) == {"gold", "reward_model-tiny_rm"}
+    steps = table.groupby("judge")["step"].apply(tuple)
+    assert steps["gold"] == steps["reward_model-tiny_rm"] and len(steps["gold"]) >= 3  # the same checkpoints
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert set(summary["win_rates"]) == {"gold", "reward_model-tiny_rm"} and summary["judge"] == "reward_model-tiny_rm"
 
 
 def test_killed_run_resumes_to_the_same_result(finished, cache_dir, tmp_path):

@@ -77,12 +77,12 @@ def run_real(root: Path, run_dir: Path, *overrides: str) -> subprocess.Completed
     return proc
 
 
-def check_common(run_dir: Path, algo: str) -> dict:
+def check_common(run_dir: Path, algo: str, judge: str = "none") -> dict:
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["algo"] == algo and summary["data"] == "paper" and summary["judge"] == "none"
-    assert summary["win_rate"] is None and summary["final_step"] > 0
-    records = json.loads((run_dir / "outputs" / "policy.json").read_text())
-    assert len(records) == 12 and set(records[0]) == {"instruction", "output", "generator", "dataset"}
+    assert summary["algo"] == algo and summary["data"] == "paper" and summary["judge"] == judge
+    assert (summary["win_rate"] is None) == (judge == "none") and summary["final_step"] > 0
+    records = json.loads((run_dir / "eval" / "outputs" / f"step-{summary['final_step']}.json").read_text())
+    assert len(records) == 12 and set(records[0]) == {"instruction", "output", "generator", "dataset", "index"}
     dprime = json.loads((run_dir / "analysis" / "dprime_heldout.json").read_text())
     assert len(dprime) == 8 and all(r["prompt"].startswith("<|user|>") for r in dprime)  # HH questions, templated
     table = (run_dir / "alignment.csv").read_text().splitlines()
@@ -91,10 +91,13 @@ def check_common(run_dir: Path, algo: str) -> dict:
 
 
 def test_dpo_on_the_paper_data_schemas(local_copies, tmp_path):
+    """DPO on real-data schemas, judged at every checkpoint by a (chat-template) reward model."""
     run_dir = tmp_path / "dpo"
     run_real(local_copies, run_dir, "model.dpo.batch_size=8", "model.dpo.save_steps=2", "model.dpo.logging_steps=1",
-             "model.dpo.epochs=1")
-    check_common(run_dir, "dpo")
+             "model.dpo.epochs=1", "eval.judge=reward_model", f"eval.reward_model.path={local_copies / 'rm'}")
+    summary = check_common(run_dir, "dpo", judge="reward_model-rm")
+    verdicts = json.loads((run_dir / "eval" / "reward_model-rm" / f"step-{summary['final_step']}.json").read_text())
+    assert len(verdicts) == 12 and all(v["preference"] in (1.0, 1.5, 2.0) for v in verdicts)
 
 
 def test_ppo_with_a_classifier_reward_model(local_copies, tmp_path):

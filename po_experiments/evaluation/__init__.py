@@ -1,0 +1,1 @@
+"""Evaluation: greedy outputs at every checkpoint, judged pairwise against the SFT model (paper App. C.3)."""

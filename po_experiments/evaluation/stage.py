@@ -1,0 +1,212 @@
+"""The evaluation stage: the win rate against the SFT model at every checkpoint (paper App. C.3, Fig. 4).
+
+Greedy outputs on held-out prompts (the synthetic task) or AlpacaEval's instructions (real data) are generated
+once per checkpoint and kept in AlpacaEval's format (`eval/outputs/reference.json`, `eval/outputs/step-<N>.json`);
+each judge's verdicts go to `eval/<judge>/step-<N>.json`. So a second judge reuses every output, a killed
+evaluation continues at the next checkpoint, and `win_rate.csv` holds one row per (judge, step).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer
+
+from ..checkpoints import step_dirs
+from ..data.synthetic import DictionaryTask
+from ..models import load_for_inference
+from ..stages.common import generate
+from .judges import build_judge
+from .winrate import win_rate
+
+log = logging.getLogger(__name__)
+TABLE = "win_rate.csv"
+COLUMNS = ["judge", "step", "win_rate", "win_rate_se", "n", "n_wins", "n_draws", "n_dropped", "lc_win_rate",
+           "lc_win_rate_se"]
+
+
+@dataclass
+class EvalPrompts:
+    instructions: list[str]  # what a reader sees (AlpacaEval's `instruction`)
+    model_inputs: list[str]  # what the model is fed (chat-templated for real models)
+    dataset: list[str]
+    index: list[int]  # position in the source set (AlpacaEval's length-controlled GLM needs it)
+    max_new_tokens: int
+
+
+def eval_prompts(cfg, tokenizer) -> EvalPrompts:
+    n = cfg.eval.n_prompts
+    if cfg.data.name == "synthetic":
+        prompts = DictionaryTask.from_config(cfg.data).heldout_prompts(cfg.data.n_heldout)[:n]
+        return EvalPrompts(prompts, prompts, ["synthetic-heldout"] * len(prompts), list(range(len(prompts))),
+                           cfg.eval.max_new_tokens or cfg.data.max_new_tokens)
+    from ..data.paper import load_instructions
+
+    rows = load_instructions(cfg.data)
+    rows = rows.select(range(min(n, len(rows)))) if n else rows
+    inputs = [tokenizer.apply_chat_template([{"role": "user", "content": i}], tokenize=False,
+                                            add_generation_prompt=True) for i in rows["instruction"]]
+    return EvalPrompts(list(rows["instruction"]), inputs, list(rows["dataset"]), list(range(len(rows))),
+                       cfg.eval.max_new_tokens or cfg.data.max_new_tokens)
+
+
+def models_to_evaluate(cfg, run_dir: Path, final_step: int) -> dict[int, Path]:
+    """step -> model folder: every checkpoint (or only the final model), the final model at its step."""
+    models = {} if cfg.eval.checkpoints == "final" else dict(step_dirs(run_dir / "checkpoints"))
+    if final_step not in models:
+        models[final_step] = run_dir / "model"
+    return dict(sorted(models.items()))
+
+
+# --------------------------------------------------------------------------------------------- outputs
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def greedy_outputs(path: Path, model_dir: Path, prompts: EvalPrompts, cfg, generator: str) -> list[str]:
+    """The model's greedy outputs as AlpacaEval records in `path`, generated unless already there."""
+    if path.exists():
+        records = json.loads(path.read_text())
+        if [r["instruction"] for r in records] == prompts.instructions:
+            return [r["output"] for r in records]
+        log.warning("%s was written for other prompts; generating again", path)
+    model, tokenizer = load_for_inference(model_dir, cfg.model.dtype)
+    outputs = generate(model, tokenizer, prompts.model_inputs, max_new_tokens=prompts.max_new_tokens,
+                       batch_size=cfg.eval.batch_size, desc=f"greedy outputs: {path.stem}")
+    write_json_atomic(path, [{"instruction": i, "output": o, "generator": generator, "dataset": d, "index": k}
+                             for i, o, d, k in zip(prompts.instructions, outputs, prompts.dataset, prompts.index)])
+    return outputs
+
+
+def pairs(prompts: EvalPrompts, reference: list[str], candidate: list[str], names: tuple[str, str]) -> list[dict]:
+    return [{"instruction": i, "output_1": r, "generator_1": names[0], "output_2": c, "generator_2": names[1],
+             "dataset": d, "index": k, "prompt": p}
+            for i, p, d, k, r, c in zip(prompts.instructions, prompts.model_inputs, prompts.dataset, prompts.index,
+                                        reference, candidate)]
+
+
+# --------------------------------------------------------------------------------------------- verdicts
+
+
+def length_controlled(verdicts: list[dict]) -> tuple[float | None, float | None]:
+    """alpaca_eval's length-controlled win rate; it needs its GLM's data from the Hub (AlpacaEval's 805)."""
+    from alpaca_eval.metrics import get_length_controlled_winrate
+
+    df = pd.DataFrame(verdicts)
+    try:
+        lc = get_length_controlled_winrate(df, save_weights_dir=None, is_warn_extreme_changes=False)
+    except Exception as err:  # offline, or instructions that are not AlpacaEval's
+        log.warning("length-controlled win rate not computed: %s", str(err).splitlines()[0][:200])
+        return None, None
+    return float(lc["length_controlled_winrate"]), float(lc["lc_standard_error"])
+
+
+def judged_row(judge, step: int, verdicts: list[dict], lc_enabled: bool) -> dict:
+    wr = win_rate(v["preference"] for v in verdicts)
+    lc, lc_se = length_controlled(verdicts) if lc_enabled else (None, None)
+    return {"judge": judge.name, "step": step, "win_rate": wr.win_rate, "win_rate_se": wr.standard_error,
+            "n": wr.n, "n_wins": wr.n_wins, "n_draws": wr.n_draws, "n_dropped": wr.n_dropped,
+            "lc_win_rate": lc, "lc_win_rate_se": lc_se}
+
+
+def write_table(path: Path, rows: list[dict]) -> pd.DataFrame:
+    """Merge rows into win_rate.csv (a judge's row for a step replaces the old one), atomically."""
+    new = pd.DataFrame(rows, columns=COLUMNS)
+    table = pd.concat([pd.read_csv(path), new]) if path.exists() else new
+    table = table.drop_duplicates(["judge", "step"], keep="last").sort_values(["judge", "step"])
+    tmp = path.with_name(path.name + ".tmp")
+    table.to_csv(tmp, index=False, float_format="%.4f")
+    os.replace(tmp, path)
+    return table
+
+
+def judged(run_dir: Path, judge_name: str) -> pd.DataFrame:
+    path = run_dir / TABLE
+    if not path.exists():
+        return pd.DataFrame(columns=COLUMNS)
+    table = pd.read_csv(path)
+    return table[table["judge"] == judge_name]
+
+
+# --------------------------------------------------------------------------------------------- the stage
+
+
+def evaluate(cfg, run_dir: Path, sft_dir: Path, final_step: int, wandb_run=None) -> dict:
+    """Win rate at every checkpoint with `eval.judge`; returns the final checkpoint's (summary.json keys)."""
+    prompts = eval_prompts(cfg, AutoTokenizer.from_pretrained(sft_dir))
+    names = (f"sft-{cfg.model.name}", f"{cfg.algo.name}-{cfg.model.name}-seed{cfg.seed}")
+    out_dir = run_dir / "eval" / "outputs"
+    reference = greedy_outputs(out_dir / "reference.json", sft_dir, prompts, cfg, names[0])
+    judge = build_judge(cfg, run_dir / "eval")
+    lc_enabled = getattr(judge, "length_controlled", False)
+    rows, samples = [], []
+    for step, folder in tqdm(models_to_evaluate(cfg, run_dir, final_step).items(), desc="win rate per checkpoint"):
+        candidate = greedy_outputs(out_dir / f"step-{step}.json", folder, prompts, cfg, names[1])
+        if judge is None:
+            continue
+        path = run_dir / "eval" / judge.name / f"step-{step}.json"
+        if path.exists():
+            verdicts = json.loads(path.read_text())
+        else:
+            verdicts = judge.judge(pairs(prompts, reference, candidate, names))
+            write_json_atomic(path, verdicts)
+        rows.append(judged_row(judge, step, verdicts, lc_enabled))
+        samples += [{"step": step, **v} for v in verdicts[:cfg.eval.n_samples]]
+        log.info("win rate at step %d: %.2f ± %.2f (n=%d, %s)", step, rows[-1]["win_rate"], rows[-1]["win_rate_se"],
+                 rows[-1]["n"], judge.name)
+    if judge is None:
+        log.info("eval.judge=none: outputs in %s, no win rate", out_dir)
+        return {"win_rate": None, "win_rate_se": None, "n": len(prompts.instructions), "judge": "none"}
+    table = write_table(run_dir / TABLE, rows)
+    log_to_wandb(wandb_run, rows, samples)
+    draw_curve(run_dir, table)
+    return final_result(rows[-1], verdicts)
+
+
+def final_result(row: dict, verdicts: list[dict]) -> dict:
+    """summary.json's keys: the final checkpoint's win rate (and the mean rewards where the judge scores)."""
+    result = {"win_rate": row["win_rate"], "win_rate_se": row["win_rate_se"], "n": row["n"], "judge": row["judge"],
+              "lc_win_rate": row["lc_win_rate"]}
+    if verdicts and "reward_2" in verdicts[0]:
+        prefix = "gold" if row["judge"] == "gold" else "reward"
+        result[f"{prefix}_policy"] = sum(v["reward_2"] for v in verdicts) / len(verdicts)
+        result[f"{prefix}_reference"] = sum(v["reward_1"] for v in verdicts) / len(verdicts)
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in result.items()}
+
+
+def log_to_wandb(run, rows: list[dict], samples: list[dict]) -> None:
+    if run is None:
+        return
+    import wandb
+
+    run.define_metric("eval/*", step_metric="eval/step")
+    for r in rows:
+        run.log({"eval/step": r["step"], "eval/win_rate": r["win_rate"], "eval/win_rate_se": r["win_rate_se"],
+                 **({"eval/lc_win_rate": r["lc_win_rate"]} if r["lc_win_rate"] is not None else {})})
+    columns = ["step", "instruction", "reference", "candidate", "preference", "judge"]
+    table = wandb.Table(columns=columns, data=[[s["step"], s["instruction"], s["output_1"], s["output_2"],
+                                                s["preference"], s["annotator"]] for s in samples])
+    run.log({"eval/samples": table})
+
+
+def draw_curve(run_dir: Path, table: pd.DataFrame) -> Path:
+    from ..reporting.figures import win_rate_figure
+
+    path = run_dir / "figures" / "win_rate.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    curves = {judge: rows for judge, rows in table.groupby("judge")}
+    fig = win_rate_figure({j: (r["step"].tolist(), r["win_rate"].tolist(), r["win_rate_se"].tolist())
+                           for j, r in curves.items()}, title=run_dir.name)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    return path

@@ -1,0 +1,105 @@
+"""The sweep report as one static HTML page with its PNGs beside it: what a user on an air-gapped cluster opens.
+
+`build_report(root, out)` aggregates the runs under `root` (Table 1, Fig. 4 panels), copies each run's figures
+(win-rate curve, G curves) and shows a few outputs of the final model with the judge's verdicts. Every path is
+relative, so the folder can be copied anywhere; a script on the page records how many images loaded.
+"""
+from __future__ import annotations
+
+import datetime
+import html
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+
+from .aggregate import aggregate, cell, find_runs
+
+RUN_FIGURES = ("win_rate", "G_components", "G_layers", "G_filtering", "grad_norms", "ppo_advantages")
+STYLE = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222}
+h1{margin-bottom:.2em}.meta{color:#666}table{border-collapse:collapse;margin:1em 0;font-size:14px}
+td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top}th{background:#f3f3f3}td.num{text-align:right}
+img{max-width:100%;border:1px solid #eee;margin:.3em 0}.figs img{max-width:49%}
+details{margin:.8em 0;border-top:1px solid #ddd;padding-top:.5em}summary{cursor:pointer;font-weight:600}
+pre{white-space:pre-wrap;margin:0;font-size:12px;max-width:420px}"""
+IMAGE_CHECK = """window.addEventListener("load", () => {
+  const images = Array.from(document.images);
+  const loaded = images.filter(i => i.complete && i.naturalWidth > 0);
+  document.body.dataset.imagesLoaded = loaded.length;
+  document.body.dataset.imagesTotal = images.length;
+  document.getElementById("image-status").textContent = loaded.length + "/" + images.length + " images loaded";
+});"""
+
+
+def _img(src: str, alt: str) -> str:
+    return f'<img src="{html.escape(src)}" alt="{html.escape(alt)}">'
+
+
+def table1_html(table: pd.DataFrame) -> str:
+    parts = []
+    for judge, rows in table.groupby("judge", sort=False):
+        models = list(dict.fromkeys(rows["model"]))
+        parts.append(f"<h3>Judge: {html.escape(str(judge))}</h3><table><tr><th>Method</th>"
+                     + "".join(f"<th>{html.escape(m)}</th>" for m in models) + "</tr>")
+        for method, m in rows.groupby("method", sort=False):
+            by_model = m.set_index("model")
+            cells = [cell(by_model.at[x, "mean"], by_model.at[x, "std"], by_model.at[x, "n_seeds"])
+                     if x in by_model.index else "—" for x in models]
+            parts.append(f"<tr><td>{html.escape(method)}</td>"
+                         + "".join(f'<td class="num">{html.escape(c)}</td>' for c in cells) + "</tr>")
+        parts.append("</table>")
+    return "\n".join(parts)
+
+
+def samples_html(run_dir: Path, judge: str, step: int, n: int) -> str:
+    path = run_dir / "eval" / judge / f"step-{step}.json"
+    if not path.exists():
+        return ""
+    verdicts = json.loads(path.read_text())[:n]
+    rows = "".join(f"<tr><td><pre>{html.escape(v['instruction'])}</pre></td><td><pre>{html.escape(v['output_1'])}"
+                   f"</pre></td><td><pre>{html.escape(v['output_2'])}</pre></td>"
+                   f"<td class=num>{v['preference'] if v['preference'] is not None else 'unparsed'}</td></tr>"
+                   for v in verdicts)
+    return (f"<p>Final model (step {step}) vs SFT, judge {html.escape(judge)} (preference 2 = policy wins, "
+            f"1 = SFT wins, 1.5 = tie):</p><table><tr><th>instruction</th><th>SFT</th><th>policy</th>"
+            f"<th>preference</th></tr>{rows}</table>")
+
+
+def run_section(run, root: Path, out: Path, n_samples: int) -> str:
+    s = run.summary
+    name = str(run.dir.relative_to(root)) if run.dir.is_relative_to(root) else run.dir.name
+    folder = out / "runs" / name.replace("/", "__")
+    figures = []
+    for stem in RUN_FIGURES:
+        source = run.dir / "figures" / f"{stem}.png"
+        if source.exists():
+            folder.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, folder / source.name)
+            figures.append(_img(str((folder / source.name).relative_to(out)), f"{name}: {stem}"))
+    final = run.win_rates[run.win_rates["judge"] == s.get("judge")] if not run.win_rates.empty else run.win_rates
+    wr = f"{s['win_rate']:.1f} ± {s['win_rate_se']:.1f}" if s.get("win_rate") is not None else "—"
+    samples = samples_html(run.dir, s["judge"], int(final["step"].max()), n_samples) if len(final) else ""
+    return (f"<details><summary>{html.escape(s['method'])} · {html.escape(str(s['model']))} · seed {s['seed']} — "
+            f"win rate {wr} ({html.escape(str(s.get('judge')))})</summary><p class=meta>{html.escape(name)}; "
+            f"final step {s.get('final_step')}, wall time {s.get('wall_time_s')} s</p>"
+            f"<div class=figs>{''.join(figures)}</div>{samples}</details>")
+
+
+def build_report(root: Path, out: Path, *, title: str | None = None, n_samples: int = 5) -> Path:
+    root, out = Path(root).resolve(), Path(out).resolve()
+    written = aggregate(root, out)
+    table = pd.read_csv(written["table1.csv"])
+    runs = find_runs(root)
+    figures = "".join(_img(p.name, p.stem) for name, p in written.items() if name.endswith(".png"))
+    body = [f"<h1>{html.escape(title or root.name)}</h1>",
+            f"<p class=meta>{len(runs)} runs under {html.escape(str(root))}; built "
+            f"{datetime.datetime.now():%Y-%m-%d %H:%M}; <span id=image-status>images loading</span></p>",
+            "<h2>Table 1: final win rate vs SFT (mean ± std over seeds)</h2>", table1_html(table),
+            "<h2>Figures</h2>", f"<div>{figures}</div>",
+            "<h2>Runs</h2>", *(run_section(r, root, out, n_samples) for r in runs)]
+    page = out / "index.html"
+    page.write_text(f"<!doctype html><html><head><meta charset=utf-8><title>{html.escape(title or root.name)}"
+                    f"</title><style>{STYLE}</style></head><body>{''.join(body)}<script>{IMAGE_CHECK}</script>"
+                    f"</body></html>")
+    return page

@@ -1,0 +1,110 @@
+"""Across runs: Table 1 (mean ± std over seeds) and Fig. 4 panels from run dirs, the HTML report in a browser."""
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+
+import pandas as pd
+import pytest
+from matplotlib.figure import Figure
+from omegaconf import OmegaConf
+
+from po_experiments.reporting import aggregate as agg
+from po_experiments.reporting.browser import chromium, open_page
+from po_experiments.reporting.html import build_report
+from po_experiments.reporting.methods import describe
+
+FINAL = {("DPO", 0): 80.0, ("DPO", 1): 84.0, ("DPO", 2): 88.0, ("cDPO (t1=30, t2=80)", 0): 70.0,
+         ("cDPO (t1=30, t2=80)", 1): 75.0, ("DPO w/o NEG (steps 0-30)", 0): 60.0}
+
+
+def fake_run(root, method, seed, final, *, variant, model="tiny", judge="gold"):
+    """A run dir as the pipeline leaves it: summary.json, win_rate.csv, a figure, the verdicts."""
+    run = root / "runs" / f"{method}-{seed}".replace(" ", "_")
+    (run / "figures").mkdir(parents=True)
+    steps = [20, 40, 60]
+    rates = [50.0, (50.0 + final) / 2, final]
+    pd.DataFrame({"judge": judge, "step": steps, "win_rate": rates, "win_rate_se": 2.0, "n": 500}).to_csv(
+        run / "win_rate.csv", index=False)
+    summary = {"algo": "cdpo" if variant == "cdpo" else "dpo", "model": model, "seed": seed, "method": method,
+               "family": "dpo", "variant": variant, "win_rate": final, "win_rate_se": 2.0, "judge": judge,
+               "final_step": 60, "wall_time_s": 1.0}
+    (run / "summary.json").write_text(json.dumps(summary))
+    fig = Figure(figsize=(2, 2))
+    fig.subplots().plot(steps, rates)
+    fig.savefig(run / "figures" / "win_rate.png")
+    verdicts = [{"instruction": "<user> s1 <assistant>", "output_1": "t1", "output_2": "t1 <b>", "preference": 2.0}]
+    (run / "eval" / judge).mkdir(parents=True)
+    (run / "eval" / judge / "step-60.json").write_text(json.dumps(verdicts))
+    return run
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    root = tmp_path / "outputs" / "seeds"
+    for (method, seed), final in FINAL.items():
+        variant = "baseline" if method == "DPO" else "cdpo" if method.startswith("cDPO") else "ablation"
+        fake_run(root, method, seed, final, variant=variant)
+    return root
+
+
+def test_table1_is_mean_and_std_over_seeds(sweep, tmp_path):
+    written = agg.aggregate(sweep, tmp_path / "agg")
+    table = pd.read_csv(written["table1.csv"]).set_index("method")
+    assert list(table.index) == ["DPO", "cDPO (t1=30, t2=80)", "DPO w/o NEG (steps 0-30)"]  # the paper's order
+    assert table.at["DPO", "mean"] == pytest.approx(84.0)
+    assert table.at["DPO", "std"] == pytest.approx(statistics.stdev([80, 84, 88]))  # ddof 1, as over seeds
+    assert table.at["cDPO (t1=30, t2=80)", "n_seeds"] == 2 and table.at["DPO", "seeds"] == "0 1 2"
+    md = written["table1.md"].read_text()
+    assert "| DPO | 84.0 ± 4.0 |" in md and "| cDPO (t1=30, t2=80) | 72.5 ± 3.5 |" in md
+    assert "| DPO w/o NEG (steps 0-30) | 60.0 (1 seed) |" in md
+    for name in ("table1_gold.png", "fig4_tiny_gold.png", "curves.csv"):
+        assert written[name].stat().st_size > 1000 or name.endswith(".csv")
+
+
+def test_curves_and_panels_follow_fig4(sweep):
+    rates = agg.checkpoint_rates(agg.find_runs(sweep))
+    curves = agg.curves(rates)
+    dpo_40 = curves[(curves["method"] == "DPO") & (curves["step"] == 40)].iloc[0]
+    assert dpo_40["mean"] == pytest.approx(67.0) and dpo_40["n"] == 3
+    panels = dict(agg.panels(curves, "gold", "tiny"))
+    assert set(panels) == {"(a) DPO w/o NEG / w/o POS", "(c) cDPO"}
+    assert list(panels["(c) cDPO"]) == ["DPO", "cDPO (t1=30, t2=80)"]  # baseline first, then the variant
+
+
+def test_method_labels_come_from_the_config():
+    cfg = OmegaConf.create({"algo": {"name": "cdpo", "family": "dpo", "t1": 30, "t2": 80, "components": ["TOT"]},
+                            "ablation": {"name": "none"}})
+    assert describe(cfg) == {"method": "cDPO (t1=30, t2=80)", "family": "dpo", "variant": "cdpo",
+                             "algo_params": {"t1": 30, "t2": 80}}
+    cfg = OmegaConf.create({"algo": {"name": "ppo", "family": "ppo", "lam": None, "components": ["TOT"]},
+                            "ablation": {"name": "drop_window", "drop": ["TOP"], "start_step": 0, "stop_step": None}})
+    assert describe(cfg)["method"] == "PPO w/o TOP" and describe(cfg)["variant"] == "ablation"
+
+
+def test_no_judged_run_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="no run with a win rate"):
+        agg.checkpoint_rates([])
+
+
+def test_html_report_is_self_contained(sweep, tmp_path):
+    page = build_report(sweep, tmp_path / "report", title="seeds")
+    html = page.read_text()
+    assert "84.0 ± 4.0" in html and "t1 &lt;b&gt;" in html  # Table 1 and escaped sample outputs
+    images = [s.split('"')[0] for s in html.split('<img src="')[1:]]
+    assert len(images) == len(FINAL) + 2  # each run's curve + Table 1 + Fig. 4
+    assert all((page.parent / src).exists() and not src.startswith("/") for src in images)
+
+
+@pytest.mark.skipif(chromium() is None, reason="chromium is not installed (.ci/run installs Debian's)")
+def test_html_report_loads_every_image_in_chromium(sweep, tmp_path):
+    page = build_report(sweep, tmp_path / "report")
+    shot = tmp_path / "report.png"
+    seen = open_page(page, shot)
+    assert seen == {"loaded": len(FINAL) + 2, "total": len(FINAL) + 2}
+    assert shot.stat().st_size > 10_000
+    moved = tmp_path / "elsewhere"  # relative paths: the folder works wherever it is copied
+    shutil.copytree(page.parent, moved)
+    (moved / "table1_gold.png").unlink()  # and a missing image is seen as missing
+    assert open_page(moved / "index.html") == {"loaded": len(FINAL) + 1, "total": len(FINAL) + 2}
