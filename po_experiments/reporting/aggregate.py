@@ -143,12 +143,13 @@ def aggregate(root: Path, out: Path) -> dict[str, Path]:
     curve.to_csv(written["curves.csv"], index=False, float_format="%.3f")
     for judge, rows in table.groupby("judge", sort=False):
         path = out / f"table1_{judge}.png"
-        table_figure(rows, title=f"Table 1: final win rate vs SFT (judge: {judge})").savefig(path, dpi=110)
+        table_figure(rows, title=f"Table 1: final win rate vs SFT (judge: {judge})").savefig(
+            path, dpi=110, bbox_inches="tight")
         written[path.name] = path
         for model in dict.fromkeys(rows["model"]):
             path = out / f"fig4_{model}_{judge}.png"
-            fig = panels_figure(panels(curve, judge, model), title=f"{model}: win rate over training "
+            fig = panels_figure(panels(curve, judge, model), title=f"{model}: win rate over training\n"
                                                                    f"(mean ± std over seeds; judge: {judge})")
-            fig.savefig(path, dpi=110)
+            fig.savefig(path, dpi=110, bbox_inches="tight")
             written[path.name] = path
     return written

@@ -47,7 +47,7 @@ def panels_figure(panels: list[tuple[str, dict[str, tuple[list, list, list]]]], 
         _axes(ax, panel_title)
     for ax in axes[len(panels):]:
         ax.set_visible(False)
-    fig.suptitle(title, fontsize=11)
+    fig.suptitle(title, fontsize=10, wrap=True)
     fig.tight_layout()
     return fig
 
@@ -64,14 +64,14 @@ def table_figure(table, *, title: str) -> Figure:
         x = np.arange(len(models)) + (j - (len(methods) - 1) / 2) * width
         ax.bar(x, rows["mean"], width, yerr=np.nan_to_num(rows["std"].to_numpy(float)), color=color, label=method,
                capsize=3, alpha=0.85)
-        for xi, (m, n) in zip(x, zip(rows["mean"], rows["n_seeds"])):
+        for xi, m, sd in zip(x, rows["mean"], np.nan_to_num(rows["std"].to_numpy(float))):
             if not math.isnan(m):
-                ax.text(xi, m + 1, f"{m:.1f}", ha="center", va="bottom", fontsize=7)
+                ax.text(xi, m + sd + 1, f"{m:.1f}", ha="center", va="bottom", fontsize=7)
     ax.set_xticks(np.arange(len(models)), models)
     ax.set_ylabel("final win rate vs SFT (%)")
     ax.axhline(50, color="#999999", lw=0.8, ls=":")
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7, frameon=False, ncols=min(3, len(methods)), loc="lower center")
+    ax.legend(fontsize=7, frameon=False, ncols=min(3, len(methods)), loc="upper center", bbox_to_anchor=(0.5, -0.1))
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     return fig

@@ -66,7 +66,7 @@ def samples_html(run_dir: Path, judge: str, step: int, n: int) -> str:
             f"<th>preference</th></tr>{rows}</table>")
 
 
-def run_section(run, root: Path, out: Path, n_samples: int) -> str:
+def run_section(run, root: Path, out: Path, n_samples: int, *, expanded: bool = False) -> str:
     s = run.summary
     name = str(run.dir.relative_to(root)) if run.dir.is_relative_to(root) else run.dir.name
     folder = out / "runs" / name.replace("/", "__")
@@ -80,7 +80,7 @@ def run_section(run, root: Path, out: Path, n_samples: int) -> str:
     final = run.win_rates[run.win_rates["judge"] == s.get("judge")] if not run.win_rates.empty else run.win_rates
     wr = f"{s['win_rate']:.1f} ± {s['win_rate_se']:.1f}" if s.get("win_rate") is not None else "—"
     samples = samples_html(run.dir, s["judge"], int(final["step"].max()), n_samples) if len(final) else ""
-    return (f"<details><summary>{html.escape(s['method'])} · {html.escape(str(s['model']))} · seed {s['seed']} — "
+    return (f"<details{' open' if expanded else ''}><summary>{html.escape(s['method'])} · {html.escape(str(s['model']))} · seed {s['seed']} — "
             f"win rate {wr} ({html.escape(str(s.get('judge')))})</summary><p class=meta>{html.escape(name)}; "
             f"final step {s.get('final_step')}, wall time {s.get('wall_time_s')} s</p>"
             f"<div class=figs>{''.join(figures)}</div>{samples}</details>")
@@ -97,7 +97,7 @@ def build_report(root: Path, out: Path, *, title: str | None = None, n_samples: 
             f"{datetime.datetime.now():%Y-%m-%d %H:%M}; <span id=image-status>images loading</span></p>",
             "<h2>Table 1: final win rate vs SFT (mean ± std over seeds)</h2>", table1_html(table),
             "<h2>Figures</h2>", f"<div>{figures}</div>",
-            "<h2>Runs</h2>", *(run_section(r, root, out, n_samples) for r in runs)]
+            "<h2>Runs</h2>", *(run_section(r, root, out, n_samples, expanded=i == 0) for i, r in enumerate(runs))]
     page = out / "index.html"
     page.write_text(f"<!doctype html><html><head><meta charset=utf-8><title>{html.escape(title or root.name)}"
                     f"</title><style>{STYLE}</style></head><body>{''.join(body)}<script>{IMAGE_CHECK}</script>"
