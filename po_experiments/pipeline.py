@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from . import tracking
 from .analysis.stage import run_alignment
 from .models import resolve_model_source, set_threads
 from .evaluation import judges
-from .evaluation.stage import evaluate, judged
+from .evaluation.stage import evaluate, judged, write_json_atomic
 from .reporting.methods import describe
 from .stages.pairs import preference_data
 from .stages.policy import train_policy
@@ -34,12 +33,6 @@ def preflight(cfg) -> None:
 
         resolve_reward_source(cfg.reward.path)
     judges.preflight(cfg)
-
-
-def write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
 
 
 def finished_run(cfg, run_dir: Path, summary: dict) -> dict:
