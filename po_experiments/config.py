@@ -321,6 +321,14 @@ class DebugConfig:
 
 
 @dataclass
+class DeepSpeedConfig:
+    """A DeepSpeed config (conf/deepspeed/) handed to every training stage through accelerate; null = none."""
+
+    name: str = "none"  # none | zero2 | zero3
+    config: Optional[dict[str, Any]] = None  # DeepSpeed's JSON config; "auto" values come from the Trainer
+
+
+@dataclass
 class PathsConfig:
     output_dir: str = MISSING
     cache_dir: str = MISSING
@@ -338,6 +346,7 @@ class Config:
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
+    deepspeed: DeepSpeedConfig = MISSING
     paths: PathsConfig = field(default_factory=PathsConfig)
     name: str = "default"
     seed: int = 0
@@ -354,6 +363,7 @@ def register_configs() -> None:
     cs.store(group="data", name="synthetic_schema", node=SyntheticDataConfig)
     cs.store(group="data", name="paper_schema", node=PaperDataConfig)
     cs.store(group="logger", name="logger_schema", node=LoggerConfig)
+    cs.store(group="deepspeed", name="deepspeed_schema", node=DeepSpeedConfig)
 
 
 def _run_name(override_dirname: str) -> str:
