@@ -16,6 +16,8 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from . import distributed
+
 log = logging.getLogger(__name__)
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -53,6 +55,7 @@ class StepCheckpoints(TrainerCallback):
             self.last_loss = float(logs["loss"])
 
     def on_save(self, args, state, control, **kwargs):
+        distributed.barrier()  # every rank has written its part (DeepSpeed shards) before the folder is renamed
         if not state.is_world_process_zero:
             return
         step = state.global_step

@@ -312,6 +312,7 @@ class LoggerConfig:
 class RuntimeConfig:
     threads: int = 0  # torch CPU threads; 0 = the cores that are free right now
     precompute_ref: bool = True  # reference log-probs once before training (exact, saves a forward per step)
+    dist_timeout_s: int = 14400  # multi-process jobs: how long ranks wait for each other (rank 0 may evaluate)
 
 
 @dataclass
@@ -542,6 +543,9 @@ def _validate(cfg: DictConfig) -> None:
     _require(cfg.runtime.threads >= 0, "runtime.threads", f"must be >= 0 (0 = auto), got {cfg.runtime.threads}")
     _require(cfg.logger.mode in ("offline", "online", "disabled"), "logger.mode",
              f"must be offline, online or disabled, got {cfg.logger.mode!r}")
+    stage = ((cfg.deepspeed.config or {}).get("zero_optimization") or {}).get("stage")
+    _require(not (cfg.algo.family == "ppo" and stage == 3), "deepspeed",
+             "the PPO family runs under ZeRO-2 (deepspeed=zero2) or without DeepSpeed; ZeRO-3 is for the DPO family")
     if cfg.debug.kill_at_step is not None:
         _require(cfg.debug.kill_at_step > 0, "debug.kill_at_step", f"must be > 0, got {cfg.debug.kill_at_step}")
 

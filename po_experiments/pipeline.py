@@ -1,6 +1,8 @@
 """The whole job: SFT (cached) -> preference data -> PO training with checkpoints -> win rate -> summary.json.
 
 Re-running a finished run dir does nothing; an unfinished one resumes from its last checkpoint.
+In a multi-process job every rank runs this; training and the sharded G analysis are collective, rank 0 alone
+evaluates and writes the summary (`distributed`).
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, set_seed
 
-from . import tracking
+from . import distributed, tracking
 from .analysis.stage import run_alignment
 from .models import resolve_model_source, set_threads
 from .evaluation import judges
@@ -52,17 +54,19 @@ def finished_run(cfg, run_dir: Path, summary: dict) -> dict:
 
 
 def run(cfg) -> dict:
+    distributed.setup(cfg)
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     summary_path = run_dir / "summary.json"
     if summary_path.exists():
-        return finished_run(cfg, run_dir, json.loads(summary_path.read_text()))
+        summary = json.loads(summary_path.read_text())
+        return finished_run(cfg, run_dir, summary) if distributed.is_main() else summary
 
     started = time.time()
     set_threads(cfg.runtime.threads)
     set_seed(cfg.seed)
     preflight(cfg)
-    wandb_run = tracking.start(cfg, run_dir)
+    wandb_run = tracking.start(cfg, run_dir) if distributed.is_main() else None
 
     sft_dir = sft_model_dir(cfg)
     if cfg.algo.family == "ppo":
@@ -72,8 +76,11 @@ def run(cfg) -> dict:
     else:
         train_data = preference_data(cfg, sft_dir, AutoTokenizer.from_pretrained(sft_dir))
         policy = train_policy(cfg, sft_dir, train_data, run_dir, tracking.report_to(wandb_run))
-    result = evaluate(cfg, run_dir, sft_dir, policy.final_step, wandb_run)
+    result = distributed.main_first(lambda: evaluate(cfg, run_dir, sft_dir, policy.final_step, wandb_run))
     alignment = run_alignment(cfg, run_dir, sft_dir, wandb_run)
+    if not distributed.is_main():
+        log.info("rank %d: done; rank 0 writes the summary", distributed.rank())
+        return {"rank": distributed.rank(), "final_step": policy.final_step}
 
     summary = {
         "algo": cfg.algo.name, "model": cfg.model.name, "seed": cfg.seed, "ablation": cfg.ablation.name,

@@ -22,6 +22,7 @@ from trl import RewardConfig as TRLRewardConfig  # not to be confused with our c
 from trl import RewardTrainer
 from trl.trainer.reward_trainer import suppress_seqcls_warning
 
+from . import distributed
 from .cache import cached
 from .data.synthetic import DictionaryTask
 from .errors import ConfigError, ModelUnavailableError
@@ -255,6 +256,9 @@ def train_reward_model(cfg, sft_dir: Path, out_dir: Path) -> None:
                             processing_class=tokenizer)
     result = trainer.train()
     trainer.save_model(str(out_dir))
+    distributed.end_of_training()
+    if not distributed.is_main():
+        return
     tokenizer.save_pretrained(str(out_dir))
     shutil.rmtree(out_dir / "trainer", ignore_errors=True)  # the Trainer's scratch folder (no checkpoints)
 
@@ -270,7 +274,8 @@ def reward_model_dir(cfg, sft_dir: Path) -> Path:
     """The learned RM for this SFT model, pair set, RM hyper-parameters and seed (trained once, then reused)."""
     key = {"sft": sft_key(cfg), "pairs": {k: cfg.data[k] for k in PAIR_KEYS}, "reward": cfg.reward.train,
            "seed": cfg.seed}
-    return cached(cfg.paths.cache_dir, "reward", key, lambda out: train_reward_model(cfg, sft_dir, out))
+    return cached(cfg.paths.cache_dir, "reward", key, lambda out: train_reward_model(cfg, sft_dir, out),
+                  collective=True)
 
 
 # --------------------------------------------------------------------------------------------- builder

@@ -24,20 +24,19 @@ GROUPS = ("all", "bottom", "middle", "top")
 LAYER = re.compile(r"\.layers\.(\d+)\.")
 
 
+def layer_group(name: str, n_layers: int) -> int:
+    """0/1/2 = bottom/middle/top third of the parameter called `name`."""
+    m = LAYER.search(name)
+    if m:
+        return (3 * int(m.group(1))) // n_layers
+    return 0 if "embed_in" in name or "embed_tokens" in name or "wte" in name else 2
+
+
 def parameter_groups(model) -> torch.Tensor:
     """For the flattened trainable parameters: 0/1/2 = bottom/middle/top group of each entry."""
     n_layers = model.config.num_hidden_layers
-    parts = []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        m = LAYER.search(name)
-        if m:
-            g = (3 * int(m.group(1))) // n_layers
-        else:
-            g = 0 if "embed_in" in name or "embed_tokens" in name or "wte" in name else 2
-        parts.append(torch.full((p.numel(),), g, dtype=torch.long))
-    return torch.cat(parts)
+    return torch.cat([torch.full((p.numel(),), layer_group(name, n_layers), dtype=torch.long)
+                      for name, p in model.named_parameters() if p.requires_grad])
 
 
 def group_matrix(g: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from .. import distributed
 from ..checkpoints import step_dirs
 from ..data.synthetic import DictionaryTask
 from ..models import DTYPES, load_for_inference
@@ -26,6 +27,8 @@ from .gradients import (
     GROUPS, dpo_alignment, dpo_alignment_jvp, dprime_gradient, encode, encode_pairs, parameter_groups, ppo_alignment,
     ppo_token_coefficients, sequence_logps, summarise,
 )
+
+from .sharded import sharded_dpo_alignment, sharded_reference_logps, uses_sharded_analysis
 
 log = logging.getLogger(__name__)
 TABLE, MINIBATCHES = "alignment.csv", "alignment_minibatches.csv"
@@ -55,6 +58,12 @@ def dprime_prompts(cfg, tokenizer) -> list[str]:
 
 def dprime_batches(cfg, run_dir: Path, tokenizer, batch_size: int) -> list[tuple[torch.Tensor, ...]]:
     """D' answered greedily by the final model (cached in analysis/dprime.json), in mini-batches."""
+    rows = distributed.main_first(lambda: dprime_rows(cfg, run_dir, tokenizer))
+    return [encode(tokenizer, [r["prompt"] for r in rows[i:i + batch_size]],
+                   [r["response"] for r in rows[i:i + batch_size]]) for i in range(0, len(rows), batch_size)]
+
+
+def dprime_rows(cfg, run_dir: Path, tokenizer) -> list[dict]:
     cache = run_dir / "analysis" / f"dprime_{cfg.analysis.dprime}.json"
     if cache.exists():
         rows = json.loads(cache.read_text())
@@ -67,8 +76,7 @@ def dprime_batches(cfg, run_dir: Path, tokenizer, batch_size: int) -> list[tuple
                 for p, a in zip(prompts, answers)]
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(rows, indent=1))
-    return [encode(tokenizer, [r["prompt"] for r in rows[i:i + batch_size]],
-                   [r["response"] for r in rows[i:i + batch_size]]) for i in range(0, len(rows), batch_size)]
+    return rows
 
 
 def pair_sample(cfg, sft_dir: Path, tokenizer):
@@ -78,6 +86,8 @@ def pair_sample(cfg, sft_dir: Path, tokenizer):
     pairs = preference_data(cfg, sft_dir, tokenizer)
     order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.analysis.n_pairs]
     encoded = encode_pairs(tokenizer, pairs.select(order.tolist()))
+    if uses_sharded_analysis(cfg):
+        return encoded, sharded_reference_logps(sft_dir, cfg, encoded)
     ref = load_model(sft_dir, cfg.analysis.dtype)
     device = next(ref.parameters()).device
     with torch.no_grad():
@@ -90,27 +100,33 @@ def pair_sample(cfg, sft_dir: Path, tokenizer):
 # ------------------------------------------------------------------------------------------------ one checkpoint
 
 
-def analyse_checkpoint(cfg, step: int, folder: Path, dprime, pairs=None) -> tuple[list[dict], list[dict]]:
+def minibatch_alignment(cfg, step: int, folder: Path, dprime, pairs=None):
+    """G per mini-batch, component and layer group at one checkpoint (`MinibatchAlignment`)."""
+    bar = lambda it: tqdm(it, desc=f"G at step {step}", leave=False, disable=not distributed.is_main())  # noqa: E731
+    if uses_sharded_analysis(cfg):
+        encoded, ref_logps = pairs
+        return sharded_dpo_alignment(folder, cfg, encoded, ref_logps, dprime, step, progress=bar)
     model = load_model(folder, cfg.analysis.dtype)
     g = dprime_gradient(model, dprime)
     groups = parameter_groups(model)
-    bar = lambda it: tqdm(it, desc=f"G at step {step}", leave=False)  # noqa: E731
     if cfg.algo.family == "ppo":
         from ..trainers.ppo import Rollout
         from ..trainers.ppo_objectives import WEIGHTINGS
 
         rollout = Rollout.load(folder / "rollout.pt")
         coef = ppo_token_coefficients(rollout, cfg.algo, step, WEIGHTINGS[cfg.algo.weighting])
-        mb = ppo_alignment(model, rollout, g, groups, coef, temperature=cfg.model.ppo.temperature,
-                           batch_size=cfg.analysis.ppo_batch_size, progress=bar)
-    elif cfg.analysis.method == "jvp":
-        encoded, ref_logps = pairs
-        mb = dpo_alignment_jvp(model, encoded, ref_logps, g, groups, cfg.algo, step,
-                               batch_size=cfg.analysis.dpo_batch_size, progress=bar)
-    else:
-        encoded, ref_logps = pairs
-        mb = dpo_alignment(model, encoded, ref_logps, g, groups, cfg.algo, step,
-                           batch_size=cfg.analysis.dpo_batch_size, chunk=cfg.analysis.chunk, progress=bar)
+        return ppo_alignment(model, rollout, g, groups, coef, temperature=cfg.model.ppo.temperature,
+                             batch_size=cfg.analysis.ppo_batch_size, progress=bar)
+    encoded, ref_logps = pairs
+    if cfg.analysis.method == "jvp":
+        return dpo_alignment_jvp(model, encoded, ref_logps, g, groups, cfg.algo, step,
+                                 batch_size=cfg.analysis.dpo_batch_size, progress=bar)
+    return dpo_alignment(model, encoded, ref_logps, g, groups, cfg.algo, step,
+                         batch_size=cfg.analysis.dpo_batch_size, chunk=cfg.analysis.chunk, progress=bar)
+
+
+def analyse_checkpoint(cfg, step: int, folder: Path, dprime, pairs=None) -> tuple[list[dict], list[dict]]:
+    mb = minibatch_alignment(cfg, step, folder, dprime, pairs)
     s = summarise(mb)
     loss = json.loads((folder / "record.json").read_text()).get("loss")
     kept = ~s["outliers"]
@@ -170,9 +186,18 @@ def log_to_wandb(run, rows: list[dict]) -> None:
 
 
 def run_alignment(cfg, run_dir: Path, sft_dir: Path, wandb_run=None) -> Path | None:
-    """G at every checkpoint not analysed yet; then the figures. Returns the table's path."""
+    """G at every checkpoint not analysed yet; then the figures. Returns the table's path.
+
+    In a multi-process job: every rank together under ZeRO-3 (sharded), else rank 0 while the others wait."""
     if not cfg.analysis.enabled:
         return None
+    if uses_sharded_analysis(cfg):
+        return _run_alignment(cfg, run_dir, sft_dir, wandb_run)
+    return distributed.main_first(lambda: _run_alignment(cfg, run_dir, sft_dir, wandb_run))
+
+
+def _run_alignment(cfg, run_dir: Path, sft_dir: Path, wandb_run=None) -> Path:
+    main = distributed.is_main()
     todo = {s: f for s, f in step_dirs(run_dir / "checkpoints").items() if s not in done_steps(run_dir)}
     if todo:
         tokenizer = AutoTokenizer.from_pretrained(sft_dir)
@@ -181,14 +206,19 @@ def run_alignment(cfg, run_dir: Path, sft_dir: Path, wandb_run=None) -> Path | N
         pairs = pair_sample(cfg, sft_dir, tokenizer) if cfg.algo.family == "dpo" else None
         if wandb_run is not None:
             wandb_run.define_metric("alignment/*", step_metric="alignment/step")
-        for n, (step, folder) in enumerate(tqdm(sorted(todo.items()), desc="gradient alignment (checkpoints)")):
+        checkpoints = tqdm(sorted(todo.items()), desc="gradient alignment (checkpoints)", disable=not main)
+        for n, (step, folder) in enumerate(checkpoints):
             rows, batches = analyse_checkpoint(cfg, step, folder, dprime, pairs)
+            if not main:
+                continue
             append_rows(run_dir / MINIBATCHES, batches)
             append_rows(run_dir / TABLE, rows)  # last: a step is done once it is in the main table
             log_to_wandb(wandb_run, rows)
             log.info("G at step %d: TOT %.3g, POS %.3g, NEG %.3g", step, rows[0]["G"], rows[4]["G"], rows[8]["G"])
             if cfg.debug.kill_after_analysed and n + 1 >= cfg.debug.kill_after_analysed:
                 os.kill(os.getpid(), signal.SIGKILL)  # a node failure mid-analysis (resume tests)
+    if not main:
+        return run_dir / TABLE
     from .plots import draw_figures
 
     figures = draw_figures(run_dir, exclude_loss_increase=cfg.analysis.exclude_loss_increase)

@@ -21,9 +21,18 @@ def batch_split(global_batch: int, per_device: int | None) -> tuple[int, int]:
     return per_device, accumulation
 
 
-def trainer_kwargs(hp, *, output_dir: str, seed: int, dtype: str, report_to: list[str]) -> dict:
-    """Keyword arguments shared by SFTConfig and DPOConfig (both are TrainingArguments)."""
+def deepspeed_config(cfg) -> dict | None:
+    """The run's DeepSpeed config (conf/deepspeed/) as a plain dict for TrainingArguments, or None."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(cfg.deepspeed.config, resolve=True) if cfg.deepspeed.config is not None else None
+
+
+def trainer_kwargs(hp, cfg, *, output_dir: str, report_to: list[str]) -> dict:
+    """Keyword arguments shared by SFTConfig, DPOConfig, RewardConfig and PPOConfig (all TrainingArguments), from
+    the stage's hyper-parameters `hp` and the run's config (seed, precision, DeepSpeed)."""
     per_device, accumulation = batch_split(hp.batch_size, hp.per_device_batch_size)
+    seed, dtype = cfg.seed, cfg.model.dtype
     return dict(
         output_dir=output_dir,
         per_device_train_batch_size=per_device,
@@ -45,6 +54,9 @@ def trainer_kwargs(hp, *, output_dir: str, seed: int, dtype: str, report_to: lis
         report_to=report_to,
         dataloader_num_workers=0,
         disable_tqdm=False,
+        deepspeed=deepspeed_config(cfg),
+        use_cpu=not torch.cuda.is_available(),  # on CPU, accelerate makes a gloo group of the job's processes
+        ddp_timeout=cfg.runtime.dist_timeout_s,
     )
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import DPOConfig
 
+from .. import distributed
 from ..checkpoints import STEP_DIR, StepCheckpoints, debug_callbacks, last_checkpoint
 from ..errors import ConfigError
 from ..models import DTYPES
@@ -61,18 +62,26 @@ def finished_policy(run_dir: Path) -> TrainedPolicy | None:
 
 
 def write_final_policy(run_dir: Path, save, tokenizer, state, resume: Path | None) -> TrainedPolicy:
-    """Write the final policy (`save(folder)`) aside and rename it into place: `model/DONE` means finished."""
+    """Write the final policy (`save(folder)`, called on every rank: ZeRO-3 gathers the weights to rank 0) aside
+    and rename it into place: `model/DONE` means finished."""
+    distributed.end_of_training()
     model_dir, tmp = run_dir / "model", run_dir / "model.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save(tmp)
-    tokenizer.save_pretrained(str(tmp))
     info = {"final_step": state.global_step, "final_loss": _final_loss(state.log_history),
             "resumed_from": str(resume) if resume else None}
+    if distributed.is_main():
+        shutil.rmtree(tmp, ignore_errors=True)
+    distributed.barrier()
+    save(tmp)
+    if not distributed.is_main():
+        distributed.barrier()
+        return TrainedPolicy(model_dir, info["final_step"], info["final_loss"], info["resumed_from"])
+    tokenizer.save_pretrained(str(tmp))
     (tmp / "train_result.json").write_text(json.dumps(info, indent=2))
     (tmp / "log_history.json").write_text(json.dumps(state.log_history, indent=1))
     (tmp / "DONE").touch()
     shutil.rmtree(model_dir, ignore_errors=True)
     os.replace(tmp, model_dir)
+    distributed.barrier()
     return TrainedPolicy(model_dir, info["final_step"], info["final_loss"], info["resumed_from"])
 
 
@@ -84,15 +93,14 @@ def train_policy(cfg, sft_dir: Path, train_data, run_dir: Path, report_to: list[
     checkpoint_root = run_dir / "checkpoints"
     resume = last_checkpoint(checkpoint_root)
     if resume is None and cfg.ablation.init_from:
-        resume = _seed_from_other_run(cfg.ablation.init_from, checkpoint_root)
+        resume = distributed.main_first(lambda: _seed_from_other_run(cfg.ablation.init_from, checkpoint_root))
     if resume is not None:
         log.info("resuming from %s", resume)
 
     model = AutoModelForCausalLM.from_pretrained(sft_dir, dtype=DTYPES[cfg.model.dtype])
     tokenizer = AutoTokenizer.from_pretrained(sft_dir)
     args = DPOConfig(
-        **trainer_kwargs(cfg.model.dpo, output_dir=str(checkpoint_root), seed=cfg.seed, dtype=cfg.model.dtype,
-                         report_to=report_to),
+        **trainer_kwargs(cfg.model.dpo, cfg, output_dir=str(checkpoint_root), report_to=report_to),
         beta=cfg.algo.beta,
         max_length=cfg.model.max_length,
         precompute_ref_log_probs=cfg.runtime.precompute_ref,

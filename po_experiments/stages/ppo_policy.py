@@ -13,6 +13,7 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, set_seed
 from trl.experimental.ppo import PPOConfig
 
+from .. import distributed
 from ..checkpoints import debug_callbacks, last_checkpoint
 from ..data.synthetic import DictionaryTask
 from ..models import DTYPES, chat_template_ids
@@ -56,9 +57,11 @@ def value_model(cfg, sft_dir: Path):
 
 def ppo_config(cfg, checkpoint_root: Path, report_to: list[str]) -> PPOConfig:
     hp, algo = cfg.model.ppo, cfg.algo
-    kwargs = trainer_kwargs(hp, output_dir=str(checkpoint_root), seed=cfg.seed, dtype=cfg.model.dtype,
-                            report_to=report_to)
+    kwargs = trainer_kwargs(hp, cfg, output_dir=str(checkpoint_root), report_to=report_to)
     kwargs["save_strategy"] = "no"  # ComponentPPOTrainer writes its own checkpoints (with the rollout)
+    kwargs["world_size"] = distributed.world()  # PPOConfig's field shadows TrainingArguments' (DeepSpeed reads it)
+    if hp.max_steps > 0:  # TRL's PPO counts episodes (prompts), not updates
+        kwargs["total_episodes"] = hp.max_steps * hp.batch_size
     return PPOConfig(
         **kwargs, response_length=hp.max_new_tokens, temperature=hp.temperature, stop_token="eos",
         kl_coef=algo.kl_coef, cliprange=algo.cliprange, cliprange_value=algo.cliprange_value, vf_coef=algo.vf_coef,
@@ -89,5 +92,6 @@ def train_ppo_policy(cfg, sft_dir: Path, run_dir: Path, report_to: list[str]) ->
     )
     trainer.train(resume_from=resume)
 
-    policy = trainer.accelerator.unwrap_model(trainer.model).policy
-    return write_final_policy(run_dir, policy.save_pretrained, tokenizer, trainer.state, resume)
+    policy = trainer.accelerator.unwrap_model(trainer.model).policy  # whole on every rank under ZeRO-2
+    save = policy.save_pretrained if trainer.accelerator.is_main_process else (lambda folder: None)
+    return write_final_policy(run_dir, save, tokenizer, trainer.state, resume)

@@ -9,6 +9,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from trl import SFTConfig, SFTTrainer
 
+from .. import distributed
 from ..cache import cached
 from ..data.synthetic import DictionaryTask
 from ..models import build_tiny_model, build_word_tokenizer, load_model, load_tokenizer, resolve_model_source
@@ -52,15 +53,17 @@ def train_sft(cfg, out_dir: Path) -> None:
     model, tokenizer = base_model_and_tokenizer(cfg)
     dataset = demonstrations(cfg, tokenizer)
     args = SFTConfig(
-        **trainer_kwargs(cfg.model.sft, output_dir=str(out_dir / "trainer"), seed=cfg.seed, dtype=cfg.model.dtype,
-                         report_to=[]),
+        **trainer_kwargs(cfg.model.sft, cfg, output_dir=str(out_dir / "trainer"), report_to=[]),
         max_length=cfg.model.max_length,
         packing=False,
         dataset_num_proc=None,
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
     result = trainer.train()
-    trainer.save_model(str(out_dir))
+    trainer.save_model(str(out_dir))  # every rank: under ZeRO-3 the weights are gathered to rank 0 to be saved
+    distributed.end_of_training()
+    if not distributed.is_main():
+        return
     tokenizer.save_pretrained(str(out_dir))
     shutil.rmtree(out_dir / "trainer", ignore_errors=True)  # the Trainer's scratch folder (no checkpoints)
     metrics = {"train_loss": result.training_loss, "steps": result.global_step, "examples": len(dataset)}
@@ -69,4 +72,4 @@ def train_sft(cfg, out_dir: Path) -> None:
 
 
 def sft_model_dir(cfg) -> Path:
-    return cached(cfg.paths.cache_dir, "sft", sft_key(cfg), lambda out: train_sft(cfg, out))
+    return cached(cfg.paths.cache_dir, "sft", sft_key(cfg), lambda out: train_sft(cfg, out), collective=True)

@@ -11,6 +11,7 @@ from without regenerating, so it ends where an uninterrupted run ends.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import GenerationConfig
+from transformers import GenerationConfig, PretrainedConfig
 from trl.experimental.ppo import PPOTrainer
 from trl.trainer.utils import selective_log_softmax
 
@@ -65,11 +66,44 @@ class Rollout:
 
 
 class _TextReward(torch.nn.Module):
-    """TRL's constructor wants a reward *module*; scoring here is text-level through `RewardFunction`."""
+    """TRL's constructor wants a reward *module*; scoring here is text-level through `RewardFunction`. Under
+    DeepSpeed TRL wraps it in an inference engine, which needs a config and one (unused) parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = PretrainedConfig()
+        self.unused = torch.nn.Parameter(torch.zeros(1), requires_grad=False)
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.cumsum(1) - 1).clamp(min=0)
+
+
+@contextlib.contextmanager
+def deepspeed_for_accelerator(args, max_grad_norm: float | None):
+    """TRL's PPOTrainer builds its own Accelerator, which takes DeepSpeed from the environment (as `accelerate
+    launch --config_file` would set it), not from `args.deepspeed`: hand it the run's config there, with the
+    values a Trainer would have filled in for "auto"."""
+    if not args.deepspeed:
+        yield
+        return
+    config = dict(args.deepspeed)
+    world = args.world_size or 1
+    config.update(train_micro_batch_size_per_gpu=args.per_device_train_batch_size,
+                  gradient_accumulation_steps=args.gradient_accumulation_steps,
+                  train_batch_size=args.per_device_train_batch_size * args.gradient_accumulation_steps * world,
+                  gradient_clipping=max_grad_norm or 0.0,
+                  bf16={"enabled": bool(args.bf16)}, fp16={"enabled": bool(args.fp16)})
+    path = Path(args.output_dir) / "deepspeed_config.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(config, indent=2))
+    saved = {k: os.environ.get(k) for k in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_CONFIG_FILE")}
+    os.environ.update(ACCELERATE_USE_DEEPSPEED="true", ACCELERATE_DEEPSPEED_CONFIG_FILE=str(path))
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
 
 
 class ComponentPPOTrainer(PPOTrainer):
@@ -83,18 +117,21 @@ class ComponentPPOTrainer(PPOTrainer):
         self.top_p, self.max_grad_norm = top_p, max_grad_norm
         self.checkpoint_root = Path(checkpoint_root) if checkpoint_root else None
         self.save_every = save_steps
-        super().__init__(*args, reward_model=_TextReward(), **kwargs)
+        with deepspeed_for_accelerator(kwargs["args"], max_grad_norm):
+            super().__init__(*args, reward_model=_TextReward(), **kwargs)
         self.sampler = torch.Generator().manual_seed(self.args.seed)  # PPO minibatch shuffles, saved with checkpoints
 
     # ========================================================================================= data order
     def batch_for(self, update: int) -> dict:
-        """The prompts of update `update` (1-based): epoch-wise permutations seeded by (seed, epoch), so a resumed
-        run finds its place without replaying the data loader."""
-        n, b = len(self.train_dataset), self.args.local_batch_size
-        per_epoch = n // b
+        """This process's prompts of update `update` (1-based): epoch-wise permutations seeded by (seed, epoch), so a
+        resumed run finds its place without replaying the data loader; process r takes the r-th slice of the
+        update's global batch."""
+        n, b, total = len(self.train_dataset), self.args.local_batch_size, self.args.batch_size
+        per_epoch = n // total
         epoch, index = divmod(update - 1, per_epoch)
         order = torch.randperm(n, generator=torch.Generator().manual_seed(self.args.seed + epoch))
-        rows = [self.train_dataset[int(i)] for i in order[index * b:(index + 1) * b]]
+        start = index * total + self.accelerator.process_index * b
+        rows = [self.train_dataset[int(i)] for i in order[start:start + b]]
         return self.data_collator([{"input_ids": r["input_ids"]} for r in rows])
 
     # ========================================================================================= 1. rollout
@@ -304,22 +341,42 @@ class ComponentPPOTrainer(PPOTrainer):
 
         return set(step_dirs(self.checkpoint_root)) if self.checkpoint_root else set()
 
+    def _rank_file(self, name: str) -> str:
+        """Per-process files of a checkpoint: rank 0 keeps the plain name (the G analysis reads its rollout)."""
+        rank = self.accelerator.process_index
+        stem, dot, ext = name.partition(".")
+        return name if rank == 0 else f"{stem}-rank{rank}{dot}{ext}"
+
     def save_step(self, step: int, rollout: Rollout) -> None:
-        """Write checkpoints/step-N atomically: policy, value model, rollout D_N, optimizer, scheduler, RNG."""
-        if self.checkpoint_root is None or not self.accelerator.is_main_process:
+        """Write checkpoints/step-N atomically: policy, value model, rollout D_N, optimizer, scheduler, RNG.
+        Every process writes its rollout share and RNG (and, under DeepSpeed, its optimizer partition)."""
+        if self.checkpoint_root is None:
             return
+        main, sync = self.accelerator.is_main_process, self.accelerator.wait_for_everyone
         target = self.checkpoint_root / f"step-{step}"
         tmp = target.with_name(target.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        sync()
+        if self.is_deepspeed_enabled:
+            self.model.save_checkpoint(str(tmp / "deepspeed"))  # collective: each rank its ZeRO partition
+        rollout.save(tmp / self._rank_file("rollout.pt"))
+        torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+                    "sampler": self.sampler.get_state()}, tmp / self._rank_file("rng_state.pth"))
+        sync()
+        if main:
+            self._save_main(tmp, target, step, rollout)
+        sync()
+
+    def _save_main(self, tmp: Path, target: Path, step: int, rollout: Rollout) -> None:
         wrapper = self.accelerator.unwrap_model(self.model)
         wrapper.policy.save_pretrained(tmp)
         self.processing_class.save_pretrained(tmp)
         wrapper.value_model.save_pretrained(tmp / "value")
-        rollout.save(tmp / "rollout.pt")
-        torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+        if not self.is_deepspeed_enabled:
+            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(self.lr_scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-                    "sampler": self.sampler.get_state()}, tmp / "rng_state.pth")
         self.state.save_to_json(str(tmp / "trainer_state.json"))
         losses = [h["loss"] for h in self.state.log_history if "loss" in h]
         record = {"step": step, "loss": losses[-1] if losses else None, "epoch": self.state.epoch,
@@ -329,14 +386,19 @@ class ComponentPPOTrainer(PPOTrainer):
         os.replace(tmp, target)
 
     def restore(self, folder: Path) -> tuple[int, Rollout]:
-        """Load step-N: weights (through from_pretrained's name mapping, strictly), optimizer, scheduler, RNG."""
-        wrapper = self.accelerator.unwrap_model(self.model)
-        for module, path in ((wrapper.policy, folder), (wrapper.value_model, folder / "value")):
-            loaded = type(module).from_pretrained(path, dtype=next(module.parameters()).dtype)
-            module.load_state_dict(loaded.state_dict(), strict=True)
-        self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=False))
+        """Load step-N: weights (through from_pretrained's name mapping, strictly), optimizer, scheduler, RNG.
+        Under DeepSpeed the engine's own checkpoint restores weights and optimizer partitions together."""
+        if self.is_deepspeed_enabled:
+            self.model.load_checkpoint(str(folder / "deepspeed"), load_module_strict=True, load_optimizer_states=True,
+                                       load_lr_scheduler_states=False)
+        else:
+            wrapper = self.accelerator.unwrap_model(self.model)
+            for module, path in ((wrapper.policy, folder), (wrapper.value_model, folder / "value")):
+                loaded = type(module).from_pretrained(path, dtype=next(module.parameters()).dtype)
+                module.load_state_dict(loaded.state_dict(), strict=True)
+            self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=False))
         self.lr_scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=False))
-        rng = torch.load(folder / "rng_state.pth", weights_only=False)
+        rng = torch.load(folder / self._rank_file("rng_state.pth"), weights_only=False)
         torch.set_rng_state(rng["torch"])
         np.random.set_state(rng["numpy"])
         random.setstate(rng["python"])
@@ -345,4 +407,4 @@ class ComponentPPOTrainer(PPOTrainer):
         self.state.log_history = state.get("log_history", [])
         step = int(json.loads((folder / "record.json").read_text())["step"])
         log.info("resumed PPO at step %d from %s", step, folder)
-        return step, Rollout.load(folder / "rollout.pt", self.accelerator.device)
+        return step, Rollout.load(folder / self._rank_file("rollout.pt"), self.accelerator.device)
