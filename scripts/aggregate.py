@@ -1,9 +1,14 @@
-"""Aggregate a sweep's runs into Table 1 (CSV, Markdown, PNG) and the Fig. 4 win-rate panels.
+"""Aggregate a sweep's runs into Table 1 (CSV, Markdown, PNG), the Fig. 4 win-rate panels, and the paper's figures.
 
-    python scripts/aggregate.py outputs/seeds                 # every run under it (runs/ and multirun/)
+    python scripts/aggregate.py outputs/paper                 # every run under it (runs/ and multirun/)
+    python scripts/aggregate.py outputs/paper_fast --figures fig1,fig12   # only these paper figures
     python scripts/aggregate.py outputs/seeds --out tables/
+    python scripts/aggregate.py --list                        # the paper figures it knows
 
-Reads only each run's summary.json and win_rate.csv.
+Reads only each run's summary.json, win_rate.csv, alignment tables and log history. Writes into <root>/aggregate:
+table1.*, curves.csv, fig4_<model>_<judge>.png (aggregate.py) and, for every paper figure the runs can feed,
+<fig>_<model>.png + .csv (G figures) or <fig>_<model>_<judge>.png + .csv (win-rate figures), see
+po_experiments/reporting/paper_figures.py. The presets in conf/experiment/ produce the runs of each figure.
 """
 from __future__ import annotations
 
@@ -14,16 +19,30 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from po_experiments.reporting.aggregate import aggregate  # noqa: E402
+from po_experiments.reporting.paper_figures import FIGURES, describe_figures, draw_paper_figures  # noqa: E402
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("root", type=Path, help="a folder holding run dirs, e.g. outputs/<name>")
+    parser.add_argument("root", type=Path, nargs="?", help="a folder holding run dirs, e.g. outputs/<name>")
     parser.add_argument("--out", type=Path, help="where to write (default: <root>/aggregate)")
+    parser.add_argument("--figures", help="comma-separated paper figures to draw (default: all the runs can feed)")
+    parser.add_argument("--list", action="store_true", help="list the paper figures and exit")
     args = parser.parse_args(argv)
+    if args.list:
+        print(describe_figures())
+        return 0
+    if args.root is None:
+        parser.error("root is required")
+    only = args.figures.split(",") if args.figures else None
+    unknown = sorted(set(only or ()) - set(FIGURES) - {"table1"})
+    if unknown:
+        parser.error(f"unknown figure(s) {', '.join(unknown)}; known: table1, {', '.join(FIGURES)}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    written = aggregate(args.root, args.out or args.root / "aggregate")
+    out = args.out or args.root / "aggregate"
+    written = aggregate(args.root, out)
     print(written["table1.md"].read_text())
+    written.update(draw_paper_figures(args.root, out, only))
     for path in written.values():
         print(f"wrote {path}")
     return 0

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+from omegaconf import OmegaConf
 
 from .figures import panels_figure, table_figure
 from .methods import LABELS, PANELS
@@ -42,6 +43,22 @@ def find_runs(root: Path) -> list[Run]:
         table = path.parent / "win_rate.csv"
         runs.append(Run(path.parent, summary, pd.read_csv(table) if table.exists() else pd.DataFrame()))
     return runs
+
+
+def training_runs(runs: list[Run]) -> list[Run]:
+    """The runs that count for win rates: a run whose config only analyses against another D'
+    (analysis.dprime=train, Fig. 7) trains exactly what its heldout twin trains, so its win rates are left out."""
+    kept = [r for r in runs if _dprime(r.dir) == "heldout"]
+    if len(kept) < len(runs):
+        log.info("%d run(s) with analysis.dprime other than heldout: not counted in win rates", len(runs) - len(kept))
+    return kept
+
+
+def _dprime(run_dir: Path) -> str:
+    path = run_dir / ".hydra" / "config.yaml"
+    if not path.exists():
+        return "heldout"
+    return str(OmegaConf.select(OmegaConf.load(path), "analysis.dprime", default="heldout"))
 
 
 def _order(frame: pd.DataFrame) -> pd.DataFrame:
@@ -134,7 +151,7 @@ def panels(curve: pd.DataFrame, judge: str, model: str) -> list[tuple[str, dict]
 def aggregate(root: Path, out: Path) -> dict[str, Path]:
     runs = find_runs(root)
     log.info("%d finished runs under %s", len(runs), root)
-    rates = checkpoint_rates(runs)
+    rates = checkpoint_rates(training_runs(runs))
     table, curve = table1(final_rates(rates)), curves(rates)
     out.mkdir(parents=True, exist_ok=True)
     written = {"table1.csv": out / "table1.csv", "table1.md": out / "table1.md", "curves.csv": out / "curves.csv"}
