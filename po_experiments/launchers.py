@@ -121,7 +121,7 @@ class _WatchingLauncher:
         while pending:
             # job states from sacct: every 5 s at first, backing off to STATE_REFRESH_S (one call for all jobs)
             interval = min(STATE_REFRESH_S, max(5.0, (time.time() - submitted) / 4))
-            if time.time() - last_refresh > interval and hasattr(jobs[0], "watcher"):
+            if self._EXECUTOR == "slurm" and time.time() - last_refresh > interval:  # local jobs have no sacct
                 jobs[0].watcher.update()
                 last_refresh = time.time()
             for i in sorted(pending):

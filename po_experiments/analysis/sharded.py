@@ -13,7 +13,6 @@ nothing. g' = E_D'[-grad log pi] is accumulated the same way, partition by parti
 """
 from __future__ import annotations
 
-import logging
 import math
 from pathlib import Path
 
@@ -23,9 +22,6 @@ import torch.distributed as dist
 from .. import distributed
 from ..models import DTYPES
 from .gradients import DPO_COMPONENTS, MinibatchAlignment, dpo_coefficients, layer_group
-
-log = logging.getLogger(__name__)
-
 
 def uses_sharded_analysis(cfg) -> bool:
     """G is computed from ZeRO-3 shards when the run trains under ZeRO-3 (DPO family)."""
