@@ -48,6 +48,22 @@ class TinyArch:
 
 
 @dataclass
+class ModelShape:
+    """A real model's architecture as its config.json states it: the planner sizes memory and time from it without
+    downloading anything (a local `model.path` folder's own config.json takes precedence)."""
+
+    hidden_size: int = MISSING
+    num_hidden_layers: int = MISSING
+    num_attention_heads: int = MISSING
+    num_key_value_heads: Optional[int] = None  # None = num_attention_heads (no grouped-query attention)
+    head_dim: Optional[int] = None  # None = hidden_size / num_attention_heads
+    intermediate_size: int = MISSING
+    vocab_size: int = MISSING
+    tie_word_embeddings: bool = False
+    gated_mlp: bool = False  # SwiGLU (Llama, Qwen) vs a plain GELU MLP (GPTNeoX)
+
+
+@dataclass
 class StageHparams:
     """Hyper-parameters of one training stage that depend on the model (paper App. C.1)."""
 
@@ -97,7 +113,9 @@ class ModelConfig:
     name: str = MISSING
     path: Optional[str] = None  # hub id or local directory; None builds the tiny model from `arch`
     arch: Optional[TinyArch] = None
-    dtype: str = "float32"  # float32 | bfloat16 | float16
+    dtype: str = "float32"  # compute precision: float32 | bfloat16 | float16 (autocast over float32 master weights)
+    pure_low_precision: bool = False  # weights and optimizer states in `dtype` too (no fp32 master copy: warned)
+    shape: Optional[ModelShape] = None  # the real model's architecture, for the dry-run plan (offline)
     trust_remote_code: bool = False
     max_length: int = 64  # tokens of prompt + response in training
     sft: StageHparams = field(default_factory=StageHparams)
@@ -179,6 +197,7 @@ class RewardConfig:
     trust_remote_code: bool = False
     batch_size: int = 32  # scoring batch
     dtype: str = "float32"
+    shape: Optional[ModelShape] = None  # kind=classifier: its architecture, for the dry-run plan
     train: RewardHparams = field(default_factory=RewardHparams)
 
 
@@ -232,6 +251,7 @@ class SourceConfig:
     data_dir: Optional[str] = None  # hub sub-folder, e.g. HH-RLHF's "helpful-base"
     path: Optional[str] = None  # .json / .jsonl / .jsonl.gz / .parquet file, or a folder of them
     max_rows: Optional[int] = None
+    rows: Optional[int] = None  # the data set's known size (rows of `split`): the dry-run plan's step counts
 
 
 @dataclass
@@ -330,6 +350,21 @@ class DeepSpeedConfig:
 
 
 @dataclass
+class PlanConfig:
+    """The hardware a run is planned for (`dry_run=true` prints the plan; every run checks it fits). null = from
+    the SLURM launcher config when one is chosen (hydra/launcher=slurm), else this machine."""
+
+    gpus: Optional[int] = None  # processes of the job (GPUs in all; 0 = CPU only)
+    gpu_memory_gb: Optional[float] = None  # memory of one GPU
+    host_memory_gb: Optional[float] = None  # host memory of one node
+    gpus_per_node: Optional[int] = None
+    gpu_tflops: float = 312.0  # dense bf16 peak of one GPU (A100: 312, H100 SXM: 989): for time estimates only
+    mfu: float = 0.35  # the share of that peak a training step reaches (time estimates only)
+    headroom: float = 0.9  # plan to this share of each GPU's memory (allocator fragmentation, CUDA context)
+    check: bool = True  # stop at validation when the plan does not fit (false: warn and run)
+
+
+@dataclass
 class PathsConfig:
     output_dir: str = MISSING
     cache_dir: str = MISSING
@@ -348,9 +383,11 @@ class Config:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
     deepspeed: DeepSpeedConfig = MISSING
+    plan: PlanConfig = field(default_factory=PlanConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     name: str = "default"
     seed: int = 0
+    dry_run: bool = False  # print and write the plan (plan.json), load nothing, exit 0 (fits) or 2 (does not)
 
 
 def register_configs() -> None:

@@ -7,6 +7,8 @@ import torch
 from accelerate import PartialState
 from tqdm.auto import tqdm
 
+from ..models import autocast_dtype, tf32_available
+
 log = logging.getLogger(__name__)
 
 
@@ -32,7 +34,7 @@ def trainer_kwargs(hp, cfg, *, output_dir: str, report_to: list[str]) -> dict:
     """Keyword arguments shared by SFTConfig, DPOConfig, RewardConfig and PPOConfig (all TrainingArguments), from
     the stage's hyper-parameters `hp` and the run's config (seed, precision, DeepSpeed)."""
     per_device, accumulation = batch_split(hp.batch_size, hp.per_device_batch_size)
-    seed, dtype = cfg.seed, cfg.model.dtype
+    seed, mixed = cfg.seed, autocast_dtype(cfg.model)
     return dict(
         output_dir=output_dir,
         per_device_train_batch_size=per_device,
@@ -49,8 +51,9 @@ def trainer_kwargs(hp, cfg, *, output_dir: str, report_to: list[str]) -> dict:
         save_steps=hp.save_steps if hp.save_steps > 0 else 500,
         seed=seed,
         data_seed=seed,
-        bf16=dtype == "bfloat16" and torch.cuda.is_available(),
-        fp16=dtype == "float16" and torch.cuda.is_available(),
+        bf16=mixed == "bfloat16",  # autocast over float32 master weights (models.training_dtype), CPU too
+        fp16=mixed == "float16",
+        tf32=True if tf32_available() else None,
         report_to=report_to,
         dataloader_num_workers=0,
         disable_tqdm=False,

@@ -19,7 +19,7 @@ from trl import DPOConfig
 from .. import distributed
 from ..checkpoints import STEP_DIR, StepCheckpoints, debug_callbacks, last_checkpoint
 from ..errors import ConfigError
-from ..models import DTYPES
+from ..models import training_dtype
 from ..trainers.dpo import ComponentDPOTrainer
 from .common import trainer_kwargs
 
@@ -97,7 +97,7 @@ def train_policy(cfg, sft_dir: Path, train_data, run_dir: Path, report_to: list[
     if resume is not None:
         log.info("resuming from %s", resume)
 
-    model = AutoModelForCausalLM.from_pretrained(sft_dir, dtype=DTYPES[cfg.model.dtype])
+    model = AutoModelForCausalLM.from_pretrained(sft_dir, dtype=training_dtype(cfg.model))
     tokenizer = AutoTokenizer.from_pretrained(sft_dir)
     args = DPOConfig(
         **trainer_kwargs(cfg.model.dpo, cfg, output_dir=str(checkpoint_root), report_to=report_to),
