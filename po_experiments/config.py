@@ -60,7 +60,8 @@ class ModelShape:
     intermediate_size: int = MISSING
     vocab_size: int = MISSING
     tie_word_embeddings: bool = False
-    gated_mlp: bool = False  # SwiGLU (Llama, Qwen) vs a plain GELU MLP (GPTNeoX)
+    gated_mlp: bool = False  # SwiGLU + RMSNorm (Llama, Qwen) vs GELU + LayerNorm (GPTNeoX)
+    qk_norm: bool = False  # Qwen3's per-head query/key norms
 
 
 @dataclass

@@ -74,6 +74,13 @@ def end_of_training() -> None:
     unset_hf_deepspeed_config()
 
 
+def job_world() -> int:
+    """The job's processes, known from the launcher's variables before the process group exists."""
+    if _initialised():
+        return world()
+    return int(os.environ.get("WORLD_SIZE") or env_from_slurm().get("WORLD_SIZE") or 1)
+
+
 def world() -> int:
     import torch.distributed as dist
 

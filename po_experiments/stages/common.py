@@ -30,10 +30,13 @@ def deepspeed_config(cfg) -> dict | None:
     return OmegaConf.to_container(cfg.deepspeed.config, resolve=True) if cfg.deepspeed.config is not None else None
 
 
-def trainer_kwargs(hp, cfg, *, output_dir: str, report_to: list[str]) -> dict:
+def trainer_kwargs(hp, cfg, *, stage: str, output_dir: str, report_to: list[str]) -> dict:
     """Keyword arguments shared by SFTConfig, DPOConfig, RewardConfig and PPOConfig (all TrainingArguments), from
-    the stage's hyper-parameters `hp` and the run's config (seed, precision, DeepSpeed)."""
-    per_device, accumulation = batch_split(hp.batch_size, hp.per_device_batch_size)
+    the stage's hyper-parameters `hp` (`cfg.model.<stage>`) and the run's config (seed, precision, DeepSpeed). The
+    per-device micro-batch is `hp.per_device_batch_size`, or else the plan's (the largest that fits the device)."""
+    from .. import plan
+
+    per_device, accumulation = batch_split(hp.batch_size, hp.per_device_batch_size or plan.micro_batch(cfg, stage))
     seed, mixed = cfg.seed, autocast_dtype(cfg.model)
     return dict(
         output_dir=output_dir,

@@ -100,7 +100,7 @@ def train_policy(cfg, sft_dir: Path, train_data, run_dir: Path, report_to: list[
     model = AutoModelForCausalLM.from_pretrained(sft_dir, dtype=training_dtype(cfg.model))
     tokenizer = AutoTokenizer.from_pretrained(sft_dir)
     args = DPOConfig(
-        **trainer_kwargs(cfg.model.dpo, cfg, output_dir=str(checkpoint_root), report_to=report_to),
+        **trainer_kwargs(cfg.model.dpo, cfg, stage="dpo", output_dir=str(checkpoint_root), report_to=report_to),
         beta=cfg.algo.beta,
         max_length=cfg.model.max_length,
         precompute_ref_log_probs=cfg.runtime.precompute_ref,

@@ -57,7 +57,7 @@ def value_model(cfg, sft_dir: Path):
 
 def ppo_config(cfg, checkpoint_root: Path, report_to: list[str]) -> PPOConfig:
     hp, algo = cfg.model.ppo, cfg.algo
-    kwargs = trainer_kwargs(hp, cfg, output_dir=str(checkpoint_root), report_to=report_to)
+    kwargs = trainer_kwargs(hp, cfg, stage="ppo", output_dir=str(checkpoint_root), report_to=report_to)
     kwargs["save_strategy"] = "no"  # ComponentPPOTrainer writes its own checkpoints (with the rollout)
     kwargs["world_size"] = distributed.world()  # PPOConfig's field shadows TrainingArguments' (DeepSpeed reads it)
     if hp.max_steps > 0:  # TRL's PPO counts episodes (prompts), not updates

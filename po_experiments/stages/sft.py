@@ -53,7 +53,7 @@ def train_sft(cfg, out_dir: Path) -> None:
     model, tokenizer = base_model_and_tokenizer(cfg)
     dataset = demonstrations(cfg, tokenizer)
     args = SFTConfig(
-        **trainer_kwargs(cfg.model.sft, cfg, output_dir=str(out_dir / "trainer"), report_to=[]),
+        **trainer_kwargs(cfg.model.sft, cfg, stage="sft", output_dir=str(out_dir / "trainer"), report_to=[]),
         max_length=cfg.model.max_length,
         packing=False,
         dataset_num_proc=None,
