@@ -26,6 +26,8 @@ SIZES = {  # GPTNeoX (Pythia) shapes: hidden, layers, heads, intermediate, vocab
                         vocab_size=50304),
     "pythia-410m": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
                         vocab_size=50304),
+    "pythia-2.8b": dict(hidden_size=2560, num_hidden_layers=32, num_attention_heads=32, intermediate_size=10240,
+                        vocab_size=50304),  # for the GPU check (scripts/gpu_check.sh)
 }
 
 
@@ -40,8 +42,10 @@ def current_rss_bytes() -> int:
     return peak_rss_bytes()
 
 
-def measure(size: str, tokens: int, batch: int, steps: int) -> dict:
-    """One size in this process: the peak above the baseline taken after imports (call in a fresh process)."""
+def measure(size: str, tokens: int, batch: int, steps: int, device: str = "cpu", dtype: str = "float32") -> dict:
+    """One size in this process: the peak above the baseline taken after imports (call in a fresh process). On
+    CUDA the peak is torch.cuda.max_memory_allocated; `dtype=bfloat16` trains as the stages do (float32 master
+    weights and AdamW states, bf16 autocast)."""
     import torch
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
@@ -55,22 +59,29 @@ def measure(size: str, tokens: int, batch: int, steps: int) -> dict:
     config = GPTNeoXConfig(**shape, max_position_embeddings=max(2048, tokens), tie_word_embeddings=False,
                            attn_implementation="sdpa")
     torch.manual_seed(0)
-    model = GPTNeoXForCausalLM(config).train()
+    model = GPTNeoXForCausalLM(config).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    ids = torch.randint(0, shape["vocab_size"], (batch, tokens))
+    ids = torch.randint(0, shape["vocab_size"], (batch, tokens), device=device)
+    mixed = dtype != "float32"
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
     for _ in range(steps):
-        loss = model(input_ids=ids, labels=ids).loss
+        with torch.autocast(device, dtype=getattr(torch, dtype), enabled=mixed):
+            loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+    if device == "cuda":
+        torch.cuda.synchronize()
     seconds = (time.perf_counter() - started) / steps
-    measured = peak_rss_bytes() - baseline
+    measured = torch.cuda.max_memory_allocated() if device == "cuda" else peak_rss_bytes() - baseline
     plan_shape = Shape(**shape)
-    fp32 = Precision(4, 4, False)
-    estimate = training_state_bytes(plan_shape.n_params, fp32, 0, 1) + activation_bytes(plan_shape, fp32,
+    prec = Precision(4, 2 if mixed else 4, mixed)
+    estimate = training_state_bytes(plan_shape.n_params, prec, 0, 1) + activation_bytes(plan_shape, prec,
                                                                                         batch * tokens, False)
-    return {"size": size, "params": sum(p.numel() for p in model.parameters()), "plan_params": plan_shape.n_params,
+    return {"size": size, "device": device, "dtype": dtype, "params": sum(p.numel() for p in model.parameters()), "plan_params": plan_shape.n_params,
             "tokens": tokens, "batch": batch, "measured_gb": measured / 2**30, "plan_gb": estimate / 2**30,
             "error": estimate / measured - 1, "step_s": seconds}
 
@@ -81,18 +92,22 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="bfloat16: autocast over float32 master weights, as the training stages")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # the per-size child process
     args = parser.parse_args(argv)
     if args.one:
-        print(json.dumps(measure(args.sizes[0], args.tokens, args.batch, args.steps)))
+        print(json.dumps(measure(args.sizes[0], args.tokens, args.batch, args.steps, args.device, args.dtype)))
         return []
     results = []
     for size in args.sizes:
         # the tiny model at its own run's shape (conf/model/tiny.yaml: 64 sequences of up to 32 tokens)
         tokens, batch = (min(args.tokens, 32), 64) if size == "tiny" else (args.tokens, args.batch)
         out = subprocess.run([sys.executable, __file__, "--one", "--sizes", size, "--tokens", str(tokens),
-                              "--batch", str(batch), "--steps", str(args.steps)],
+                              "--batch", str(batch), "--steps", str(args.steps),
+                              "--device", args.device, "--dtype", args.dtype],
                              capture_output=True, text=True, check=True)
         results.append(json.loads(out.stdout.strip().splitlines()[-1]))
         r = results[-1]

@@ -68,8 +68,9 @@ def trainer_kwargs(hp, cfg, *, stage: str, output_dir: str, report_to: list[str]
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch_size: int,
-             temperature: float = 0.0, seed: int = 0, desc: str = "generating") -> list[str]:
-    """Completions for text prompts, in order: greedy when temperature == 0, else ancestral sampling."""
+             temperature: float = 0.0, seed: int = 0, desc: str = "generating", min_new_tokens: int = 0) -> list[str]:
+    """Completions for text prompts, in order: greedy when temperature == 0, else ancestral sampling
+    (`min_new_tokens`: benchmarks force full-length outputs)."""
     model.eval()
     tokenizer.padding_side = "left"
     sampling = temperature > 0
@@ -81,6 +82,8 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch
         batch = prompts[start:start + batch_size]
         enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         extra = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if sampling else dict(do_sample=False)
+        if min_new_tokens:
+            extra["min_new_tokens"] = min_new_tokens
         out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                              eos_token_id=tokenizer.eos_token_id, **extra)
         outputs += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
