@@ -252,7 +252,8 @@ def test_llama3_classifier_padding_with_eot_is_fixed_or_refused(tmp_path, task):
     assert rm.tokenizer.convert_ids_to_tokens(rm.model.config.pad_token_id) == "<|finetune_right_pad_id|>"
     ids = rm.encode(["x"], ["t3 t1"], [TURNS[0]])[0]
     assert ids[-1] == rm.tokenizer.convert_tokens_to_ids("<|eot_id|>")
-    full = rm.model(input_ids=torch.tensor([ids])).logits[0, 0]  # no padding: read at the final eot
+    with torch.no_grad():  # the score head on the final <|eot_id|>'s hidden state, whatever the pad id
+        full = rm.model.score(rm.model.model(input_ids=torch.tensor([ids])).last_hidden_state[0, -1])[0]
     torch.testing.assert_close(rm.score(["x", "x"], ["t3 t1", "t1 t2 t3 t4 t5"], [TURNS[0]] * 2)[0], full,
                                rtol=0, atol=1e-5)
     with pytest.raises(ModelUnavailableError, match=r"pad id \d+ is EOS/<\|eot_id\|>.*pad_token_id"):
