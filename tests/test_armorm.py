@@ -271,10 +271,12 @@ def test_reward_model_judge_loads_armorm_natively(tmp_path, armorm_dir):
         "path": str(armorm_dir), "trust_remote_code": False, "dtype": "float32", "batch_size": 2}}})
     judge = RewardModelJudge(cfg, tmp_path)
     assert isinstance(judge.reward.model, ArmoRMForScoring)
-    pairs = [{"instruction": t[0]["content"], "prompt": "templated by the policy", "output_1": r, "output_2": "t0"}
-             for t, r in zip(TURNS, RESPONSES)]
+    instructions = ["s3 s1", "s1 s2 s3 s4 s5", "s9"]
+    pairs = [{"instruction": i, "prompt": "templated by the policy", "output_1": r, "output_2": "t0"}
+             for i, r in zip(instructions, RESPONSES)]
     verdicts = judge.judge(pairs)
-    direct = ClassifierReward(armorm_dir).score(["x"] * 3, RESPONSES, TURNS)
+    direct = ClassifierReward(armorm_dir).score(["x"] * 3, RESPONSES, [[{"role": "user", "content": i}]
+                                                                      for i in instructions])
     assert [v["reward_1"] for v in verdicts] == pytest.approx(direct.tolist(), abs=1e-5)
     assert judge.name == "reward_model-ArmoRM-tiny"
 
