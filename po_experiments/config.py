@@ -275,7 +275,7 @@ class PaperDataConfig:
 @dataclass
 class RewardModelJudgeConfig:
     path: Optional[str] = None  # hub id or folder of an AutoModelForSequenceClassification reward model
-    trust_remote_code: bool = False  # ArmoRM ships its own modeling code
+    trust_remote_code: bool = False  # only for RMs this project cannot build (ArmoRM is built natively)
     dtype: str = "float32"
     batch_size: int = 16
 

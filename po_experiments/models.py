@@ -114,11 +114,38 @@ def load_model(source: str, cfg) -> torch.nn.Module:
                                                 trust_remote_code=cfg.trust_remote_code)
 
 
+GPU_WEIGHT_SHARE = 0.8  # weights may fill this share of one GPU's free memory; the rest is for generation's cache
+
+
+def weight_bytes(model_dir, dtype: torch.dtype) -> int:
+    """Bytes of a causal LM's weights in `dtype`, counted on the meta device from its config (nothing loaded)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    return sum(p.numel() for p in model.parameters()) * torch.tensor([], dtype=dtype).element_size()
+
+
 def load_for_inference(model_dir, dtype: str = "float32"):
-    """A saved model and its tokenizer on the fastest device here, in eval mode (generation, sampling)."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = DTYPES[dtype] if device == "cuda" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    """A saved model and its tokenizer on the fastest device here, in eval mode (generation, sampling).
+
+    On CUDA a model whose weights fit one GPU loads straight onto the current one; a larger one (a 70B local
+    judge) is spread over every visible GPU (and host memory beyond them) with `device_map="auto"`, never moved
+    whole onto one device. On CPU: float32, as before."""
+    if not torch.cuda.is_available():
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to("cpu").eval()
+        return model, AutoTokenizer.from_pretrained(model_dir)
+    dtype = DTYPES[dtype]
+    device = torch.cuda.current_device()
+    needed, free = weight_bytes(model_dir, dtype), torch.cuda.mem_get_info(device)[0]
+    if needed <= GPU_WEIGHT_SHARE * free:
+        device_map = {"": device}
+    else:
+        log.info("%s: %.1f GB of weights exceed %.0f %% of one GPU's free %.1f GB: device_map=auto over %d GPU(s)",
+                 model_dir, needed / 1e9, 100 * GPU_WEIGHT_SHARE, free / 1e9, torch.cuda.device_count())
+        device_map = "auto"
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, device_map=device_map).eval()
     return model, AutoTokenizer.from_pretrained(model_dir)
 
 

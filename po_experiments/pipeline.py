@@ -19,6 +19,7 @@ from .models import resolve_model_source, set_threads
 from .evaluation import judges
 from .evaluation.stage import evaluate, judged, write_json_atomic
 from .reporting.methods import describe
+from .rewards import preflight_reward
 from .stages.pairs import preference_data
 from .stages.policy import train_policy
 from .stages.sft import sft_model_dir
@@ -30,10 +31,7 @@ def preflight(cfg) -> None:
     """Checks that must fail in seconds rather than after an hour of SFT."""
     if cfg.model.path is not None:
         resolve_model_source(cfg.model)
-    if cfg.algo.family == "ppo" and cfg.reward.kind == "classifier":
-        from .rewards import resolve_reward_source
-
-        resolve_reward_source(cfg.reward.path)
+    preflight_reward(cfg)
     judges.preflight(cfg)
 
 

@@ -4,6 +4,8 @@ Three sources behind one interface (`RewardFunction`):
 - `GoldReward`: the embedded task's exact reward (what the win rate measures);
 - `ClassifierReward`: a sequence-classification reward model: one trained here on the synthetic pairs with TRL's
   RewardTrainer (`reward.kind=learned`), or a hub id / local copy such as ArmoRM or Skywork (`kind=classifier`).
+  ArmoRM is built natively (`reward_models.armorm`, chosen by its config's architecture name), never from its
+  remote code; `preflight_reward` checks from config.json alone, before SFT, that the reward model can be built.
 Scoring works on decoded text because the policy's tokenizer and the reward model's may differ (Pythia policy,
 Llama-3 reward model). `build_reward(cfg, sft_dir)` picks one from `cfg.reward`.
 """
@@ -24,10 +26,12 @@ from trl.trainer.reward_trainer import suppress_seqcls_warning
 
 from . import distributed
 from .cache import cached
-from .data.synthetic import DictionaryTask
+from .data.synthetic import ASSISTANT, USER, DictionaryTask
 from .errors import ConfigError, ModelUnavailableError
 from .hub import resolve_pretrained
 from .models import DTYPES
+from .reward_models.architecture import check_reward_model
+from .reward_models.armorm import ArmoRMForScoring, load_armorm
 from .stages.common import batch_split
 from .stages.pairs import PAIR_KEYS, preference_data
 from .stages.sft import sft_key
@@ -110,8 +114,67 @@ def align_pad_token(model, tokenizer) -> None:
     model.config.pad_token_id = tokenizer.pad_token_id
 
 
+END_OF_TURN = "<|eot_id|>"  # Llama-3's end of a chat turn: the last token a Llama-3 reward model reads
+
+
+def spare_pad_token(tokenizer, taken: set[int], n_embeddings: int) -> Optional[str]:
+    """A special token no conversation contains, to pad with: a pad-named one first (Llama-3.1's
+    `<|finetune_right_pad_id|>`), else a reserved one (`<|reserved_special_token_N|>`)."""
+    specials = [(i, t.content) for i, t in tokenizer.added_tokens_decoder.items()
+                if t.special and i not in taken and i < n_embeddings]
+    for marker in ("pad", "reserved"):
+        found = sorted(i for i, content in specials if marker in content.lower())
+        if found:
+            return tokenizer.convert_ids_to_tokens(found[0])
+    return None
+
+
+def ensure_pad_is_not_end_of_turn(model, tokenizer, name: str, *, pools_by_pad_id: bool = True) -> None:
+    """Llama-3-style reward models (the tokenizer knows `<|eot_id|>`): the pad id must differ from EOS and
+    `<|eot_id|>`. A sequence classifier reads its score at the last token that is not the pad id, so padding with
+    the token every conversation ends with would read the score one token early (TRL PR 6952). The fix: pad with
+    a spare special token of the tokenizer; without one, a clear error (set pad_token_id in config.json).
+    ArmoRM reads the last attended position instead (`pools_by_pad_id=False`): it only gets the spare pad when
+    there is one."""
+    eot = tokenizer.get_vocab().get(END_OF_TURN)
+    if eot is None:
+        return  # not a Llama-3 chat tokenizer; GPT-style RMs trained with pad = EOS keep what they were trained with
+    ends = {i for i in (eot, tokenizer.eos_token_id) if i is not None}
+    if tokenizer.pad_token_id not in ends:
+        return
+    spare = spare_pad_token(tokenizer, ends | {tokenizer.bos_token_id}, model.get_input_embeddings().num_embeddings)
+    if spare is None:
+        if pools_by_pad_id:
+            raise ModelUnavailableError(
+                f"{name}: its pad id {tokenizer.pad_token_id} is EOS/{END_OF_TURN}, so the score would be read before "
+                f"the final {END_OF_TURN}, and its tokenizer has no spare special token to pad with. Set "
+                "pad_token_id in its config.json to an id no conversation contains")
+        return
+    log.warning("%s: pad id %s is EOS/%s (the score would be read one token early); padding with %s instead",
+                name, tokenizer.pad_token_id, END_OF_TURN, spare)
+    tokenizer.pad_token = spare
+    model.config.pad_token_id = tokenizer.pad_token_id
+
+
+def load_classifier(source: str, dtype: torch.dtype, trust_remote_code: bool, key: str):
+    """A sequence classifier through transformers' Auto class; a missing weight (a reward head that would be drawn
+    at random) is an error naming it."""
+    try:
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            source, dtype=dtype, trust_remote_code=trust_remote_code, output_loading_info=True)
+    except ImportError as err:  # remote code written for another transformers version
+        raise ModelUnavailableError(
+            f"{key}={source}: its custom code does not import with this transformers version ({err}). Use a "
+            "transformers release the model supports, or a local copy with updated code.") from err
+    if info.get("missing_keys"):
+        raise ModelUnavailableError(f"{key}={source}: weights missing from the checkpoint (they would be random): "
+                                    f"{sorted(info['missing_keys'])}")
+    return model
+
+
 class ClassifierReward:
-    """A sequence-classification reward model (AutoModelForSequenceClassification + its tokenizer).
+    """A sequence-classification reward model and its tokenizer: ArmoRM built natively, any other through
+    AutoModelForSequenceClassification (`reward_models.architecture` decides from config.json).
 
     Input format per example: if the RM's tokenizer has a chat template and the user turns of the prompt are known
     (`score(..., messages=...)`, or the constructor's `messages` lookup from prompt text to turns), the RM reads
@@ -121,21 +184,24 @@ class ClassifierReward:
 
     def __init__(self, path_or_id: str | Path, *, trust_remote_code: bool = False, dtype: str = "float32",
                  batch_size: int = 32, device: str | torch.device | None = None,
-                 messages: Optional[MessagesLookup] = None):
+                 messages: Optional[MessagesLookup] = None, key: str = "reward.path"):
         self.name = f"classifier:{path_or_id}"
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.batch_size = batch_size
         self.messages = messages
         self._warned = False
-        self.tokenizer = AutoTokenizer.from_pretrained(str(path_or_id), trust_remote_code=trust_remote_code)
-        try:
-            self.model = AutoModelForSequenceClassification.from_pretrained(
-                str(path_or_id), dtype=DTYPES[dtype], trust_remote_code=trust_remote_code).to(self.device).eval()
-        except ImportError as err:  # remote code written for an older transformers (ArmoRM's modeling file)
-            raise ModelUnavailableError(
-                f"reward model {path_or_id}: its custom code does not import with this transformers version "
-                f"({err}). Use a transformers release the model supports, or a local copy with updated code.") from err
+        source = str(path_or_id)
+        self.builder = check_reward_model(source, key, trust_remote_code)
+        remote = self.builder == "remote"  # ArmoRM's remote code is never run, whatever trust_remote_code says
+        self.tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=remote)
+        if self.builder == "armorm":
+            self.model = load_armorm(source, self.tokenizer, dtype=DTYPES[dtype], key=key)
+        else:
+            self.model = load_classifier(source, DTYPES[dtype], remote, key)
+        self.model = self.model.to(self.device).eval()
         align_pad_token(self.model, self.tokenizer)
+        ensure_pad_is_not_end_of_turn(self.model, self.tokenizer, f"{key}={source}",
+                                      pools_by_pad_id=not isinstance(self.model, ArmoRMForScoring))
 
     # -- formatting ---------------------------------------------------------------------------------------
     def _turns(self, prompt: str) -> Optional[Messages]:
@@ -299,6 +365,19 @@ def _require_synthetic(cfg) -> None:
                           f"{cfg.data.name!r}); use reward=armorm or reward=skywork (kind=classifier)")
 
 
+def synthetic_user_turn(prompt: str) -> Messages:
+    """The synthetic task's prompt `<user> s3 s1 <assistant>` as a user turn (`s3 s1`), so a chat reward model
+    (ArmoRM) reads it through its own template, as it would a real conversation."""
+    return [{"role": "user", "content": " ".join(w for w in prompt.split() if w not in (USER, ASSISTANT))}]
+
+
+def preflight_reward(cfg) -> None:
+    """Fail in seconds, before SFT, when PPO's classifier reward model cannot be built here: not found, an
+    unreadable config.json, an unknown architecture, or remote code that is not allowed (reads no weights)."""
+    if cfg.algo.family == "ppo" and cfg.reward.kind == "classifier":
+        check_reward_model(resolve_reward_source(cfg.reward.path), "reward.path", cfg.reward.trust_remote_code)
+
+
 def build_reward(cfg, sft_dir: Path, *, messages: Optional[MessagesLookup] = None) -> RewardFunction:
     """The reward PPO optimises, from `cfg.reward.kind`: gold | learned | classifier.
 
@@ -315,6 +394,8 @@ def build_reward(cfg, sft_dir: Path, *, messages: Optional[MessagesLookup] = Non
         return ClassifierReward(reward_model_dir(cfg, sft_dir), dtype=rc.dtype, batch_size=rc.batch_size)
     if kind == "classifier":
         source = resolve_reward_source(rc.path)
+        if messages is None and cfg.data.name == "synthetic":
+            messages = synthetic_user_turn
         return ClassifierReward(source, trust_remote_code=rc.trust_remote_code, dtype=rc.dtype,
                                 batch_size=rc.batch_size, messages=messages)
     raise ConfigError(f"reward.kind: unknown kind {kind!r}; choose gold, learned or classifier")

@@ -275,7 +275,7 @@ def test_unknown_kind_and_missing_path_name_their_keys(tmp_path):
 def test_reward_configs_compose(tmp_path):
     armorm = make_cfg(tmp_path, ["reward=armorm"]).reward
     assert (armorm.kind, armorm.path, armorm.trust_remote_code, armorm.dtype) == (
-        "classifier", "RLHFlow/ArmoRM-Llama3-8B-v0.1", True, "bfloat16")
+        "classifier", "RLHFlow/ArmoRM-Llama3-8B-v0.1", False, "bfloat16")  # built natively, never remote code
     skywork = make_cfg(tmp_path, ["reward=skywork"]).reward
     assert (skywork.kind, skywork.path, skywork.trust_remote_code) == (
         "classifier", "Skywork/Skywork-Reward-Llama-3.1-8B", False)

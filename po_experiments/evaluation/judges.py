@@ -63,13 +63,17 @@ class RewardModelJudge:
                                     f"Point eval.reward_model.path at a local folder with config.json, the weights "
                                     f"and the tokenizer files of {Path(str(rm.path)).name}.")
         self.reward = ClassifierReward(source, trust_remote_code=rm.trust_remote_code, dtype=rm.dtype,
-                                       batch_size=rm.batch_size)
+                                       batch_size=rm.batch_size, key="eval.reward_model.path")
         self.chat = cfg.data.name != "synthetic"
         self.name = judge_name(cfg, "reward_model")
 
     def judge(self, pairs: list[dict]) -> list[dict]:
+        from ..rewards import synthetic_user_turn
+
         prompts = [p["prompt"] for p in pairs]
-        messages = [[{"role": "user", "content": p["instruction"]}] for p in pairs] if self.chat else None
+        # the user turn, for RMs with a chat template (ArmoRM, Skywork); RMs without one read prompt + output
+        messages = [[{"role": "user", "content": p["instruction"]}] if self.chat else synthetic_user_turn(p["prompt"])
+                    for p in pairs]
         r1 = self.reward.score(prompts, [p["output_1"] for p in pairs], messages).tolist()
         r2 = self.reward.score(prompts, [p["output_2"] for p in pairs], messages).tolist()
         return [{**p, "reward_1": a, "reward_2": b, "preference": preference_from_scores(a, b), "annotator": self.name}
@@ -137,18 +141,26 @@ def judge_name(cfg, judge: str) -> str:
 
 
 def preflight(cfg) -> None:
-    """Fail in seconds (a missing reward model, judge model or API key), not after training."""
+    """Fail in seconds, not after training: a missing reward model, judge model or API key, or a judge model that
+    cannot be built here (its config.json is read: unknown architecture, remote code not allowed; no weights)."""
+    from ..reward_models.architecture import check_causal_lm, check_reward_model
+
     judge = resolve_judge(cfg)
     if judge == "reward_model":
         from ..hub import resolve_pretrained
 
-        resolve_pretrained(cfg.eval.reward_model.path, "eval.reward_model.path",
-                           "Point eval.reward_model.path at a local folder with the reward model's files.")
+        rm = cfg.eval.reward_model
+        source = resolve_pretrained(rm.path, "eval.reward_model.path",
+                                    "Point eval.reward_model.path at a local folder with the reward model's files.")
+        check_reward_model(source, "eval.reward_model.path", rm.trust_remote_code)
     elif judge == "alpaca_eval":
         from .local_judge import check_packaged_annotator, local_source
 
         ae = cfg.eval.alpaca_eval
-        local_source(ae.local_model) if ae.annotator == "local" else check_packaged_annotator(ae.annotator)
+        if ae.annotator == "local":
+            check_causal_lm(local_source(ae.local_model), "eval.alpaca_eval.local_model")
+        else:
+            check_packaged_annotator(ae.annotator)
 
 
 def build_judge(cfg, workdir: Path, name: str | None = None):
