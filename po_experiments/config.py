@@ -116,6 +116,8 @@ class ModelConfig:
     arch: Optional[TinyArch] = None
     dtype: str = "float32"  # compute precision: float32 | bfloat16 | float16 (autocast over float32 master weights)
     pure_low_precision: bool = False  # weights and optimizer states in `dtype` too (no fp32 master copy: warned)
+    activation_checkpointing: Optional[bool] = None  # recompute activations in the backward; None = on for real
+                                                     # models (model.path set), off for the tiny one
     shape: Optional[ModelShape] = None  # the real model's architecture, for the dry-run plan (offline)
     trust_remote_code: bool = False
     max_length: int = 64  # tokens of prompt + response in training

@@ -103,15 +103,31 @@ def autocast_dtype(cfg) -> str | None:
     return cfg.dtype
 
 
+def activation_checkpointing(cfg) -> bool:
+    """Whether training recomputes activations in the backward (`cfg` = model config): on for real models by
+    default (a layer's input kept instead of everything it saves: the memory that fits a paper model's batch)."""
+    return cfg.path is not None if cfg.activation_checkpointing is None else bool(cfg.activation_checkpointing)
+
+
 def tf32_available() -> bool:
     """TF32 matmuls (Ampere and later): float32 parts of mixed-precision training run on tensor cores."""
     return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
 
 
-def load_model(source: str, cfg) -> torch.nn.Module:
-    """A causal LM to train, in `training_dtype` (float32 master weights by default)."""
-    return AutoModelForCausalLM.from_pretrained(source, dtype=training_dtype(cfg),
-                                                trust_remote_code=cfg.trust_remote_code)
+def load_model(source: str, cfg, model_class=AutoModelForCausalLM, **kwargs) -> torch.nn.Module:
+    """A model to train, in `training_dtype` (float32 master weights by default), placed as it loads: on a GPU,
+    straight onto this rank's device (weights stream through host memory one shard at a time, never N whole
+    copies per node); under ZeRO-3 partitioned over the ranks as it loads (`zero.Init`: build the stage's
+    TrainingArguments first, they register the DeepSpeed config that `from_pretrained` reads)."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    placement = {}
+    if torch.cuda.is_available() and not is_deepspeed_zero3_enabled():
+        from accelerate import PartialState
+
+        placement = {"device_map": {"": PartialState().device}}
+    return model_class.from_pretrained(source, dtype=training_dtype(cfg), trust_remote_code=cfg.trust_remote_code,
+                                       **placement, **kwargs)
 
 
 GPU_WEIGHT_SHARE = 0.8  # weights may fill this share of one GPU's free memory; the rest is for generation's cache

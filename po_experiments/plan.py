@@ -336,6 +336,9 @@ class Planner:
         self.P = self.shape.n_params
         self.prec = precision(cfg.model)
         self.zero = zero_stage(cfg)
+        from .models import activation_checkpointing
+
+        self.checkpointing = activation_checkpointing(cfg.model)
         self.budget = self.hw.gpu_memory_gb * GB * cfg.plan.headroom - (DEVICE_BASE_GB * GB if self.hw.gpus else 0)
         self.host_budget = self.hw.host_memory_gb * GB * cfg.plan.headroom
 
@@ -392,13 +395,13 @@ class Planner:
         if self.hw.world == 1:
             tips.append("more GPUs (plan.gpus / hydra.launcher.gpus_per_node) with deepspeed=zero3")
         if not checkpointing:
-            tips.append("activation checkpointing")
+            tips.append("model.activation_checkpointing=true")
         return "try " + ", ".join(tips) if tips else "a larger GPU"
 
     def sft(self) -> StagePlan:
         m = self.cfg.model
         return self.training(m.sft, rows_=rows(self.cfg, "sft"), seq_len=m.max_length, seqs_per_example=1,
-                             checkpointing=m.path is not None, name="sft")
+                             checkpointing=self.checkpointing, name="sft")
 
     def dpo(self) -> StagePlan:
         m = self.cfg.model
@@ -407,10 +410,10 @@ class Planner:
         factor = 6.0 + (2.0 / self.cfg.model.dpo.epochs if self.cfg.runtime.precompute_ref else 2.0)
         ref = 0.0 if self.cfg.runtime.precompute_ref else self.P * 2
         return self.training(m.dpo, rows_=pairs, seq_len=m.max_length, seqs_per_example=2,
-                             checkpointing=m.path is not None, extra_device=ref, extra_tokens_factor=factor, name="dpo")
+                             checkpointing=self.checkpointing, extra_device=ref, extra_tokens_factor=factor, name="dpo")
 
     def ppo(self) -> StagePlan:
-        m, hp = self.cfg.model, self.cfg.model.ppo
+        hp = self.cfg.model.ppo
         seq = hp.max_prompt_length + hp.max_new_tokens
         rm = reward_shape(self.cfg.reward)
         rm_bytes = 0.0 if rm is None else inference_bytes(rm.n_params, rm, 2, seq * 8)
@@ -420,7 +423,7 @@ class Planner:
         gen = generation_bytes(self.shape, 0, 2, 8, hp.max_prompt_length, hp.max_new_tokens)
         extra = value_state + (ref_bytes + rm_bytes) / shard + gen
         plan = self.training(hp, rows_=rows(self.cfg, "preferences"), seq_len=seq, seqs_per_example=2,
-                             checkpointing=m.path is not None, extra_device=extra, extra_tokens_factor=14.0,
+                             checkpointing=self.checkpointing, extra_device=extra, extra_tokens_factor=14.0,
                              name="ppo")
         plan.detail += f"; + value model, reference, reward model ({'none' if rm is None else f'{rm.n_params / 1e9:.1f}B'})"
         host = self._host(self.P * 2, (rm.n_params * 2) if rm else 0)

@@ -42,7 +42,8 @@ def current_rss_bytes() -> int:
     return peak_rss_bytes()
 
 
-def measure(size: str, tokens: int, batch: int, steps: int, device: str = "cpu", dtype: str = "float32") -> dict:
+def measure(size: str, tokens: int, batch: int, steps: int, device: str = "cpu", dtype: str = "float32",
+            checkpointing: bool = False) -> dict:
     """One size in this process: the peak above the baseline taken after imports (call in a fresh process). On
     CUDA the peak is torch.cuda.max_memory_allocated; `dtype=bfloat16` trains as the stages do (float32 master
     weights and AdamW states, bf16 autocast)."""
@@ -60,6 +61,8 @@ def measure(size: str, tokens: int, batch: int, steps: int, device: str = "cpu",
                            attn_implementation="sdpa")
     torch.manual_seed(0)
     model = GPTNeoXForCausalLM(config).to(device).train()
+    if checkpointing:  # as the stages do for real models (model.activation_checkpointing)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     ids = torch.randint(0, shape["vocab_size"], (batch, tokens), device=device)
     mixed = dtype != "float32"
@@ -80,8 +83,8 @@ def measure(size: str, tokens: int, batch: int, steps: int, device: str = "cpu",
     plan_shape = Shape(**shape)
     prec = Precision(4, 2 if mixed else 4, mixed)
     estimate = training_state_bytes(plan_shape.n_params, prec, 0, 1) + activation_bytes(plan_shape, prec,
-                                                                                        batch * tokens, False)
-    return {"size": size, "device": device, "dtype": dtype, "params": sum(p.numel() for p in model.parameters()), "plan_params": plan_shape.n_params,
+                                                                                        batch * tokens, checkpointing)
+    return {"size": size, "device": device, "dtype": dtype, "checkpointing": checkpointing, "params": sum(p.numel() for p in model.parameters()), "plan_params": plan_shape.n_params,
             "tokens": tokens, "batch": batch, "measured_gb": measured / 2**30, "plan_gb": estimate / 2**30,
             "error": estimate / measured - 1, "step_s": seconds}
 
@@ -95,11 +98,13 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                         help="bfloat16: autocast over float32 master weights, as the training stages")
+    parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing (real models' default)")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # the per-size child process
     args = parser.parse_args(argv)
     if args.one:
-        print(json.dumps(measure(args.sizes[0], args.tokens, args.batch, args.steps, args.device, args.dtype)))
+        print(json.dumps(measure(args.sizes[0], args.tokens, args.batch, args.steps, args.device, args.dtype,
+                                 args.checkpointing)))
         return []
     results = []
     for size in args.sizes:
@@ -107,11 +112,13 @@ def main(argv=None) -> list[dict]:
         tokens, batch = (min(args.tokens, 32), 64) if size == "tiny" else (args.tokens, args.batch)
         out = subprocess.run([sys.executable, __file__, "--one", "--sizes", size, "--tokens", str(tokens),
                               "--batch", str(batch), "--steps", str(args.steps),
-                              "--device", args.device, "--dtype", args.dtype],
+                              "--device", args.device, "--dtype", args.dtype,
+                              *(["--checkpointing"] if args.checkpointing else [])],
                              capture_output=True, text=True, check=True)
         results.append(json.loads(out.stdout.strip().splitlines()[-1]))
         r = results[-1]
-        print(f"{r['size']:<12} {r['params'] / 1e6:8.1f}M params  {r['batch']} x {r['tokens']} tokens  measured "
+        print(f"{r['size']:<12} {r['params'] / 1e6:8.1f}M params  {r['batch']} x {r['tokens']} tokens"
+              f"{' (checkpointing)' if r['checkpointing'] else ''}  measured "
               f"{r['measured_gb']:6.2f} GB  plan {r['plan_gb']:6.2f} GB  error {r['error']:+.0%}  "
               f"({r['step_s']:.1f} s/step)", flush=True)
     if args.out:

@@ -7,7 +7,7 @@ import torch
 from accelerate import PartialState
 from tqdm.auto import tqdm
 
-from ..models import autocast_dtype, tf32_available
+from ..models import activation_checkpointing, autocast_dtype, tf32_available
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,8 @@ def trainer_kwargs(hp, cfg, *, stage: str, output_dir: str, report_to: list[str]
         bf16=mixed == "bfloat16",  # autocast over float32 master weights (models.training_dtype), CPU too
         fp16=mixed == "float16",
         tf32=True if tf32_available() else None,
+        activation_checkpointing=activation_checkpointing(cfg.model),
+        activation_checkpointing_kwargs={"use_reentrant": False},  # no reentrant autograd: works with frozen inputs
         report_to=report_to,
         dataloader_num_workers=0,
         disable_tqdm=False,

@@ -13,13 +13,13 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 from trl import DPOConfig
 
 from .. import distributed
 from ..checkpoints import STEP_DIR, StepCheckpoints, debug_callbacks, last_checkpoint
 from ..errors import ConfigError
-from ..models import training_dtype
+from ..models import load_model
 from ..trainers.dpo import ComponentDPOTrainer
 from .common import trainer_kwargs
 
@@ -97,7 +97,6 @@ def train_policy(cfg, sft_dir: Path, train_data, run_dir: Path, report_to: list[
     if resume is not None:
         log.info("resuming from %s", resume)
 
-    model = AutoModelForCausalLM.from_pretrained(sft_dir, dtype=training_dtype(cfg.model))
     tokenizer = AutoTokenizer.from_pretrained(sft_dir)
     args = DPOConfig(
         **trainer_kwargs(cfg.model.dpo, cfg, stage="dpo", output_dir=str(checkpoint_root), report_to=report_to),
@@ -107,6 +106,7 @@ def train_policy(cfg, sft_dir: Path, train_data, run_dir: Path, report_to: list[
         dataset_num_proc=None,
         run_name=run_dir.name,
     )
+    model = load_model(sft_dir, cfg.model)  # after the arguments: under ZeRO-3 it loads partitioned
     trainer = ComponentDPOTrainer(
         model=model, args=args, train_dataset=train_data, processing_class=tokenizer,
         algo=cfg.algo, ablation=cfg.ablation,
