@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 # Data settings that only the preference pairs / evaluation read: changing them must not retrain SFT.
 NOT_SFT_KEYS = {"n_pref_prompts", "sample_temperature", "label_scale", "label_flip_p", "n_heldout", "max_new_tokens",
-                "preferences", "questions", "instructions"}
+                "preferences", "questions", "instructions", "num_proc"}
 
 
 PO_KEYS = ("dpo", "cdpo", "ppo", "ppo_variants")  # model settings of later stages
