@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Sequence
@@ -163,14 +164,21 @@ def default_num_proc() -> int:
 
 def row_findings(dataset: datasets.Dataset, check_fn: CheckFn, *, num_proc: Optional[int] = None,
                  memo_key: Optional[str] = None) -> dict[int, list[Problem]]:
-    """row index -> its findings (rows without any left out), computed by rank 0 alone and shared."""
-    key = (getattr(dataset, "_fingerprint", None), memo_key)
-    if memo_key is not None and key[0] is not None and key in _MEMO:
+    """row index -> its findings (rows without any left out): rank 0 checks (or reuses what it found before for
+    the same rows and `memo_key`) while the others wait, then every rank gets rank 0's findings. Every rank
+    takes this same collective step on every call, so a rank that remembers and one that does not never part."""
+    fingerprint = getattr(dataset, "_fingerprint", None)
+    key = (fingerprint, memo_key) if fingerprint is not None and memo_key is not None else None
+
+    def on_main() -> dict[int, list[Problem]]:
+        if key not in _MEMO:
+            found = _check_all(dataset, check_fn, num_proc or default_num_proc())
+            if key is None:
+                return found
+            _MEMO[key] = found
         return _MEMO[key]
-    findings = distributed.main_first(lambda: _check_all(dataset, check_fn, num_proc or default_num_proc()))
-    if memo_key is not None and key[0] is not None:
-        _MEMO[key] = findings
-    return findings
+
+    return distributed.main_first(on_main)
 
 
 def _check_all(dataset: datasets.Dataset, check_fn: CheckFn, num_proc: int) -> dict[int, list[Problem]]:
@@ -183,9 +191,11 @@ def _check_all(dataset: datasets.Dataset, check_fn: CheckFn, num_proc: int) -> d
         rows = (dict(zip(batch, values)) for values in zip(*batch.values()))
         return {"findings": [json.dumps(found) if (found := check_fn(row)) else "" for row in rows]}
 
+    # In memory: nothing written to the datasets cache, so concurrent jobs on one data file cannot mix findings.
     out = dataset.map(check_batch, batched=True, batch_size=200, num_proc=procs, remove_columns=dataset.column_names,
-                      features=datasets.Features({"findings": datasets.Value("string")}), load_from_cache_file=False,
-                      new_fingerprint=f"{getattr(dataset, '_fingerprint', 'x')}-validation", desc="validating rows")
+                      features=datasets.Features({"findings": datasets.Value("string")}), keep_in_memory=True,
+                      load_from_cache_file=False, new_fingerprint=f"validation-{uuid.uuid4().hex}",
+                      desc="validating rows")
     return {i: [tuple(p) for p in json.loads(f)] for i, f in enumerate(out["findings"]) if f}
 
 
