@@ -337,13 +337,19 @@ def test_qwen3_without_the_choice_prompts_and_targets_disagree(tmp_path):
 
 
 def test_chat_template_kwargs_in_the_qwen3_config_and_checked():
-    from po_experiments.config import validate
-
-    qwen3 = OmegaConf.load(REPO / "conf" / "model" / "qwen3.yaml")
-    assert qwen3.model.chat_template_kwargs == {"enable_thinking": False}
+    """Qwen3's choice is config, part of its SFT cache key; other models' keys (and cached SFT models) unchanged."""
     from hydra import compose, initialize_config_dir
 
+    from po_experiments.config import validate
+    from po_experiments.stages.sft import sft_key
+
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
-        cfg = compose("config", overrides=["model=qwen3", "model.chat_template_kwargs={enable_thinking: [1]}"])
+        qwen3 = compose("config", overrides=["model=qwen3"])
+        pythia = compose("config", overrides=["model=pythia", "data.num_proc=4"])
+        bad = compose("config", overrides=["model=qwen3", "model.chat_template_kwargs={enable_thinking: [1]}"])
+    assert qwen3.model.chat_template_kwargs == {"enable_thinking": False}
+    assert sft_key(qwen3)["model"]["chat_template_kwargs"] == {"enable_thinking": False}
+    assert "chat_template_kwargs" not in sft_key(pythia)["model"] and "num_proc" not in sft_key(pythia)["data"]
+    assert sft_key(pythia)["data"]["max_length"] == pythia.model.max_length == 1024  # what TRL truncates to
     with pytest.raises(Exception, match="model.chat_template_kwargs.enable_thinking"):
-        validate(cfg)
+        validate(bad)
