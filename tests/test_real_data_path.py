@@ -120,6 +120,29 @@ def test_ppo_with_a_classifier_reward_model(local_copies, tmp_path):
     assert (run_dir / "checkpoints" / "step-2" / "rollout.pt").exists()
 
 
+
+@pytest.mark.slow
+@pytest.mark.parametrize("override, named", [
+    ("data.questions.path={root}/nowhere.jsonl", "nowhere.jsonl"),
+    ("data.instructions.path=null", "data.instructions.path=/path/to/alpaca_eval.json"),  # the hub's script repo
+])
+def test_run_stops_at_preflight_on_an_unreadable_data_source(local_copies, tmp_path, override, named):
+    """Before SFT: exit 2 with one line naming the key and file, within the seconds of the imports."""
+    import time
+
+    args = [f"model.path={local_copies / 'base'}", f"data.sft.path={local_copies / 'ultrachat.jsonl'}",
+            f"data.preferences.path={local_copies / 'ultrafeedback.jsonl'}",
+            f"data.questions.path={local_copies / 'hh.jsonl'}", f"data.instructions.path={local_copies / 'alpaca.json'}",
+            override.format(root=tmp_path), "logger=none", f"paths.cache_dir={tmp_path / 'cache'}",
+            f"hydra.run.dir={tmp_path / 'run'}"]
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "run.py", "model=pythia", *args], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert named in proc.stderr and "Traceback" not in proc.stderr
+    assert time.monotonic() - start < 90  # imports on a busy machine; no data set was loaded
+    assert not (tmp_path / "cache" / "sft").exists()
+
 # --------------------------------------------------------------------------------------------- chat formats
 # Tokenizers and templates built here, shaped like Llama-3's (a distinct <|begin_of_text|> BOS that the tokenizer
 # also adds to plain text, <|eot_id|>, <|start_header_id|>) and Qwen3's (<|im_start|>, no BOS, a template that
