@@ -614,6 +614,11 @@ def test_validation_runs_once_per_process_and_data_set(tmp_path, tokenizer, monk
     first = load_preferences(cfg, tokenizer)
     again = load_preferences(cfg, tokenizer)  # e.g. the G analysis after DPO: the findings are reused
     assert len(runs) == 1 and first["prompt"] == again["prompt"]
+    from transformers import AutoTokenizer
+
+    tokenizer.save_pretrained(tmp_path / "policy")  # the same tokenizer saved in another folder (the policy's)
+    load_preferences(cfg, AutoTokenizer.from_pretrained(tmp_path / "policy"))
+    assert len(runs) == 1
     load_preferences(config(max_length=7, preferences=cfg.preferences.path), tokenizer)  # another limit: checked
     assert len(runs) == 2
 

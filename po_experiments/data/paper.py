@@ -105,11 +105,13 @@ def _load_valid(cfg: PaperDataConfig, what: str, check: Callable[[Mapping[str, A
 
 
 def _identity(tokenizer) -> str:
-    """What of a tokenizer decides the checks' findings (for reusing them within a process)."""
+    """What of a tokenizer decides the checks' findings (for reusing them within a process): its template and its
+    tokenisation, not its folder (DPO reads the SFT model's copy, the G analysis the trained policy's)."""
     if tokenizer is None:
         return "no tokenizer"
-    template = hashlib.sha1(str(tokenizer.chat_template).encode()).hexdigest()
-    return f"{tokenizer.name_or_path}|{len(tokenizer)}|{template}"
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    tokenisation = backend.to_str() if backend is not None else f"{tokenizer.name_or_path}|{len(tokenizer)}"
+    return hashlib.sha1(f"{tokenizer.chat_template}\0{tokenisation}".encode()).hexdigest()
 
 
 def _clean(msgs: Sequence[Mapping[str, Any]]) -> list[dict]:
