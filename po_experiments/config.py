@@ -121,6 +121,8 @@ class ModelConfig:
     shape: Optional[ModelShape] = None  # the real model's architecture, for the dry-run plan (offline)
     trust_remote_code: bool = False
     max_length: int = 64  # tokens of prompt + response in training
+    # Fixed in the chat template for every stage (models.fix_chat_template), e.g. Qwen3's {enable_thinking: false}
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
     sft: StageHparams = field(default_factory=StageHparams)
     dpo: StageHparams = field(default_factory=StageHparams)
     cdpo: ScheduleSteps = field(default_factory=ScheduleSteps)
@@ -267,8 +269,9 @@ class PaperDataConfig:
     questions: SourceConfig = field(default_factory=SourceConfig)
     instructions: SourceConfig = field(default_factory=SourceConfig)
     on_invalid: OnInvalid = OnInvalid.skip
-    max_length: int = 1024  # tokens of prompt + response after the chat template
+    max_length: int = 1024  # tokens after the chat template: longer training rows are truncated (as TRL does)
     max_new_tokens: int = 512  # AlpacaEval protocol
+    num_proc: Optional[int] = None  # processes validating rows (None: min(8, cores)); rank 0 alone validates
 
 
 # --------------------------------------------------------------------------------------------- the rest
@@ -556,6 +559,10 @@ def _validate(cfg: DictConfig) -> None:
     _require(cfg.model.path is not None or cfg.model.arch is not None, "model.path",
              "set a hub id or local directory (or model.arch for a model built from scratch)")
     _require(cfg.model.max_length > 0, "model.max_length", f"must be > 0, got {cfg.model.max_length}")
+    for key, value in (cfg.model.get("chat_template_kwargs") or {}).items():
+        _require(str(key).isidentifier() and isinstance(value, (bool, int, float, str)),
+                 f"model.chat_template_kwargs.{key}", f"must name a template variable and hold a boolean, number or "
+                 f"string, got {value!r}")
 
     if cfg.data.name == "synthetic":
         for key in ("hard_p_min", "hard_p_max", "wrong_p", "edit_p", "label_flip_p"):
@@ -570,6 +577,8 @@ def _validate(cfg: DictConfig) -> None:
         _require(d.label_scale > 0, "data.label_scale", f"must be > 0, got {d.label_scale}")
         _require(d.sample_temperature > 0, "data.sample_temperature", f"must be > 0, got {d.sample_temperature}")
     else:
+        _require(cfg.data.num_proc is None or cfg.data.num_proc > 0, "data.num_proc",
+                 f"must be > 0 (or null for min(8, cores)), got {cfg.data.num_proc}")
         _require(cfg.eval.judge != Judge.gold, "eval.judge",
                  "the gold judge exists only for the synthetic task; use alpaca_eval, reward_model or none")
     _validate_eval(cfg.eval)

@@ -14,6 +14,7 @@ from pathlib import Path
 from transformers import AutoTokenizer, set_seed
 
 from . import distributed, tracking
+from .data.sources import preflight_sources
 from .analysis.stage import run_alignment
 from .models import resolve_model_source, set_threads
 from .evaluation import judges
@@ -33,6 +34,7 @@ def preflight(cfg) -> None:
         resolve_model_source(cfg.model)
     preflight_reward(cfg)
     judges.preflight(cfg)
+    preflight_sources(cfg)
 
 
 def finished_run(cfg, run_dir: Path, summary: dict) -> dict:

@@ -29,7 +29,7 @@ from .cache import cached
 from .data.synthetic import ASSISTANT, USER, DictionaryTask
 from .errors import ConfigError, ModelUnavailableError
 from .hub import resolve_pretrained
-from .models import DTYPES
+from .models import DTYPES, chat_template_text
 from .reward_models.architecture import check_reward_model
 from .reward_models.armorm import ArmoRMForScoring, load_armorm
 from .stages.common import batch_split
@@ -215,7 +215,7 @@ class ClassifierReward:
         has_template = bool(getattr(self.tokenizer, "chat_template", None))
         if turns is not None and has_template:
             conversation = [*turns, {"role": "assistant", "content": response}]
-            return self.tokenizer.apply_chat_template(conversation, tokenize=False), True
+            return chat_template_text(self.tokenizer, conversation), True
         if has_template and not self._warned:  # works, but the RM reads the policy's template, not its own
             log.warning("%s has a chat template but no user turns were given: scoring prompt + response text",
                         self.name)

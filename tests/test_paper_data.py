@@ -376,22 +376,67 @@ def test_skip_with_no_valid_row_left_fails(tmp_path):
 # --------------------------------------------------------------------------------------------- lengths
 
 
-def test_sft_length_counts_the_whole_templated_dialogue(tmp_path, tokenizer):
+def test_a_long_sft_row_is_kept_for_truncation_and_the_share_logged(tmp_path, tokenizer, caplog):
     # <user> 3 words <eos> <assistant> 3 words <eos> = 10 tokens; one more answer word makes 11
     rows = [{"messages": [user(words(3)), bot(words(3))]}, {"messages": [user(words(3)), bot(words(4))]}]
     path = write(tmp_path / "sft.jsonl", rows)
-    with pytest.raises(DataError, match=r"row 1, field 'messages': too long \(11 tokens > max_length 10\)"):
-        load_sft(config("fail", max_length=10, sft=path), tokenizer)
-    assert len(load_sft(config("skip", max_length=10, sft=path), tokenizer)) == 1
-    assert len(load_sft(config("skip", max_length=10, sft=path))) == 2  # no tokenizer, no length check
+    with caplog.at_level(logging.INFO, logger="po_experiments.data"):
+        ds = load_sft(config("fail", max_length=10, sft=path), tokenizer)  # not invalid: fail does not stop
+    assert ds["messages"] == [r["messages"] for r in rows]  # kept whole: SFTTrainer truncates it
+    assert "1 of 2 rows (50.0 %) are longer than max_length and will be truncated" in caplog.text
+    assert "messages: 1" in caplog.text and "truncated (11 tokens > max_length 10)" in caplog.text
+    assert "dropped" not in caplog.text
 
 
-def test_preference_length_checks_each_response(tmp_path, tokenizer):
-    row = ultrafeedback_row(0)  # prompt "question 0" = 4 tokens; answers "good 0" = 4 tokens
+def test_sft_trainer_truncates_the_long_row_to_max_length(tmp_path, tokenizer):
+    """What the kept row becomes in training: TRL's SFTTrainer cuts it to max_length (keep_start)."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+    from trl import SFTConfig, SFTTrainer
+
+    rows = [{"messages": [user(words(3)), bot(words(3))]}, {"messages": [user(words(3)), bot(words(9))]}]
+    ds = load_sft(config(max_length=10, sft=write(tmp_path / "sft.jsonl", rows)), tokenizer)
+    model = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1,
+                                             num_attention_heads=2, intermediate_size=16))
+    args = SFTConfig(output_dir=str(tmp_path / "t"), max_length=10, report_to=[], use_cpu=True, bf16=False)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tokenizer)
+    ids = trainer.train_dataset["input_ids"]
+    assert [len(i) for i in ids] == [10, 10]
+    assert ids[1] == tokenizer.apply_chat_template(rows[1]["messages"], return_dict=False)[:10]
+
+
+def test_long_preference_responses_are_kept_for_truncation(tmp_path, tokenizer, caplog):
+    row = ultrafeedback_row(0)  # prompt "question 0" = 4 tokens + <assistant>; answers "good 0" = 4 tokens
     row["rejected"] = [user("question 0"), bot(words(5))]  # 4 + 7 = 11 tokens
     path = write(tmp_path / "p.jsonl", [ultrafeedback_row(1), row])
-    with pytest.raises(DataError, match=r"row 1, field 'rejected': too long \(11 tokens"):
-        load_preferences(config("fail", max_length=10, preferences=path), tokenizer)
+    with caplog.at_level(logging.INFO, logger="po_experiments.data"):
+        ds = load_preferences(config("fail", max_length=10, preferences=path), tokenizer)
+    assert ds["rejected"] == [[bot("bad 1")], [bot(words(5))]]
+    assert "1 of 2 rows (50.0 %) are longer than max_length" in caplog.text and "rejected: 1" in caplog.text
+
+
+def test_a_pair_whose_prompt_fills_max_length_is_dropped_as_trl_drops_it(tmp_path, tokenizer, caplog):
+    # the prompt with its generation prompt: <user> 8 words <eos> <assistant> = 11 tokens >= 10
+    long_q = words(8)
+    row = {**ultrafeedback_row(0), "prompt": long_q, "chosen": [user(long_q), bot("a")],
+           "rejected": [user(long_q), bot("b")]}
+    path = write(tmp_path / "p.jsonl", [ultrafeedback_row(1), row, ultrafeedback_row(2)])
+    with caplog.at_level(logging.WARNING, logger="po_experiments.data"):
+        ds = load_preferences(config("fail", max_length=10, preferences=path), tokenizer)  # dropped even so
+    assert [p[0]["content"] for p in ds["prompt"]] == ["question 1", "question 2"]
+    assert "dropped 1 of 3 rows" in caplog.text and "prompt alone fills max_length" in caplog.text
+    assert "1 row(s): prompt: prompt fills max_length" in caplog.text
+
+
+def test_validation_report_counts_truncated_rows():
+    ds = datasets.Dataset.from_list([{"n": n} for n in (3, 12, 15, 4)])
+
+    def check(row):
+        return [("text", f"truncated ({row['n']} tokens > max_length 10)")] if row["n"] > 10 else []
+
+    kept, report = validate_rows(ds, check, source="demo", on_invalid="fail")
+    assert kept["n"] == [3, 12, 15, 4] and not report.bad_rows
+    assert (report.truncated, report.truncated_share, report.truncated_counts) == (2, 0.5, {"text": 2})
+    assert (report.kept, report.dropped, report.discarded) == (4, 0, 0)
 
 
 @pytest.mark.parametrize("what", ["questions", "instructions"])
@@ -480,7 +525,7 @@ def offline(monkeypatch):
     hub_reachable.cache_clear()  # later tests must not inherit "unreachable"
 
 
-@pytest.mark.parametrize("what", LOADERS)
+@pytest.mark.parametrize("what", ["sft", "preferences", "questions"])  # instructions: the script-dataset test
 def test_unreachable_hub_fails_fast_and_says_what_to_set(offline, what):
     hub_cfg = PaperDataConfig(
         sft=SourceConfig(hub_id="HuggingFaceH4/ultrachat_200k", split="train_sft"),
@@ -496,3 +541,177 @@ def test_unreachable_hub_fails_fast_and_says_what_to_set(offline, what):
     assert f"data.{what}.path=" in str(err.value) and "cannot be reached" in str(err.value)
     assert datasets.config.HF_HUB_OFFLINE == flags  # the temporary offline switch is undone
 
+
+
+def test_alpaca_eval_hub_id_names_the_json_file_to_use():
+    hub = PaperDataConfig(instructions=SourceConfig(hub_id="tatsu-lab/alpaca_eval", split="eval"))
+    start = time.monotonic()
+    with pytest.raises(DataError) as err:
+        load_instructions(hub)
+    assert time.monotonic() - start < 5
+    msg = str(err.value)
+    assert "script dataset" in msg and "alpaca_eval.json" in msg
+    assert "data.instructions.path=/path/to/alpaca_eval.json" in msg
+
+
+# --------------------------------------------------------------------------------------------- validation at scale
+
+
+def _spy_map(monkeypatch) -> list:
+    """Record the num_proc of every datasets.map call (the parallel path of the validation)."""
+    calls, real = [], datasets.Dataset.map
+
+    def spy(self, *args, **kwargs):
+        calls.append(kwargs.get("num_proc"))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(datasets.Dataset, "map", spy)
+    return calls
+
+
+def test_parallel_validation_finds_what_the_loop_finds(tmp_path, tokenizer, monkeypatch):
+    """num_proc=2 over the real HH sample: the same rows kept, the same report as one process."""
+    from po_experiments.data import validation
+    from po_experiments.data.paper import _check_question
+
+    ds = load_source(SourceConfig(path=str(_need(HH_SAMPLE))), "questions")
+    check = lambda row: _check_question(row, tokenizer, 40)  # noqa: E731 - some rows too long, four malformed
+    loop = {i: p for i, p in enumerate(check(r) for r in ds) if p}
+    calls = _spy_map(monkeypatch)
+    kept_1, one = validate_rows(ds, check, source="hh", on_invalid="skip", num_proc=1)
+    kept_2, two = validate_rows(ds, check, source="hh", on_invalid="skip", num_proc=2)
+    assert calls == [2]  # one process first (no map), then two processes
+    assert one == two and one.bad_rows == sorted(loop) and len(loop) > 100
+    assert set(HH_BAD_ROWS) <= set(one.bad_rows)
+    assert kept_1["chosen"] == kept_2["chosen"]
+    assert validation.row_findings(ds, check, num_proc=2) == loop
+
+
+def test_parallel_validation_fail_names_every_bad_row(tmp_path, monkeypatch):
+    from po_experiments.data import validation
+
+    monkeypatch.setattr(validation, "ROWS_PER_PROCESS", 8)  # 40 rows: 2 processes
+    bad_at = [3, 17, 38]
+    rows = [ultrachat_row(i) if i not in bad_at else _bad_sft(messages=[user("q"), bot(" ")]) for i in range(40)]
+    calls = _spy_map(monkeypatch)
+    cfg = PaperDataConfig(on_invalid=OnInvalid.fail, num_proc=2, sft=SourceConfig(path=str(write(tmp_path / "s.jsonl",
+                                                                                                  rows))))
+    with pytest.raises(DataError) as err:
+        load_sft(cfg)
+    assert calls[0] == 2
+    assert "3 of 40 rows are invalid" in str(err.value)
+    for i in bad_at:
+        assert f"row {i}, field 'messages': empty content (message 1)" in str(err.value)
+
+
+def test_validation_runs_once_per_process_and_data_set(tmp_path, tokenizer, monkeypatch):
+    from po_experiments.data import validation
+
+    runs = []
+    real = validation._check_all
+    monkeypatch.setattr(validation, "_check_all", lambda *a: runs.append(1) or real(*a))
+    cfg = config(preferences=write(tmp_path / "p.jsonl", [ultrafeedback_row(i) for i in range(3)]))
+    first = load_preferences(cfg, tokenizer)
+    again = load_preferences(cfg, tokenizer)  # e.g. the G analysis after DPO: the findings are reused
+    assert len(runs) == 1 and first["prompt"] == again["prompt"]
+    from transformers import AutoTokenizer
+
+    tokenizer.save_pretrained(tmp_path / "policy")  # the same tokenizer saved in another folder (the policy's)
+    load_preferences(cfg, AutoTokenizer.from_pretrained(tmp_path / "policy"))
+    assert len(runs) == 1
+    load_preferences(config(max_length=7, preferences=cfg.preferences.path), tokenizer)  # another limit: checked
+    assert len(runs) == 2
+
+
+def test_only_the_main_process_checks_rows(tmp_path, monkeypatch):
+    """Other ranks take rank 0's findings (`distributed.main_first`) instead of checking themselves."""
+    from po_experiments import distributed
+    from po_experiments.data import validation
+
+    validation._MEMO.clear()
+    shared = {1: [("messages", "empty content (message 1)")]}  # what rank 0 found
+    monkeypatch.setattr(distributed, "main_first", lambda work: shared)
+    monkeypatch.setattr(validation, "_check_all", lambda *a: pytest.fail("a non-main rank checked rows"))
+    ds = load_sft(config(sft=write(tmp_path / "s.jsonl", [ultrachat_row(i) for i in range(3)])))
+    assert [m[0]["content"] for m in ds["messages"]] == ["question 0", "question 2"]
+
+
+# --------------------------------------------------------------------------------------------- preflight
+
+
+def _paper_cfg(tmp_path, **paths):
+    from omegaconf import OmegaConf
+
+    files = {"sft": write(tmp_path / "sft.jsonl.gz", [ultrachat_row(i) for i in range(3)]),
+             "preferences": write(tmp_path / "p.parquet", [ultrafeedback_row(i) for i in range(3)]),
+             "questions": write(tmp_path / "hh.jsonl", [hh_row(i) for i in range(3)]),
+             "instructions": write(tmp_path / "alpaca.json", [alpaca_row(i) for i in range(3)])}
+    files.update(paths)
+    data = OmegaConf.structured(PaperDataConfig(**{w: SourceConfig(path=str(p)) for w, p in files.items()}))
+    return OmegaConf.create({"data": data, "analysis": {"enabled": True, "dprime": "heldout"}})
+
+
+def test_preflight_opens_every_source(tmp_path):
+    from po_experiments.data.sources import preflight_sources, sources_in_use
+
+    cfg = _paper_cfg(tmp_path)
+    start = time.monotonic()
+    preflight_sources(cfg)
+    assert time.monotonic() - start < 2
+    assert sources_in_use(cfg) == ["sft", "preferences", "questions", "instructions"]
+    cfg.analysis.dprime = "train"  # D' from the training prompts: HH-RLHF is not read
+    assert sources_in_use(cfg) == ["sft", "preferences", "instructions"]
+
+
+def _truncated_gz(d):
+    (d / "cut.jsonl.gz").write_bytes(gzip.compress(b'{"messages": []}\n')[:12])
+    return d / "cut.jsonl.gz"
+
+
+@pytest.mark.parametrize("what, setup, match", [
+    ("sft", lambda d: d / "missing.jsonl", "does not exist"),
+    ("sft", _broken_json, "could not read"),
+    ("sft", _truncated_gz, "could not read"),
+    ("preferences", lambda d: write(d / "p.jsonl", [ultrachat_row(0)]), r"no column\(s\) chosen, rejected"),
+    ("instructions", lambda d: write(d / "a.parquet", [{"instruction": "x"}]), r"no column\(s\) dataset"),
+    ("questions", lambda d: write(d / "hh.json", []), "empty JSON list"),
+])
+def test_preflight_fails_in_seconds_naming_key_and_file(tmp_path, what, setup, match):
+    from po_experiments.data.sources import preflight_sources
+
+    path = setup(tmp_path)
+    cfg = _paper_cfg(tmp_path, **{what: path})
+    start = time.monotonic()
+    with pytest.raises(DataError, match=match) as err:
+        preflight_sources(cfg)
+    assert time.monotonic() - start < 2
+    assert str(path) in str(err.value) and f"{what} data" in str(err.value)
+
+
+def test_preflight_on_the_alpaca_eval_hub_id(tmp_path):
+    from po_experiments.data.sources import preflight_sources
+
+    cfg = _paper_cfg(tmp_path)
+    cfg.data.instructions = SourceConfig(hub_id="tatsu-lab/alpaca_eval", split="eval")
+    with pytest.raises(DataError, match=r"alpaca_eval\.json .*data\.instructions\.path=/path/to/alpaca_eval\.json"):
+        preflight_sources(cfg)
+
+
+def test_preflight_on_an_unreachable_hub_source(tmp_path, offline):
+    from po_experiments.data.sources import preflight_sources
+
+    cfg = _paper_cfg(tmp_path)
+    cfg.data.questions = SourceConfig(hub_id="Anthropic/hh-rlhf", data_dir="helpful-base", split="test")
+    start = time.monotonic()
+    with pytest.raises(DataError, match="questions data: Anthropic/hh-rlhf .*data.questions.path="):
+        preflight_sources(cfg)
+    assert time.monotonic() - start < 10
+
+
+def test_preflight_reads_the_real_samples():
+    from omegaconf import OmegaConf
+
+    from po_experiments.data.sources import peek_source
+
+    peek_source(OmegaConf.structured(SourceConfig(path=str(_need(ALPACA_SAMPLE)))), "instructions")
+    peek_source(OmegaConf.structured(SourceConfig(path=str(_need(HH_SAMPLE)))), "questions")

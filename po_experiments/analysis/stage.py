@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from .. import distributed
 from ..checkpoints import step_dirs
 from ..data.synthetic import DictionaryTask
-from ..models import DTYPES, load_for_inference
+from ..models import DTYPES, chat_template_text, load_for_inference
 from ..stages.common import generate
 from .gradients import (
     GROUPS, dpo_alignment, dpo_alignment_jvp, dprime_gradient, encode, encode_pairs, parameter_groups, ppo_alignment,
@@ -53,7 +53,7 @@ def dprime_prompts(cfg, tokenizer) -> list[str]:
 
     turns = (load_questions(cfg.data, tokenizer) if cfg.analysis.dprime == "heldout"
              else load_preferences(cfg.data, tokenizer))["prompt"][:n]
-    return [tokenizer.apply_chat_template(t, tokenize=False, add_generation_prompt=True) for t in turns]
+    return [chat_template_text(tokenizer, t, add_generation_prompt=True) for t in turns]
 
 
 def dprime_batches(cfg, run_dir: Path, tokenizer, batch_size: int) -> list[tuple[torch.Tensor, ...]]:
@@ -86,6 +86,7 @@ def pair_sample(cfg, sft_dir: Path, tokenizer):
     pairs = preference_data(cfg, sft_dir, tokenizer)
     order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.analysis.n_pairs]
     encoded = encode_pairs(tokenizer, pairs.select(order.tolist()))
+    encoded = {k: v[:, :cfg.model.max_length] for k, v in encoded.items()}  # as DPO trained on them (keep_start)
     if uses_sharded_analysis(cfg):
         return encoded, sharded_reference_logps(sft_dir, cfg, encoded)
     ref = load_model(sft_dir, cfg.analysis.dtype)

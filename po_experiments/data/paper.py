@@ -8,11 +8,18 @@
   user turn) and `text` (the same question as the raw `\n\nHuman: ...` string).
 - `load_instructions`: AlpacaEval's 805 instructions -> `instruction`, `dataset`.
 
-With a tokenizer, rows whose chat-templated length exceeds `cfg.max_length` tokens are invalid too (prompt +
-response for training data; prompt + generation prompt for questions and instructions).
+With a tokenizer, lengths are measured after the chat template against `cfg.max_length` (the model's
+max_length, what TRL truncates to):
+- training rows (SFT dialogues, preference pairs) longer than that are kept: SFTTrainer and DPOTrainer truncate
+  them (keep_start); the share is logged and in the validation report. A pair whose prompt alone fills
+  max_length is dropped and counted, as DPOTrainer drops it, so DPO, PPO and the G analysis read the same pairs.
+- a question or instruction longer than that is an invalid row (`data.on_invalid`: skip drops and counts it,
+  fail stops): cutting a question would ask something else, and these sets are short (AlpacaEval's longest
+  instruction has ~1.9k characters, HH-RLHF's questions a few turns).
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from typing import Any, Callable, Mapping, Sequence
@@ -22,8 +29,9 @@ from datasets import Features, Value
 
 from ..config import PaperDataConfig
 from ..errors import DataError
-from .sources import describe, load_source
-from .validation import MISSING, Problem, check_length, check_messages, check_text, validate_rows
+from .sources import COLUMNS, describe, load_source
+from .validation import (MISSING, Problem, check_length, check_messages, check_prompt_fits, check_text,
+                         note_truncation, validate_rows)
 
 MESSAGES = [{"role": Value("string"), "content": Value("string")}]  # a list of {role, content}
 SCORES = ("score_chosen", "score_rejected")
@@ -37,18 +45,17 @@ _HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 def load_sft(cfg: PaperDataConfig, tokenizer=None) -> datasets.Dataset:
     """UltraChat-200k dialogues as `messages`, each ending with an assistant turn."""
     def check(row):
-        return check_messages(row, "messages") or check_length(tokenizer, row["messages"], "messages",
-                                                               cfg.max_length)
+        return check_messages(row, "messages") or note_truncation(tokenizer, row["messages"], "messages",
+                                                                  cfg.max_length)
 
-    ds = _load_valid(cfg, "sft", ["messages"], check, tokenizer)
+    ds = _load_valid(cfg, "sft", check, tokenizer)
     return ds.map(lambda row: {"messages": _clean(row["messages"])}, remove_columns=ds.column_names,
                   features=Features({"messages": MESSAGES}))
 
 
 def load_preferences(cfg: PaperDataConfig, tokenizer=None) -> datasets.Dataset:
     """UltraFeedback pairs as TRL conversational preferences: shared `prompt` turns, one-turn `chosen`/`rejected`."""
-    ds = _load_valid(cfg, "preferences", ["prompt", "chosen", "rejected"],
-                     lambda row: _check_preference(row, tokenizer, cfg.max_length), tokenizer)
+    ds = _load_valid(cfg, "preferences", lambda row: _check_preference(row, tokenizer, cfg.max_length), tokenizer)
     scores = [s for s in SCORES if s in ds.column_names]  # a user's mirror may lack them
 
     def to_trl(row):
@@ -62,8 +69,7 @@ def load_preferences(cfg: PaperDataConfig, tokenizer=None) -> datasets.Dataset:
 
 def load_questions(cfg: PaperDataConfig, tokenizer=None) -> datasets.Dataset:
     """HH-RLHF questions (everything before the last assistant answer of `chosen`) as `prompt` and `text`."""
-    ds = _load_valid(cfg, "questions", ["chosen"], lambda row: _check_question(row, tokenizer, cfg.max_length),
-                     tokenizer)
+    ds = _load_valid(cfg, "questions", lambda row: _check_question(row, tokenizer, cfg.max_length), tokenizer)
     return ds.map(lambda row: {"prompt": hh_question(row["chosen"]), "text": hh_question_text(row["chosen"])},
                   remove_columns=ds.column_names, features=Features({"prompt": MESSAGES, "text": Value("string")}))
 
@@ -75,26 +81,37 @@ def load_instructions(cfg: PaperDataConfig, tokenizer=None) -> datasets.Dataset:
         return problems or check_length(tokenizer, [{"role": "user", "content": row["instruction"]}], "instruction",
                                         cfg.max_length, add_generation_prompt=True)
 
-    ds = _load_valid(cfg, "instructions", ["instruction", "dataset"], check, tokenizer)
+    ds = _load_valid(cfg, "instructions", check, tokenizer)
     return ds.map(lambda row: {"instruction": row["instruction"], "dataset": row["dataset"]},
                   remove_columns=ds.column_names,  # declared types, whatever mixed types the file held
                   features=Features({"instruction": Value("string"), "dataset": Value("string")}))
 
 
-def _load_valid(cfg: PaperDataConfig, what: str, columns: Sequence[str],
-                check: Callable[[Mapping[str, Any]], list[Problem]], tokenizer) -> datasets.Dataset:
+def _load_valid(cfg: PaperDataConfig, what: str, check: Callable[[Mapping[str, Any]], list[Problem]],
+                tokenizer) -> datasets.Dataset:
     """Load `cfg.<what>`, insist on its columns (a wrong file fails once, not once per row), validate rows."""
     src = getattr(cfg, what)
     if tokenizer is not None and not getattr(tokenizer, "chat_template", None):
         raise DataError(f"{what} data: the tokenizer has no chat_template, so lengths cannot be checked; "
                         "use a chat model's tokenizer or set one")
     ds = load_source(src, what)
-    missing = [c for c in columns if c not in ds.column_names]
+    missing = [c for c in COLUMNS[what] if c not in ds.column_names]
     if missing:
         raise DataError(f"{what} data {describe(src)}: no column(s) {', '.join(missing)} (found: "
                         f"{', '.join(ds.column_names)}); data.{what}.path must hold the schema of DESIGN 2")
-    ds, _ = validate_rows(ds, check, source=f"{what} ({describe(src)})", on_invalid=cfg.on_invalid)
+    ds, _ = validate_rows(ds, check, source=f"{what} ({describe(src)})", on_invalid=cfg.on_invalid,
+                          num_proc=cfg.num_proc, memo_key=f"{what}|max_length={cfg.max_length}|{_identity(tokenizer)}")
     return ds
+
+
+def _identity(tokenizer) -> str:
+    """What of a tokenizer decides the checks' findings (for reusing them within a process): its template and its
+    tokenisation, not its folder (DPO reads the SFT model's copy, the G analysis the trained policy's)."""
+    if tokenizer is None:
+        return "no tokenizer"
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    tokenisation = backend.to_str() if backend is not None else f"{tokenizer.name_or_path}|{len(tokenizer)}"
+    return hashlib.sha1(f"{tokenizer.chat_template}\0{tokenisation}".encode()).hexdigest()
 
 
 def _clean(msgs: Sequence[Mapping[str, Any]]) -> list[dict]:
@@ -121,8 +138,9 @@ def _check_preference(row: Mapping[str, Any], tokenizer, max_length: int) -> lis
     if users[-1].strip() != row["prompt"].strip():
         return [("prompt", "does not match the last user turn of 'chosen'")]
     prompt = _clean(row["chosen"][:-1])
-    return (check_length(tokenizer, prompt + _clean(row["chosen"][-1:]), "chosen", max_length)
-            + check_length(tokenizer, prompt + _clean(row["rejected"][-1:]), "rejected", max_length))
+    return (check_prompt_fits(tokenizer, prompt, "prompt", max_length)
+            or note_truncation(tokenizer, prompt + _clean(row["chosen"][-1:]), "chosen", max_length)
+            + note_truncation(tokenizer, prompt + _clean(row["rejected"][-1:]), "rejected", max_length))
 
 
 def _turns(msgs: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:

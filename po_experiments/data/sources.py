@@ -5,10 +5,15 @@
 `data.<what>.path=/path/to/file.jsonl`. Without a path the hub is used; when it cannot be reached only the
 local HF datasets cache is tried, in offline mode, so a missing data set fails in seconds instead of
 retrying the network for minutes.
+
+`preflight_sources(cfg)` opens every source a run will use (a few rows, or the schema) before any training, so
+a missing file, a wrong schema or a hub repo that cannot be loaded fails in seconds, not after hours of SFT.
 """
 from __future__ import annotations
 
 import contextlib
+import gzip
+import json
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -27,6 +32,17 @@ _BUILDERS = {
     ".parquet": "parquet",
 }
 _KINDS = "a .json, .jsonl, .jsonl.gz, .json.gz or .parquet file, or a folder of them"
+
+# The columns each source must have (DESIGN 2); the loaders in paper.py insist on the same.
+COLUMNS = {"sft": ("messages",), "preferences": ("prompt", "chosen", "rejected"), "questions": ("chosen",),
+           "instructions": ("instruction", "dataset")}
+
+# Hub repos that only a loading script reads (datasets >= 4 refuses scripts): the data file to point at instead.
+SCRIPT_DATASETS = {
+    "tatsu-lab/alpaca_eval": ("alpaca_eval.json",
+                              "https://huggingface.co/datasets/tatsu-lab/alpaca_eval/resolve/main/alpaca_eval.json"),
+}
+_PEEK_BYTES = 4 << 20  # enough for the first row of any of the paper's sets
 
 
 def describe(src: SourceConfig) -> str:
@@ -105,19 +121,118 @@ def _hub_offline() -> Iterator[None]:
         datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE = saved
 
 
+def script_dataset_error(hub_id: str, what: str) -> DataError:
+    """datasets >= 4 cannot load a repo that needs a loading script: say which file to download and what to set."""
+    name, url = SCRIPT_DATASETS.get(hub_id, ("its data file (the .json/.parquet the script reads)",
+                                             f"https://huggingface.co/datasets/{hub_id}/tree/main"))
+    file = name if hub_id in SCRIPT_DATASETS else "file.json"
+    return DataError(f"{what} data: {hub_id} is a script dataset, which datasets {datasets.__version__} no longer "
+                     f"loads (\"Dataset scripts are no longer supported\"). Download {name} ({url}) and set "
+                     f"data.{what}.path=/path/to/{file}")
+
+
+def _hub_hint(what: str) -> str:
+    return f"point at a local copy with data.{what}.path=/path/to/file.jsonl ({_KINDS}, in the hub's schema)"
+
+
 def _load_hub(src: SourceConfig, what: str) -> datasets.Dataset:
     if not src.hub_id:
         raise DataError(f"{what} data: set data.{what}.path (a local file) or data.{what}.hub_id")
-    local_hint = (f"point at a local copy with data.{what}.path=/path/to/file.jsonl "
-                  f"({_KINDS}, in the hub's schema)")
+    if src.hub_id in SCRIPT_DATASETS:
+        raise script_dataset_error(src.hub_id, what)
+    local_hint = _hub_hint(what)
     online = hub_reachable()
     try:
         with contextlib.nullcontext() if online else _hub_offline():
             return datasets.load_dataset(src.hub_id, data_dir=src.data_dir, split=src.split)
     except Exception as e:
+        if "scripts are no longer supported" in str(e):
+            raise script_dataset_error(src.hub_id, what) from e
         if online:
             raise DataError(f"{what} data: could not load {describe(src)} from the Hugging Face Hub "
                             f"({type(e).__name__}: {e}); check data.{what}.hub_id/split/data_dir, or "
                             f"{local_hint}") from e
         raise DataError(f"{what} data: the Hugging Face Hub cannot be reached and {describe(src)} is not in "
                         f"the local datasets cache; {local_hint}") from e
+
+
+# --------------------------------------------------------------------------------------------- preflight
+
+
+def sources_in_use(cfg) -> list[str]:
+    """The `data.<what>` keys this run reads: SFT, the pairs and AlpacaEval always; HH-RLHF for D' (heldout)."""
+    if cfg.data.name != "paper":
+        return []
+    analysis = cfg.get("analysis")
+    heldout = analysis is None or (analysis.enabled and analysis.dprime == "heldout")
+    return ["sft", "preferences", *(["questions"] if heldout else []), "instructions"]
+
+
+def preflight_sources(cfg) -> None:
+    """Open every data source the run will use (its schema or first row), in seconds; fail naming key and file."""
+    for what in sources_in_use(cfg):
+        peek_source(cfg.data[what], what)
+
+
+def peek_source(src: SourceConfig, what: str) -> None:
+    """The source can be opened and its first row (or schema) has the columns `what` needs."""
+    if src.path:
+        builder, files = _data_files(Path(src.path).expanduser(), what)
+        for f in files:
+            _require_columns(_local_columns(Path(f), builder, what), what, f)
+        return
+    if not src.hub_id:
+        raise DataError(f"{what} data: set data.{what}.path (a local file) or data.{what}.hub_id")
+    if src.hub_id in SCRIPT_DATASETS:
+        raise script_dataset_error(src.hub_id, what)
+    online = hub_reachable()
+    try:
+        with contextlib.nullcontext() if online else _hub_offline():
+            builder = datasets.load_dataset_builder(src.hub_id, data_dir=src.data_dir)
+    except Exception as e:
+        if "scripts are no longer supported" in str(e):
+            raise script_dataset_error(src.hub_id, what) from e
+        where = "could not be opened on the Hugging Face Hub" if online else (
+            "is not in the local datasets cache and the Hugging Face Hub cannot be reached")
+        raise DataError(f"{what} data: {describe(src)} {where} ({type(e).__name__}: {e}); {_hub_hint(what)}") from e
+    splits = builder.info.splits
+    if splits and src.split not in splits:
+        raise DataError(f"{what} data: {src.hub_id} has no split {src.split!r} (it has {', '.join(splits)}); "
+                        f"set data.{what}.split")
+    if builder.info.features:
+        _require_columns(list(builder.info.features), what, describe(src))
+
+
+def _require_columns(found: list[str], what: str, where) -> None:
+    missing = [c for c in COLUMNS[what] if c not in found]
+    if missing:
+        raise DataError(f"{what} data {where}: no column(s) {', '.join(missing)} (found: {', '.join(found)}); "
+                        f"data.{what}.path must hold the schema of DESIGN 2")
+
+
+def _local_columns(path: Path, builder: str, what: str) -> list[str]:
+    """Column names from a parquet schema, or from the first row of a JSON lines file / JSON list."""
+    try:
+        if builder == "parquet":
+            import pyarrow.parquet as pq
+
+            return list(pq.read_schema(path).names)
+        opener = gzip.open if path.name.lower().endswith(".gz") else open
+        with opener(path, "rt", encoding="utf-8") as f:
+            head = f.read(_PEEK_BYTES)
+        text = head.lstrip()
+        if not text:
+            raise ValueError("the file is empty")
+        if text[0] == "[":  # a top-level JSON list (AlpacaEval's file)
+            body = text[1:].lstrip()
+            if body.startswith("]"):
+                raise ValueError("an empty JSON list")
+            first, _ = json.JSONDecoder().raw_decode(body)
+        else:
+            first = json.loads(text.splitlines()[0])
+        if not isinstance(first, dict):
+            raise ValueError(f"the first row is a {type(first).__name__}, not an object")
+        return list(first)
+    except Exception as e:
+        raise DataError(f"{what} data: could not read {path} ({type(e).__name__}: {e}); data.{what}.path must be "
+                        f"{_KINDS}") from e

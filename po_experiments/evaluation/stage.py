@@ -20,7 +20,7 @@ from transformers import AutoTokenizer
 
 from ..checkpoints import step_dirs
 from ..data.synthetic import DictionaryTask
-from ..models import load_for_inference
+from ..models import chat_template_text, load_for_inference
 from ..stages.common import generate
 from .judges import build_judge
 from .winrate import win_rate
@@ -48,10 +48,10 @@ def eval_prompts(cfg, tokenizer) -> EvalPrompts:
                            cfg.eval.max_new_tokens or cfg.data.max_new_tokens)
     from ..data.paper import load_instructions
 
-    rows = load_instructions(cfg.data)
+    rows = load_instructions(cfg.data, tokenizer)
     rows = rows.select(range(min(n, len(rows)))) if n else rows
-    inputs = [tokenizer.apply_chat_template([{"role": "user", "content": i}], tokenize=False,
-                                            add_generation_prompt=True) for i in rows["instruction"]]
+    inputs = [chat_template_text(tokenizer, [{"role": "user", "content": i}], add_generation_prompt=True)
+              for i in rows["instruction"]]
     return EvalPrompts(list(rows["instruction"]), inputs, list(rows["dataset"]), list(range(len(rows))),
                        cfg.eval.max_new_tokens or cfg.data.max_new_tokens)
 

@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 # Data settings that only the preference pairs / evaluation read: changing them must not retrain SFT.
 NOT_SFT_KEYS = {"n_pref_prompts", "sample_temperature", "label_scale", "label_flip_p", "n_heldout", "max_new_tokens",
-                "preferences", "questions", "instructions"}
+                "preferences", "questions", "instructions", "num_proc"}
 
 
 PO_KEYS = ("dpo", "cdpo", "ppo", "ppo_variants")  # model settings of later stages
@@ -27,6 +27,8 @@ PO_KEYS = ("dpo", "cdpo", "ppo", "ppo_variants")  # model settings of later stag
 
 def sft_key(cfg) -> dict:
     model = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k not in PO_KEYS}
+    if not model.get("chat_template_kwargs"):  # none (all but Qwen3): the SFT models cached before stay valid
+        model.pop("chat_template_kwargs", None)
     data = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if k not in NOT_SFT_KEYS}
     return {"model": model, "data": data, "seed": cfg.seed}
 
