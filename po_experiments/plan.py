@@ -110,15 +110,16 @@ def reward_shape(reward_cfg) -> Shape | None:
 
 @dataclass
 class Hardware:
-    gpus: int  # processes of the job (0: one CPU process)
+    gpus: int  # GPUs of the job, one process each (0: CPU processes)
     gpus_per_node: int
     gpu_memory_gb: float  # of one device (the host's memory on CPU)
     host_memory_gb: float  # of one node
     source: str  # where these figures came from
+    cpu_processes: int = 1  # gpus == 0: the job's processes on this CPU (gloo)
 
     @property
     def world(self) -> int:
-        return max(1, self.gpus)
+        return self.gpus if self.gpus else self.cpu_processes
 
     @property
     def nodes(self) -> int:
@@ -162,8 +163,10 @@ def hardware(cfg) -> Hardware:
     gpu_mem = p.gpu_memory_gb or gpu_mem or (host if gpus == 0 else 80.0)
     if any(v is not None for v in (p.gpus, p.gpu_memory_gb, p.host_memory_gb)):
         source = "plan.* settings" + (f" over the {source}" if source != "plan.* settings" else "")
+    from .distributed import job_world
+
     return Hardware(gpus=gpus, gpus_per_node=max(1, per_node), gpu_memory_gb=gpu_mem, host_memory_gb=host,
-                    source=source)
+                    source=source, cpu_processes=job_world() if gpus == 0 else 1)
 
 
 # ------------------------------------------------------------------------------------------ memory model
@@ -360,6 +363,8 @@ class Planner:
         return value + (DEVICE_BASE_GB * GB if self.hw.gpus else 0)
 
     def _fits(self, device: float, host: float) -> bool:
+        if self.hw.gpus == 0:  # CPU processes share the host's memory
+            return device * self.hw.world <= self.host_budget
         return device <= self.hw.gpu_memory_gb * GB * self.cfg.plan.headroom and host <= self.host_budget
 
     def training(self, hp, *, rows_: int | None, seq_len: int, seqs_per_example: int, checkpointing: bool,

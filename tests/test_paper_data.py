@@ -715,3 +715,13 @@ def test_preflight_reads_the_real_samples():
 
     peek_source(OmegaConf.structured(SourceConfig(path=str(_need(ALPACA_SAMPLE)))), "instructions")
     peek_source(OmegaConf.structured(SourceConfig(path=str(_need(HH_SAMPLE)))), "questions")
+
+
+def test_a_copy_whose_size_differs_from_the_planned_rows_is_reported(caplog):
+    n = len(load_source(SourceConfig(path=str(ALPACA_SAMPLE)), "instructions"))
+    with caplog.at_level("WARNING", logger="po_experiments.data.sources"):
+        load_source(SourceConfig(path=str(ALPACA_SAMPLE), rows=n), "instructions")
+    assert "data.instructions" not in caplog.text
+    with caplog.at_level("WARNING", logger="po_experiments.data.sources"):
+        load_source(SourceConfig(path=str(ALPACA_SAMPLE), rows=n + 7), "instructions")
+    assert f"has {n} rows, data.instructions.rows says {n + 7}" in caplog.text

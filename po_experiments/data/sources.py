@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import json
+import logging
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -22,6 +23,8 @@ import datasets
 from ..config import SourceConfig
 from ..errors import DataError
 from ..hub import hub_reachable
+
+log = logging.getLogger(__name__)
 
 # Longest suffixes first so "x.jsonl.gz" is not taken for a ".gz" of unknown kind.
 _BUILDERS = {
@@ -63,6 +66,11 @@ def load_source(src: SourceConfig, what: str) -> datasets.Dataset:
     if src.max_rows is not None and src.max_rows <= 0:
         raise DataError(f"data.{what}.max_rows must be > 0 (or null for all rows), got {src.max_rows}")
     ds = _load_local(Path(src.path).expanduser(), what) if src.path else _load_hub(src, what)
+    known = getattr(src, "rows", None)
+    if known is not None and len(ds) != known:  # the dry-run plan counted steps from `rows`
+        log.warning("data.%s: %s has %d rows, data.%s.rows says %d: the plan's step counts used %d (set "
+                    "data.%s.rows=%d to plan with this copy)", what, describe(src), len(ds), what, known, known,
+                    what, len(ds))
     if src.max_rows is not None and len(ds) > src.max_rows:
         ds = ds.select(range(src.max_rows))  # the first N rows, so row indices still match the source
     return ds
