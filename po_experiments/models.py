@@ -187,7 +187,11 @@ def load_model(source: str, cfg, model_class=AutoModelForCausalLM, **kwargs) -> 
     from transformers.integrations import is_deepspeed_zero3_enabled
 
     placement = {}
-    if torch.cuda.is_available() and not is_deepspeed_zero3_enabled():
+    if is_deepspeed_zero3_enabled():
+        import deepspeed
+
+        deepspeed.init_distributed()  # zero.Init sizes its partitions by deepspeed.comm: join the job's group first
+    elif torch.cuda.is_available():
         from accelerate import PartialState
 
         placement = {"device_map": {"": PartialState().device}}

@@ -91,7 +91,7 @@ def measure(size: str, tokens: int, batch: int, steps: int, device: str = "cpu",
 
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    parser.add_argument("--sizes", nargs="+", default=["tiny", "pythia-160m", "pythia-410m"], choices=list(SIZES))
     parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--steps", type=int, default=2)
