@@ -49,6 +49,7 @@ def trainer_kwargs(hp, cfg, *, output_dir: str, report_to: list[str]) -> dict:
         save_steps=hp.save_steps if hp.save_steps > 0 else 500,
         seed=seed,
         data_seed=seed,
+        full_determinism=cfg.runtime.deterministic,  # torch's deterministic kernels (slower on GPUs)
         bf16=dtype == "bfloat16" and torch.cuda.is_available(),
         fp16=dtype == "float16" and torch.cuda.is_available(),
         report_to=report_to,

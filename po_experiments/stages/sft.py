@@ -1,4 +1,10 @@
-"""SFT stage: TRL's SFTTrainer on demonstrations (synthetic task or UltraChat-200k), cached per model/data/seed."""
+"""SFT stage: TRL's SFTTrainer on demonstrations (synthetic task or UltraChat-200k), cached per model/data/seed.
+
+The build checkpoints inside its cache-build folder (`<hash>.partial/checkpoints/`, the newest only) every
+`model.sft.save_steps` steps and every `runtime.checkpoint_every_min` minutes; a build killed or preempted and
+started again (the same command, a SLURM requeue) continues from there and ends with the weights an uninterrupted
+build would have (bitwise on CPU with a fixed thread count: runtime.threads or runtime.deterministic).
+"""
 from __future__ import annotations
 
 import json
@@ -6,13 +12,16 @@ import logging
 import shutil
 from pathlib import Path
 
+import torch
 from omegaconf import OmegaConf
 from trl import SFTConfig, SFTTrainer
 
 from .. import distributed
 from ..cache import cached
+from ..checkpoints import StepCounter, build_checkpointing, resumed_step
 from ..data.synthetic import DictionaryTask
 from ..models import build_tiny_model, build_word_tokenizer, load_model, load_tokenizer, resolve_model_source
+from ..trainers.resume import ExactResumeMixin
 from .common import trainer_kwargs
 
 log = logging.getLogger(__name__)
@@ -23,10 +32,12 @@ NOT_SFT_KEYS = {"n_pref_prompts", "sample_temperature", "label_scale", "label_fl
 
 
 PO_KEYS = ("dpo", "cdpo", "ppo", "ppo_variants")  # model settings of later stages
+CHECKPOINTING_KEYS = ("save_steps",)  # how often a build checkpoints does not change what it produces
 
 
 def sft_key(cfg) -> dict:
     model = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k not in PO_KEYS}
+    model["sft"] = {k: v for k, v in model["sft"].items() if k not in CHECKPOINTING_KEYS}
     data = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if k not in NOT_SFT_KEYS}
     return {"model": model, "data": data, "seed": cfg.seed}
 
@@ -41,6 +52,10 @@ def base_model_and_tokenizer(cfg):
     return load_model(source, cfg.model), load_tokenizer(cfg.model, source)
 
 
+class ResumableSFTTrainer(ExactResumeMixin, SFTTrainer):
+    """SFTTrainer whose resume restores every weight (GPTNeoX's output head included)."""
+
+
 def demonstrations(cfg, tokenizer):
     if cfg.data.name == "synthetic":
         return DictionaryTask.from_config(cfg.data).sft_dataset(cfg.data.n_sft, cfg.seed)
@@ -50,26 +65,42 @@ def demonstrations(cfg, tokenizer):
 
 
 def train_sft(cfg, out_dir: Path) -> None:
+    """Train into `out_dir` (the cache-build folder), resuming from the checkpoint a killed build left there."""
+    metrics_file = out_dir / "sft_metrics.json"  # written last: a build killed after it has only to clean up
+    if not metrics_file.exists():
+        _train_sft(cfg, out_dir, metrics_file)
+    if distributed.is_main():
+        shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
+
+
+def _train_sft(cfg, out_dir: Path, metrics_file: Path) -> None:
+    checkpoint_root = out_dir / "checkpoints"
+    resume, callbacks = build_checkpointing(cfg, checkpoint_root, "kill_at_sft_step")
     model, tokenizer = base_model_and_tokenizer(cfg)
     dataset = demonstrations(cfg, tokenizer)
     args = SFTConfig(
-        **trainer_kwargs(cfg.model.sft, cfg, output_dir=str(out_dir / "trainer"), report_to=[]),
+        **trainer_kwargs(cfg.model.sft, cfg, output_dir=str(checkpoint_root), report_to=[]),
         max_length=cfg.model.max_length,
         packing=False,
         dataset_num_proc=None,
     )
-    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
-    result = trainer.train()
+    counter = StepCounter()
+    trainer = ResumableSFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                                  callbacks=[*callbacks, counter])
+    start = resumed_step(resume)  # before training: only the newest checkpoint is kept
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     trainer.save_model(str(out_dir))  # every rank: under ZeRO-3 the weights are gathered to rank 0 to be saved
     distributed.end_of_training()
     if not distributed.is_main():
         return
     tokenizer.save_pretrained(str(out_dir))
-    shutil.rmtree(out_dir / "trainer", ignore_errors=True)  # the Trainer's scratch folder (no checkpoints)
-    metrics = {"train_loss": result.training_loss, "steps": result.global_step, "examples": len(dataset)}
-    (out_dir / "sft_metrics.json").write_text(json.dumps(metrics, indent=2))
+    metrics = {"train_loss": result.training_loss, "steps": result.global_step, "examples": len(dataset),
+               "resumed_from_step": start, "steps_in_this_job": counter.steps,
+               "torch_threads": torch.get_num_threads()}
+    metrics_file.write_text(json.dumps(metrics, indent=2))
     log.info("SFT done: %s", metrics)
 
 
 def sft_model_dir(cfg) -> Path:
-    return cached(cfg.paths.cache_dir, "sft", sft_key(cfg), lambda out: train_sft(cfg, out), collective=True)
+    return cached(cfg.paths.cache_dir, "sft", sft_key(cfg), lambda out: train_sft(cfg, out), collective=True,
+                  resumable=True)
