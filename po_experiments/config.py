@@ -190,6 +190,7 @@ class RewardHparams:
     learning_rate: float = 3e-4  # measured on the embedded pairs: held-out gold agreement 0.76-0.82
     epochs: float = 3.0
     warmup_ratio: float = 0.05
+    save_steps: int = 0  # checkpoint every k steps to resume a killed build (0: by wall time only)
 
 
 @dataclass
@@ -336,7 +337,11 @@ class LoggerConfig:
 
 @dataclass
 class RuntimeConfig:
-    threads: int = 0  # torch CPU threads; 0 = the cores that are free right now
+    threads: int = 0  # torch CPU threads; 0 = the cores that are free right now (every core if deterministic)
+    # Bitwise-reproducible training: a CPU thread count that does not depend on the load, and torch's deterministic
+    # algorithms (Trainer full_determinism: slower on GPUs). On CPU a fixed runtime.threads alone is enough.
+    deterministic: bool = False
+    checkpoint_every_min: float = 30.0  # SFT / reward-model builds also checkpoint this often (0: by steps only)
     precompute_ref: bool = True  # reference log-probs once before training (exact, saves a forward per step)
     dist_timeout_s: int = 14400  # multi-process jobs: how long ranks wait for each other (rank 0 may evaluate)
 
@@ -344,6 +349,8 @@ class RuntimeConfig:
 @dataclass
 class DebugConfig:
     kill_at_step: Optional[int] = None  # SIGKILL the run after this optimizer step (tests of resume)
+    kill_at_sft_step: Optional[int] = None  # the same during the SFT build
+    kill_at_reward_step: Optional[int] = None  # the same while the learned reward model trains
     kill_after_analysed: Optional[int] = None  # SIGKILL the analysis after this many checkpoints (tests of resume)
 
 
@@ -595,8 +602,13 @@ def _validate(cfg: DictConfig) -> None:
     stage = ((cfg.deepspeed.config or {}).get("zero_optimization") or {}).get("stage")
     _require(not (cfg.algo.family == "ppo" and stage == 3), "deepspeed",
              "the PPO family runs under ZeRO-2 (deepspeed=zero2) or without DeepSpeed; ZeRO-3 is for the DPO family")
-    if cfg.debug.kill_at_step is not None:
-        _require(cfg.debug.kill_at_step > 0, "debug.kill_at_step", f"must be > 0, got {cfg.debug.kill_at_step}")
+    _require(cfg.runtime.checkpoint_every_min >= 0, "runtime.checkpoint_every_min",
+             f"must be >= 0 (0 = by steps only), got {cfg.runtime.checkpoint_every_min}")
+    _require(cfg.reward.train.save_steps >= 0, "reward.train.save_steps",
+             f"must be >= 0, got {cfg.reward.train.save_steps}")
+    for key in ("kill_at_step", "kill_at_sft_step", "kill_at_reward_step"):
+        if cfg.debug[key] is not None:
+            _require(cfg.debug[key] > 0, f"debug.{key}", f"must be > 0, got {cfg.debug[key]}")
 
 
 def run_config(run_dir, overrides=()) -> DictConfig:

@@ -234,15 +234,26 @@ def load_for_inference(model_dir, dtype: str = "float32"):
     return model, AutoTokenizer.from_pretrained(model_dir)
 
 
+def all_cores() -> int:
+    """Cores this process may run on (a SLURM allocation's CPUs), whatever else is running on them."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def free_cores() -> int:
     """Cores not busy right now: with another process on one of two cores, 2 torch threads ran 30x slower."""
-    total = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     busy = round(os.getloadavg()[0]) if hasattr(os, "getloadavg") else 0
-    return max(1, total - busy)
+    return max(1, all_cores() - busy)
 
 
-def set_threads(requested: int) -> int:
-    n = requested or free_cores()
+def set_threads(requested: int, deterministic: bool = False) -> int:
+    """torch's CPU threads: `requested`, else the free cores, or with `deterministic` every core of the process.
+
+    The thread count decides how CPU kernels split their reductions (LayerNorm's weight/bias gradients sum over the
+    rows in per-thread blocks), so runs with different counts differ in the last bits and a 300-step SFT drifts
+    apart by ~1e-3. The free-core count depends on the machine's load at start: two runs of the same command, or
+    a run and its resumption, may get different counts. `deterministic` fixes it."""
+    n = requested or (all_cores() if deterministic else free_cores())
     torch.set_num_threads(n)
-    log.info("torch CPU threads: %d%s", n, " (auto: free cores)" if not requested else "")
+    how = "" if requested else " (auto: every core, runtime.deterministic)" if deterministic else " (auto: free cores)"
+    log.info("torch CPU threads: %d%s", n, how)
     return n

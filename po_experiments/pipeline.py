@@ -45,7 +45,7 @@ def finished_run(cfg, run_dir: Path, summary: dict) -> dict:
         log.info("run already finished (win rate %s): %s", summary.get("win_rate"), run_dir / "summary.json")
         return summary
     log.info("run already finished; judging its outputs with %s", judge)
-    set_threads(cfg.runtime.threads)
+    set_threads(cfg.runtime.threads, cfg.runtime.deterministic)
     judges.preflight(cfg)
     result = evaluate(cfg, run_dir, Path(summary["sft_dir"]), summary["final_step"])
     summary.update(result, win_rates={**summary.get("win_rates", {}), result["judge"]: result["win_rate"]})
@@ -63,7 +63,7 @@ def run(cfg) -> dict:
         return finished_run(cfg, run_dir, summary) if distributed.is_main() else summary
 
     started = time.time()
-    set_threads(cfg.runtime.threads)
+    set_threads(cfg.runtime.threads, cfg.runtime.deterministic)
     set_seed(cfg.seed)
     preflight(cfg)
     wandb_run = tracking.start(cfg, run_dir) if distributed.is_main() else None

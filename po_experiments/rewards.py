@@ -25,7 +25,8 @@ from trl import RewardTrainer
 from trl.trainer.reward_trainer import suppress_seqcls_warning
 
 from . import distributed
-from .cache import cached
+from .cache import cached, to_plain
+from .checkpoints import StepCounter, build_checkpointing, resumed_step
 from .data.synthetic import ASSISTANT, USER, DictionaryTask
 from .errors import ConfigError, ModelUnavailableError
 from .hub import resolve_pretrained
@@ -33,6 +34,7 @@ from .models import DTYPES, chat_template_text
 from .reward_models.architecture import check_reward_model
 from .reward_models.armorm import ArmoRMForScoring, load_armorm
 from .stages.common import batch_split
+from .trainers.resume import ExactResumeMixin
 from .stages.pairs import PAIR_KEYS, preference_data
 from .stages.sft import sft_key
 
@@ -266,12 +268,12 @@ def pairwise_accuracy(reward: RewardFunction, pairs) -> float:
 # --------------------------------------------------------------------------------------------- learned RM
 
 
-def _trl_reward_args(cfg, out_dir: Path) -> TRLRewardConfig:
+def _trl_reward_args(cfg, checkpoint_root: Path) -> TRLRewardConfig:
     """TRL RewardConfig from `cfg.reward.train` (a RewardHparams, smaller than a stage's StageHparams)."""
     hp = cfg.reward.train
     per_device, accumulation = batch_split(hp.batch_size, None)
     return TRLRewardConfig(
-        output_dir=str(out_dir / "trainer"),
+        output_dir=str(checkpoint_root),
         per_device_train_batch_size=per_device,
         gradient_accumulation_steps=accumulation,
         learning_rate=hp.learning_rate,
@@ -281,8 +283,10 @@ def _trl_reward_args(cfg, out_dir: Path) -> TRLRewardConfig:
         max_length=cfg.model.max_length,
         seed=cfg.seed,
         data_seed=cfg.seed,
+        full_determinism=cfg.runtime.deterministic,
         report_to=[],
-        save_strategy="no",
+        save_strategy="steps" if hp.save_steps > 0 else "no",  # and every runtime.checkpoint_every_min minutes
+        save_steps=hp.save_steps if hp.save_steps > 0 else 500,
         logging_steps=10,
         bf16=False,  # TRL defaults to bf16; the learned RM is the tiny model, trained in float32
         activation_checkpointing=False,  # TRL turns it on by default; pure overhead for a model this small
@@ -306,42 +310,61 @@ def _gold_agreement(cfg, reward: RewardFunction, pairs) -> Optional[float]:
     return agree[decided].float().mean().item() if decided.any() else None
 
 
+class ResumableRewardTrainer(ExactResumeMixin, RewardTrainer):
+    """RewardTrainer whose resume restores every weight through from_pretrained (trainers/resume.py)."""
+
+
 def train_reward_model(cfg, sft_dir: Path, out_dir: Path) -> None:
-    """TRL RewardTrainer on the preference pairs, starting from the SFT weights with a fresh 1-label head."""
+    """TRL RewardTrainer on the preference pairs, starting from the SFT weights with a fresh 1-label head.
+
+    `out_dir` is the cache-build folder: checkpoints go to its `checkpoints/` (the newest only) and a build killed
+    and started again resumes from there, as SFT does."""
     out_dir = Path(out_dir)
+    metrics_file = out_dir / "reward_metrics.json"  # written last: a build killed after it has only to clean up
+    if not metrics_file.exists():
+        _train_reward_model(cfg, sft_dir, out_dir, metrics_file)
+    if distributed.is_main():
+        shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
+
+
+def _train_reward_model(cfg, sft_dir: Path, out_dir: Path, metrics_file: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(sft_dir)
     pairs = preference_data(cfg, sft_dir, tokenizer)
     n_train = len(pairs) - max(1, round(HELDOUT_FRACTION * len(pairs)))
     train, heldout = pairs.select(range(n_train)), pairs.select(range(n_train, len(pairs)))
 
+    checkpoint_root = out_dir / "checkpoints"
+    resume, callbacks = build_checkpointing(cfg, checkpoint_root, "kill_at_reward_step")
     set_seed(cfg.seed)  # the new score head is drawn at load time
     with suppress_seqcls_warning():  # "lm head unexpected, score head missing" is the point of this load
         model = AutoModelForSequenceClassification.from_pretrained(sft_dir, num_labels=1)
     align_pad_token(model, tokenizer)
-    trainer = RewardTrainer(model=model, args=_trl_reward_args(cfg, out_dir), train_dataset=train,
-                            processing_class=tokenizer)
-    result = trainer.train()
+    counter = StepCounter()
+    trainer = ResumableRewardTrainer(model=model, args=_trl_reward_args(cfg, checkpoint_root), train_dataset=train,
+                                     processing_class=tokenizer, callbacks=[*callbacks, counter])
+    start = resumed_step(resume)  # before training: only the newest checkpoint is kept
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     trainer.save_model(str(out_dir))
     distributed.end_of_training()
     if not distributed.is_main():
         return
     tokenizer.save_pretrained(str(out_dir))
-    shutil.rmtree(out_dir / "trainer", ignore_errors=True)  # the Trainer's scratch folder (no checkpoints)
 
     rm = ClassifierReward(out_dir, batch_size=256, device="cpu")  # measured through the same path PPO scores with
     metrics = {"train_loss": result.training_loss, "steps": result.global_step, "train_pairs": len(train),
                "heldout_pairs": len(heldout), "heldout_accuracy": pairwise_accuracy(rm, heldout),
-               "heldout_gold_agreement": _gold_agreement(cfg, rm, heldout)}
-    (out_dir / "reward_metrics.json").write_text(json.dumps(metrics, indent=2))
+               "heldout_gold_agreement": _gold_agreement(cfg, rm, heldout),
+               "resumed_from_step": start, "steps_in_this_job": counter.steps}
+    metrics_file.write_text(json.dumps(metrics, indent=2))
     log.info("reward model trained: %s", metrics)
 
 
 def reward_model_dir(cfg, sft_dir: Path) -> Path:
     """The learned RM for this SFT model, pair set, RM hyper-parameters and seed (trained once, then reused)."""
-    key = {"sft": sft_key(cfg), "pairs": {k: cfg.data[k] for k in PAIR_KEYS}, "reward": cfg.reward.train,
-           "seed": cfg.seed}
+    hparams = {k: v for k, v in to_plain(cfg.reward.train).items() if k != "save_steps"}  # not what it produces
+    key = {"sft": sft_key(cfg), "pairs": {k: cfg.data[k] for k in PAIR_KEYS}, "reward": hparams, "seed": cfg.seed}
     return cached(cfg.paths.cache_dir, "reward", key, lambda out: train_reward_model(cfg, sft_dir, out),
-                  collective=True)
+                  collective=True, resumable=True)
 
 
 # --------------------------------------------------------------------------------------------- builder

@@ -59,6 +59,7 @@ def trainer_kwargs(hp, cfg, *, stage: str, output_dir: str, report_to: list[str]
         tf32=True if tf32_available() else None,
         activation_checkpointing=activation_checkpointing(cfg.model),
         activation_checkpointing_kwargs={"use_reentrant": False},  # no reentrant autograd: works with frozen inputs
+        full_determinism=cfg.runtime.deterministic,  # torch's deterministic kernels (slower on GPUs)
         report_to=report_to,
         dataloader_num_workers=0,
         disable_tqdm=False,

@@ -1,4 +1,10 @@
-"""SFT stage: TRL's SFTTrainer on demonstrations (synthetic task or UltraChat-200k), cached per model/data/seed."""
+"""SFT stage: TRL's SFTTrainer on demonstrations (synthetic task or UltraChat-200k), cached per model/data/seed.
+
+The build checkpoints inside its cache-build folder (`<hash>.partial/checkpoints/`, the newest only) every
+`model.sft.save_steps` steps and every `runtime.checkpoint_every_min` minutes; a build killed or preempted and
+started again (the same command, a SLURM requeue) continues from there and ends with the weights an uninterrupted
+build would have (bitwise on CPU with a fixed thread count: runtime.threads or runtime.deterministic).
+"""
 from __future__ import annotations
 
 import json
@@ -6,13 +12,16 @@ import logging
 import shutil
 from pathlib import Path
 
+import torch
 from omegaconf import OmegaConf
 from trl import SFTConfig, SFTTrainer
 
 from .. import distributed
 from ..cache import cached
+from ..checkpoints import StepCounter, build_checkpointing, resumed_step
 from ..data.synthetic import DictionaryTask
 from ..models import build_tiny_model, build_word_tokenizer, load_model, load_tokenizer, resolve_model_source
+from ..trainers.resume import ExactResumeMixin
 from .common import trainer_kwargs
 
 log = logging.getLogger(__name__)
@@ -23,24 +32,35 @@ NOT_SFT_KEYS = {"n_pref_prompts", "sample_temperature", "label_scale", "label_fl
 
 
 PO_KEYS = ("dpo", "cdpo", "ppo", "ppo_variants")  # model settings of later stages
+CHECKPOINTING_KEYS = ("save_steps",)  # how often a build checkpoints does not change what it produces
 
 
 def sft_key(cfg) -> dict:
-    model = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k not in PO_KEYS}
+    model = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items()
+             if k not in PO_KEYS and k != "activation_checkpointing"}  # recomputing activations changes nothing
     if not model.get("chat_template_kwargs"):  # none (all but Qwen3): the SFT models cached before stay valid
         model.pop("chat_template_kwargs", None)
+    model["sft"] = {k: v for k, v in model["sft"].items() if k not in CHECKPOINTING_KEYS}
     data = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if k not in NOT_SFT_KEYS}
     return {"model": model, "data": data, "seed": cfg.seed}
 
 
-def base_model_and_tokenizer(cfg):
-    """The model SFT starts from: the tiny model built from scratch, or a real base model."""
+def base_tokenizer(cfg):
     if cfg.model.path is None:
-        task = DictionaryTask.from_config(cfg.data)
-        tokenizer = build_word_tokenizer(task.words)
-        return build_tiny_model(cfg.model.arch, tokenizer, cfg.seed), tokenizer
-    source = resolve_model_source(cfg.model)
-    return load_model(source, cfg.model), load_tokenizer(cfg.model, source)
+        return build_word_tokenizer(DictionaryTask.from_config(cfg.data).words)
+    return load_tokenizer(cfg.model, resolve_model_source(cfg.model))
+
+
+def base_model(cfg, tokenizer):
+    """The model SFT starts from: the tiny model built from scratch, or a real base model (loaded after the stage's
+    TrainingArguments exist: onto this rank's GPU, or partitioned under ZeRO-3)."""
+    if cfg.model.path is None:
+        return build_tiny_model(cfg.model.arch, tokenizer, cfg.seed)
+    return load_model(resolve_model_source(cfg.model), cfg.model)
+
+
+class ResumableSFTTrainer(ExactResumeMixin, SFTTrainer):
+    """SFTTrainer whose resume restores every weight (GPTNeoX's output head included)."""
 
 
 def demonstrations(cfg, tokenizer):
@@ -52,26 +72,43 @@ def demonstrations(cfg, tokenizer):
 
 
 def train_sft(cfg, out_dir: Path) -> None:
-    model, tokenizer = base_model_and_tokenizer(cfg)
+    """Train into `out_dir` (the cache-build folder), resuming from the checkpoint a killed build left there."""
+    metrics_file = out_dir / "sft_metrics.json"  # written last: a build killed after it has only to clean up
+    if not metrics_file.exists():
+        _train_sft(cfg, out_dir, metrics_file)
+    if distributed.is_main():
+        shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
+
+
+def _train_sft(cfg, out_dir: Path, metrics_file: Path) -> None:
+    checkpoint_root = out_dir / "checkpoints"
+    resume, callbacks = build_checkpointing(cfg, checkpoint_root, "kill_at_sft_step")
+    tokenizer = base_tokenizer(cfg)
     dataset = demonstrations(cfg, tokenizer)
     args = SFTConfig(
-        **trainer_kwargs(cfg.model.sft, cfg, stage="sft", output_dir=str(out_dir / "trainer"), report_to=[]),
+        **trainer_kwargs(cfg.model.sft, cfg, stage="sft", output_dir=str(checkpoint_root), report_to=[]),
         max_length=cfg.model.max_length,
         packing=False,
         dataset_num_proc=None,
     )
-    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
-    result = trainer.train()
+    model = base_model(cfg, tokenizer)
+    counter = StepCounter()
+    trainer = ResumableSFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                                  callbacks=[*callbacks, counter])
+    start = resumed_step(resume)  # before training: only the newest checkpoint is kept
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     trainer.save_model(str(out_dir))  # every rank: under ZeRO-3 the weights are gathered to rank 0 to be saved
     distributed.end_of_training()
     if not distributed.is_main():
         return
     tokenizer.save_pretrained(str(out_dir))
-    shutil.rmtree(out_dir / "trainer", ignore_errors=True)  # the Trainer's scratch folder (no checkpoints)
-    metrics = {"train_loss": result.training_loss, "steps": result.global_step, "examples": len(dataset)}
-    (out_dir / "sft_metrics.json").write_text(json.dumps(metrics, indent=2))
+    metrics = {"train_loss": result.training_loss, "steps": result.global_step, "examples": len(dataset),
+               "resumed_from_step": start, "steps_in_this_job": counter.steps,
+               "torch_threads": torch.get_num_threads()}
+    metrics_file.write_text(json.dumps(metrics, indent=2))
     log.info("SFT done: %s", metrics)
 
 
 def sft_model_dir(cfg) -> Path:
-    return cached(cfg.paths.cache_dir, "sft", sft_key(cfg), lambda out: train_sft(cfg, out), collective=True)
+    return cached(cfg.paths.cache_dir, "sft", sft_key(cfg), lambda out: train_sft(cfg, out), collective=True,
+                  resumable=True)
