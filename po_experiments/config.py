@@ -72,6 +72,11 @@ class PPOHparams(StageHparams):
     top_p: float = 0.9
     max_new_tokens: int = 256
     max_prompt_length: int = 256
+    # prompts per generate() call in a rollout; None = the whole per-device rollout batch (batch_size / processes),
+    # independent of the optimizer micro-batch (per_device_batch_size) used by the update and the forward passes
+    generation_batch_size: Optional[int] = None
+    # activation checkpointing on policy and value in the update; None = on for real models (model.path set)
+    gradient_checkpointing: Optional[bool] = None
 
 
 @dataclass
@@ -98,6 +103,9 @@ class ModelConfig:
     path: Optional[str] = None  # hub id or local directory; None builds the tiny model from `arch`
     arch: Optional[TinyArch] = None
     dtype: str = "float32"  # float32 | bfloat16 | float16
+    # true: train with weights (and optimizer states) in `dtype`, no fp32 master copy (warned); false: fp32 master
+    # weights with `dtype` autocast
+    pure_low_precision: bool = False
     trust_remote_code: bool = False
     max_length: int = 64  # tokens of prompt + response in training
     sft: StageHparams = field(default_factory=StageHparams)
@@ -462,6 +470,8 @@ def _validate_ppo(cfg: DictConfig) -> None:
     _require(p.temperature > 0, "model.ppo.temperature", f"must be > 0, got {p.temperature}")
     _require(0 < p.top_p <= 1, "model.ppo.top_p", f"must be in (0, 1], got {p.top_p}")
     _require(p.max_new_tokens > 0, "model.ppo.max_new_tokens", f"must be > 0, got {p.max_new_tokens}")
+    _require(p.generation_batch_size is None or p.generation_batch_size > 0, "model.ppo.generation_batch_size",
+             f"must be > 0 or null (the whole per-device rollout batch), got {p.generation_batch_size}")
     r = cfg.reward
     _require(r.kind in ("gold", "learned", "classifier"), "reward.kind",
              f"must be gold, learned or classifier, got {r.kind!r}")

@@ -5,10 +5,11 @@ updates under `checkpoints/step-N/`; a killed run started again resumes from the
 """
 from __future__ import annotations
 
-import copy
 import logging
 from pathlib import Path
 
+import torch
+from accelerate import PartialState
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, set_seed
 from trl.experimental.ppo import PPOConfig
@@ -46,10 +47,23 @@ def prompt_dataset(cfg, tokenizer) -> tuple[Dataset, dict[str, list[dict]]]:
     return Dataset.from_dict({"input_ids": [ids[k] for k in kept]}), lookup
 
 
+def trainable_dtype(cfg) -> torch.dtype:
+    """Policy and value model: fp32 master weights (bf16/fp16 enters as autocast), unless
+    `model.pure_low_precision` keeps them in `model.dtype` (the trainer warns)."""
+    return DTYPES[cfg.model.dtype] if cfg.model.pure_low_precision else torch.float32
+
+
+def placement(cfg) -> dict:
+    """from_pretrained keywords that load straight onto this rank's device, so N ranks never hold N whole
+    copies of every model in host RAM (ZeRO-3, which would partition at load, is rejected for PPO)."""
+    return {"device_map": {"": str(PartialState().device)}}
+
+
 def value_model(cfg, sft_dir: Path):
     """Initialised the usual way: from the reward model when one was trained, else from the SFT model."""
     source = reward_model_dir(cfg, sft_dir) if cfg.reward.kind == "learned" else sft_dir
-    model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1, dtype=DTYPES[cfg.model.dtype])
+    model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1, dtype=trainable_dtype(cfg),
+                                                               **placement(cfg))
     if model.config.pad_token_id is None:
         model.config.pad_token_id = AutoTokenizer.from_pretrained(sft_dir).pad_token_id
     return model
@@ -60,6 +74,12 @@ def ppo_config(cfg, checkpoint_root: Path, report_to: list[str]) -> PPOConfig:
     kwargs = trainer_kwargs(hp, cfg, output_dir=str(checkpoint_root), report_to=report_to)
     kwargs["save_strategy"] = "no"  # ComponentPPOTrainer writes its own checkpoints (with the rollout)
     kwargs["world_size"] = distributed.world()  # PPOConfig's field shadows TrainingArguments' (DeepSpeed reads it)
+    # bf16/fp16 autocast on CPU too (TRL's Accelerator takes it from bf16/fp16; fp16 autocast needs a GPU)
+    kwargs["bf16"] = cfg.model.dtype == "bfloat16"
+    kwargs["fp16"] = cfg.model.dtype == "float16" and torch.cuda.is_available()
+    kwargs["activation_checkpointing"] = (cfg.model.path is not None if hp.gradient_checkpointing is None
+                                          else bool(hp.gradient_checkpointing))
+    kwargs["activation_checkpointing_kwargs"] = {"use_reentrant": False}
     if hp.max_steps > 0:  # TRL's PPO counts episodes (prompts), not updates
         kwargs["total_episodes"] = hp.max_steps * hp.batch_size
     return PPOConfig(
@@ -80,15 +100,18 @@ def train_ppo_policy(cfg, sft_dir: Path, run_dir: Path, report_to: list[str]) ->
     resume = last_checkpoint(checkpoint_root)
     tokenizer = AutoTokenizer.from_pretrained(sft_dir)
     tokenizer.padding_side = "left"
-    policy = AutoModelForCausalLM.from_pretrained(sft_dir, dtype=DTYPES[cfg.model.dtype])
+    policy = AutoModelForCausalLM.from_pretrained(sft_dir, dtype=trainable_dtype(cfg), **placement(cfg))
+    # frozen: inference only, so in model.dtype
+    reference = AutoModelForCausalLM.from_pretrained(sft_dir, dtype=DTYPES[cfg.model.dtype], **placement(cfg))
     prompts, user_turns = prompt_dataset(cfg, tokenizer)
     set_seed(cfg.seed)  # the value head's init must not depend on whether SFT was trained in this process
     trainer = ComponentPPOTrainer(
         args=ppo_config(cfg, checkpoint_root, report_to), processing_class=tokenizer, model=policy,
-        ref_model=copy.deepcopy(policy), value_model=value_model(cfg, sft_dir), train_dataset=prompts,
+        ref_model=reference, value_model=value_model(cfg, sft_dir), train_dataset=prompts,
         eval_dataset=prompts.select(range(min(8, len(prompts)))), reward=build_reward(cfg, sft_dir, messages=user_turns or None),
         algo=cfg.algo, ablation=cfg.ablation, top_p=cfg.model.ppo.top_p, max_grad_norm=cfg.model.ppo.max_grad_norm,
         checkpoint_root=checkpoint_root, save_steps=cfg.model.ppo.save_steps, callbacks=debug_callbacks(cfg),
+        generation_batch_size=cfg.model.ppo.generation_batch_size, pure_low_precision=cfg.model.pure_low_precision,
     )
     trainer.train(resume_from=resume)
 
