@@ -155,10 +155,9 @@ def prepare_trainable(models, args, pure_low_precision: bool) -> None:
 
 
 def enable_tf32() -> None:
-    """TF32 matmuls/convolutions for the fp32 parts (Ampere and later; a no-op elsewhere)."""
+    """TF32 matmuls for the fp32 parts (Ampere and later; a no-op elsewhere)."""
     if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.set_float32_matmul_precision("high")  # CUDA only: on a CPU "high" could mean bf16 passes
 
 
 @contextlib.contextmanager
