@@ -553,9 +553,11 @@ def _validate(cfg: DictConfig) -> None:
     _require(cfg.runtime.threads >= 0, "runtime.threads", f"must be >= 0 (0 = auto), got {cfg.runtime.threads}")
     _require(cfg.logger.mode in ("offline", "online", "disabled"), "logger.mode",
              f"must be offline, online or disabled, got {cfg.logger.mode!r}")
-    stage = ((cfg.deepspeed.config or {}).get("zero_optimization") or {}).get("stage")
-    _require(not (cfg.algo.family == "ppo" and stage == 3), "deepspeed",
-             "the PPO family runs under ZeRO-2 (deepspeed=zero2) or without DeepSpeed; ZeRO-3 is for the DPO family")
+    zero = (cfg.deepspeed.config or {}).get("zero_optimization") or {}
+    _require(not (cfg.algo.family == "ppo" and zero.get("stage") == 3
+                  and not zero.get("stage3_gather_16bit_weights_on_model_save")),
+             "deepspeed.config.zero_optimization.stage3_gather_16bit_weights_on_model_save",
+             "must be true for the PPO family under ZeRO-3 (its checkpoints hold the whole policy and value model)")
     if cfg.debug.kill_at_step is not None:
         _require(cfg.debug.kill_at_step > 0, "debug.kill_at_step", f"must be > 0, got {cfg.debug.kill_at_step}")
 

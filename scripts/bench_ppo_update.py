@@ -110,6 +110,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="activation checkpointing on policy and value (ours; stock's loop never enables it)")
     p.add_argument("--generation-batch", type=int, default=0,
                    help="ours: prompts per generate() call (0: the whole rollout batch)")
+    p.add_argument("--rollout-only", action="store_true",
+                   help="footprint: time and peak memory of rollouts alone (generation, behaviour/reference "
+                        "log-probs, values, reward), --repeats of them, no update")
     args = p.parse_args(argv)
     args.micro_batch = args.micro_batch or args.batch
     if args.batch % args.micro_batch:
@@ -413,7 +416,21 @@ def run_footprint(args) -> dict:
         checkpointing = any(getattr(m, "is_gradient_checkpointing", False)
                             for m in (wrapper.policy, wrapper.value_model))
         times, cpu, peaks, bases = [], [], [], []
-        for _ in range(args.repeats):
+        for _ in range(args.repeats if args.rollout_only else 0):
+            torch.manual_seed(0)
+            bases.append(host_rss_kib())
+            reset_host_peak()
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            start, cpu_start = time.perf_counter(), sum(os.times()[:2])
+            ours.make_rollout(ours.batch_for(1))
+            sync(device)
+            times.append(time.perf_counter() - start)
+            cpu.append(sum(os.times()[:2]) - cpu_start)
+            peaks.append(host_peak_kib())
+            if device == "cuda":
+                peak.gpu_peaks.append(torch.cuda.max_memory_allocated() / 2**30)
+        for _ in range(0 if args.rollout_only else args.repeats):
             ours.train()
             times += timers["ours"].intervals()[args.warmup:]
             cpu += peak.cpu_s[args.warmup:]
@@ -423,7 +440,8 @@ def run_footprint(args) -> dict:
         del trainers, ours, wrapper
     gib = 1 / 2**20
     q1, med, q3 = quartiles(times)
-    result = {"median_s": med, "q1_s": q1, "q3_s": q3, "update_times_s": times,
+    result = {"phase": "rollout" if args.rollout_only else "rollout+update",
+              "median_s": med, "q1_s": q1, "q3_s": q3, "update_times_s": times,
               "cpu_median_s": float(np.median(cpu)), "update_cpu_s": cpu,
               "host_peak_gib": max(peaks) * gib, "host_baseline_gib": bases[peaks.index(max(peaks))] * gib,
               "host_transient_gib": max(p - b for p, b in zip(peaks, bases)) * gib,
@@ -443,7 +461,7 @@ def print_footprint(res: dict) -> None:
           f"(micro {c['micro_batch']}) generation batch={c['generation_batch'] or c['batch']} "
           f"ppo_epochs={c['ppo_epochs']} context={c['context_length']} response={c['response_length']} "
           f"checkpointing={f['checkpointing_enabled']} trainer={c['trainer_file']}")
-    print(f"rollout+update: median {f['median_s']:.1f} s (q1 {f['q1_s']:.1f}, q3 {f['q3_s']:.1f}, "
+    print(f"{f['phase']}: median {f['median_s']:.1f} s (q1 {f['q1_s']:.1f}, q3 {f['q3_s']:.1f}, "
           f"n={len(f['update_times_s'])}), CPU time (user+sys) median {f['cpu_median_s']:.1f} s; peak host RSS {f['host_peak_gib']:.3f} GiB = baseline "
           f"{f['host_baseline_gib']:.3f} + transient {f['host_transient_gib']:.3f} GiB"
           + (f"; peak GPU allocated {f['gpu_peak_gib']:.3f} GiB" if f["gpu_peak_gib"] is not None else ""))

@@ -403,3 +403,30 @@ def test_ppo_stage_arguments_precision_checkpointing_and_placement():
                           Path("/tmp/x/ckpt"), []).activation_checkpointing
     with pytest.raises(ConfigError, match=r"model\.ppo\.generation_batch_size"):
         validate(make("model.ppo.generation_batch_size=0"))
+    zero3 = make("deepspeed=zero3")
+    validate(zero3)  # PPO under ZeRO-3: partitioned from the load on (no device_map), gathered into checkpoints
+    assert placement(zero3) == {}
+    with pytest.raises(ConfigError, match="stage3_gather_16bit_weights_on_model_save"):
+        validate(make("deepspeed=zero3",
+                      "deepspeed.config.zero_optimization.stage3_gather_16bit_weights_on_model_save=false"))
+
+
+def test_linear_swapped_by_zero3_init_is_restored_after_ppo(monkeypatch):
+    """ZeRO-3's zero.Init replaces torch.nn.functional.linear for good; the PPO stage puts the original back (the
+    G analysis after it runs forward-mode AD, which DeepSpeed's replacement has no rule for)."""
+    import sys
+    import types
+
+    from po_experiments.stages.ppo_policy import restore_torch_linear
+
+    original = torch.nn.functional.linear
+    patcher = types.SimpleNamespace(linear_bk=original)
+    monkeypatch.setitem(sys.modules, "deepspeed.runtime.zero.partition_parameters",
+                        types.SimpleNamespace(InsertPostInitMethodToModuleSubClasses=patcher))
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda *a, **k: None)
+    restore_torch_linear()
+    assert torch.nn.functional.linear is original
+    x = torch.randn(2, 3, dtype=torch.float64)
+    lin = torch.nn.Linear(3, 1, dtype=torch.float64)
+    _, tangent = torch.func.jvp(lambda v: lin(v), (x,), (torch.ones_like(x),))
+    assert torch.allclose(tangent, (torch.ones_like(x) @ lin.weight.T))

@@ -6,6 +6,7 @@ updates under `checkpoints/step-N/`; a killed run started again resumes from the
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 import torch
@@ -54,9 +55,10 @@ def trainable_dtype(cfg) -> torch.dtype:
 
 
 def placement(cfg) -> dict:
-    """from_pretrained keywords that load straight onto this rank's device, so N ranks never hold N whole
-    copies of every model in host RAM (ZeRO-3, which would partition at load, is rejected for PPO)."""
-    return {"device_map": {"": str(PartialState().device)}}
+    """from_pretrained keywords so that N ranks never hold N whole copies of every model in host RAM: straight onto
+    this rank's device, or under ZeRO-3 none (PPOConfig, built first, makes from_pretrained partition at load)."""
+    stage = ((cfg.deepspeed.config or {}).get("zero_optimization") or {}).get("stage")
+    return {} if stage == 3 else {"device_map": {"": str(PartialState().device)}}
 
 
 def value_model(cfg, sft_dir: Path):
@@ -100,21 +102,34 @@ def train_ppo_policy(cfg, sft_dir: Path, run_dir: Path, report_to: list[str]) ->
     resume = last_checkpoint(checkpoint_root)
     tokenizer = AutoTokenizer.from_pretrained(sft_dir)
     tokenizer.padding_side = "left"
+    prompts, user_turns = prompt_dataset(cfg, tokenizer)
+    # Every rank scores text with a whole reward model outside DeepSpeed: loaded before PPOConfig exists, since
+    # under ZeRO-3 from_pretrained partitions whatever it loads while that config is registered
+    reward = build_reward(cfg, sft_dir, messages=user_turns or None)
+    args = ppo_config(cfg, checkpoint_root, report_to)  # before the loads below: under ZeRO-3 they are partitioned
     policy = AutoModelForCausalLM.from_pretrained(sft_dir, dtype=trainable_dtype(cfg), **placement(cfg))
     # frozen: inference only, so in model.dtype
     reference = AutoModelForCausalLM.from_pretrained(sft_dir, dtype=DTYPES[cfg.model.dtype], **placement(cfg))
-    prompts, user_turns = prompt_dataset(cfg, tokenizer)
     set_seed(cfg.seed)  # the value head's init must not depend on whether SFT was trained in this process
     trainer = ComponentPPOTrainer(
-        args=ppo_config(cfg, checkpoint_root, report_to), processing_class=tokenizer, model=policy,
+        args=args, processing_class=tokenizer, model=policy,
         ref_model=reference, value_model=value_model(cfg, sft_dir), train_dataset=prompts,
-        eval_dataset=prompts.select(range(min(8, len(prompts)))), reward=build_reward(cfg, sft_dir, messages=user_turns or None),
+        eval_dataset=prompts.select(range(min(8, len(prompts)))), reward=reward,
         algo=cfg.algo, ablation=cfg.ablation, top_p=cfg.model.ppo.top_p, max_grad_norm=cfg.model.ppo.max_grad_norm,
         checkpoint_root=checkpoint_root, save_steps=cfg.model.ppo.save_steps, callbacks=debug_callbacks(cfg),
         generation_batch_size=cfg.model.ppo.generation_batch_size, pure_low_precision=cfg.model.pure_low_precision,
     )
     trainer.train(resume_from=resume)
 
-    policy = trainer.accelerator.unwrap_model(trainer.model).policy  # whole on every rank under ZeRO-2
-    save = policy.save_pretrained if trainer.accelerator.is_main_process else (lambda folder: None)
-    return write_final_policy(run_dir, save, tokenizer, trainer.state, resume)
+    done = write_final_policy(run_dir, trainer.save_policy, tokenizer, trainer.state, resume)
+    restore_torch_linear()
+    return done
+
+
+def restore_torch_linear() -> None:
+    """ZeRO-3's zero.Init swaps torch.nn.functional.linear for its memory-efficient autograd Function "until manually
+    reset"; that Function has no forward-mode rule, which the PPO G analysis (jvp) needs on the models it loads."""
+    module = sys.modules.get("deepspeed.runtime.zero.partition_parameters")  # never imported: nothing swapped
+    original = getattr(getattr(module, "InsertPostInitMethodToModuleSubClasses", None), "linear_bk", None)
+    if original is not None and torch.nn.functional.linear is not original:
+        torch.nn.functional.linear = original

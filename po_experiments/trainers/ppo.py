@@ -26,6 +26,7 @@ import torch
 from transformers import GenerationConfig, PretrainedConfig
 from trl.experimental.ppo import PPOTrainer
 from trl.experimental.ppo import ppo_trainer as trl_ppo
+from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.utils import selective_log_softmax
 
 from .ablations import ABLATIONS
@@ -251,13 +252,17 @@ class ComponentPPOTrainer(PPOTrainer):
                        rewards=zero, raw_advantages=zero, advantages=zero, returns=zero)
 
     def sample(self, queries: torch.Tensor, query_mask: torch.Tensor) -> torch.Tensor:
-        """Sampled response tokens [B, <= response_length] (generate keeps no logits: those come from a forward)."""
+        """Sampled response tokens [B, <= response_length] (generate keeps no logits: those come from a forward).
+        Under ZeRO-3 the policy's parameters are gathered for the call (`ds3_gather_for_generation`), or else
+        generate runs with the ranks in lockstep (transformers' synced_gpus)."""
         args = self.args
-        policy = self.accelerator.unwrap_model(self.model).policy
         generation = GenerationConfig(max_new_tokens=args.response_length, do_sample=True, top_k=0, top_p=self.top_p,
                                       temperature=args.temperature, pad_token_id=self.processing_class.pad_token_id,
                                       eos_token_id=self.stop_token_id, use_cache=True)
-        sequences = policy.generate(input_ids=queries, attention_mask=query_mask, generation_config=generation)
+        with unwrap_model_for_generation(self.model, self.accelerator,
+                                         gather_deepspeed3_params=args.ds3_gather_for_generation) as wrapper:
+            sequences = wrapper.policy.generate(input_ids=queries, attention_mask=query_mask,
+                                                generation_config=generation)
         return sequences[:, queries.shape[1]:]
 
     def forward_estimates(self, query_responses, attention_mask, response_length: int):
@@ -432,6 +437,27 @@ class ComponentPPOTrainer(PPOTrainer):
         stem, dot, ext = name.partition(".")
         return name if rank == 0 else f"{stem}-rank{rank}{dot}{ext}"
 
+    @property
+    def is_zero3(self) -> bool:
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        return plugin is not None and plugin.zero_stage == 3
+
+    def whole_state_dicts(self) -> dict[str, dict | None]:
+        """Policy and value weights as `save_pretrained(state_dict=...)` takes them. Collective: under ZeRO-3 the
+        partitions are gathered into 16-bit weights on rank 0 (the other ranks get empty dicts); elsewhere None (each
+        module's own, whole weights)."""
+        if not self.is_zero3:
+            return {"policy": None, "value_model": None}
+        full = self.accelerator.get_state_dict(self.model) or {}  # every rank must call it; None off rank 0
+        return {part: {k[len(part) + 1:]: v for k, v in full.items() if k.startswith(part + ".")}
+                for part in ("policy", "value_model")}
+
+    def save_policy(self, folder: Path) -> None:
+        """The trained policy as a plain transformers folder; called on every rank (ZeRO-3 gathers), rank 0 writes."""
+        states = self.whole_state_dicts()
+        if self.accelerator.is_main_process:
+            self.accelerator.unwrap_model(self.model).policy.save_pretrained(folder, state_dict=states["policy"])
+
     def save_step(self, step: int, rollout: Rollout) -> None:
         """Write checkpoints/step-N atomically: policy, value model, rollout D_N, optimizer, scheduler, RNG.
         Every process writes its rollout share and RNG (and, under DeepSpeed, its optimizer partition)."""
@@ -449,16 +475,17 @@ class ComponentPPOTrainer(PPOTrainer):
         rollout.save(tmp / self._rank_file("rollout.pt"))
         torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
                     "sampler": self.sampler.get_state()}, tmp / self._rank_file("rng_state.pth"))
+        states = self.whole_state_dicts()
         sync()
         if main:
-            self._save_main(tmp, target, step, rollout)
+            self._save_main(tmp, target, step, rollout, states)
         sync()
 
-    def _save_main(self, tmp: Path, target: Path, step: int, rollout: Rollout) -> None:
+    def _save_main(self, tmp: Path, target: Path, step: int, rollout: Rollout, states: dict) -> None:
         wrapper = self.accelerator.unwrap_model(self.model)
-        wrapper.policy.save_pretrained(tmp)
+        wrapper.policy.save_pretrained(tmp, state_dict=states["policy"])
         self.processing_class.save_pretrained(tmp)
-        wrapper.value_model.save_pretrained(tmp / "value")
+        wrapper.value_model.save_pretrained(tmp / "value", state_dict=states["value_model"])
         if not self.is_deepspeed_enabled:
             torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(self.lr_scheduler.state_dict(), tmp / "scheduler.pt")
