@@ -287,7 +287,8 @@ def build(args, device: str, workdir: str, stock_gc: TimedGC):
 
     data = datasets.Dataset.from_dict({"input_ids": prompts})
     eval_data = data.select(range(min(8, len(data))))
-    bar = tqdm(total=(2 if args.mode == "compare" else 1) * args.repeats * (args.warmup + args.updates), desc="PPO updates", unit="update",
+    per_trainer = args.repeats * (args.warmup + args.updates)
+    bar = tqdm(total=(2 if args.mode == "compare" else 1) * per_trainer, desc="PPO updates", unit="update",
                mininterval=1.0)
     timers = {"stock": UpdateTimer(device, bar, gc_clock=lambda: stock_gc.seconds), "ours": UpdateTimer(device, bar)}
     common = dict(processing_class=tok, train_dataset=data, eval_dataset=eval_data)
@@ -462,17 +463,16 @@ def print_footprint(res: dict) -> None:
           f"ppo_epochs={c['ppo_epochs']} context={c['context_length']} response={c['response_length']} "
           f"checkpointing={f['checkpointing_enabled']} trainer={c['trainer_file']}")
     print(f"{f['phase']}: median {f['median_s']:.1f} s (q1 {f['q1_s']:.1f}, q3 {f['q3_s']:.1f}, "
-          f"n={len(f['update_times_s'])}), CPU time (user+sys) median {f['cpu_median_s']:.1f} s; peak host RSS {f['host_peak_gib']:.3f} GiB = baseline "
+          f"n={len(f['update_times_s'])}), CPU time (user+sys) median {f['cpu_median_s']:.1f} s; "
+          f"peak host RSS {f['host_peak_gib']:.3f} GiB = baseline "
           f"{f['host_baseline_gib']:.3f} + transient {f['host_transient_gib']:.3f} GiB"
           + (f"; peak GPU allocated {f['gpu_peak_gib']:.3f} GiB" if f["gpu_peak_gib"] is not None else ""))
 
 
 def write_footprint(res: dict, path: str) -> None:
     f = res["footprint"]
-    write_results(res, path, ["median_s", "cpu_median_s", "host_peak_gib", "host_baseline_gib", "host_transient_gib", "gpu_peak_gib",
-                              "checkpointing"],
-                  [[f["median_s"], f["cpu_median_s"], f["host_peak_gib"], f["host_baseline_gib"], f["host_transient_gib"],
-                    f["gpu_peak_gib"], f["checkpointing_enabled"]]])
+    keys = ["median_s", "cpu_median_s", "host_peak_gib", "host_baseline_gib", "host_transient_gib", "gpu_peak_gib"]
+    write_results(res, path, [*keys, "checkpointing"], [[*(f[k] for k in keys), f["checkpointing_enabled"]]])
 
 
 def run(args) -> dict:

@@ -2,7 +2,7 @@
 
 - ZeRO-2 and ZeRO-3 DPO follow the 1-process loss trajectory (same global batch of 64, same data order);
 - G computed under ZeRO-3 from parameter shards equals G computed in one process on the same checkpoints;
-- the PPO family trains under ZeRO-2 through the whole pipeline.
+- the PPO family trains under ZeRO-2 and ZeRO-3 through the whole pipeline (checkpoints hold whole weights).
 The first launch JIT-builds DeepSpeed's small CPU communication op (about a minute, then cached).
 """
 from __future__ import annotations
@@ -16,6 +16,7 @@ import sys
 
 import pandas as pd
 import pytest
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from conftest import REPO
 from po_experiments.checkpoints import step_dirs
@@ -117,9 +118,6 @@ def test_ppo_trains_under_zero(zero, tmp_path):
     assert sorted(steps) == [2, 4]
     assert len(losses(run_dir)) == 4
     # checkpoints and the final model hold whole weights (gathered under ZeRO-3), and training moved them
-    import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
     loaded = {}
     for name, folder in (("step-2", run_dir / "checkpoints" / "step-2"), ("final", run_dir / "model")):
         model, info = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True)

@@ -16,7 +16,6 @@ from po_experiments.trainers.ppo_objectives import (
     TOKEN_COMPONENTS, WEIGHTINGS, gae, hppo_lambda, token_mask, token_thirds,
 )
 
-from conftest import PPO_ALGO
 from conftest import PPO_ALGO as ALGO
 
 
@@ -250,9 +249,10 @@ def small_ppo(task, tokenizer, model, tmp_path, *, dtype=torch.float32, bf16=Fal
     from transformers import GPTNeoXForSequenceClassification
     from trl.experimental.ppo import PPOConfig
 
+    from datasets import Dataset
+
     from po_experiments.rewards import GoldReward
     from po_experiments.trainers.ppo import ComponentPPOTrainer
-    from datasets import Dataset
 
     policy = copy.deepcopy(model).to(dtype)
     torch.manual_seed(0)
@@ -269,7 +269,7 @@ def small_ppo(task, tokenizer, model, tmp_path, *, dtype=torch.float32, bf16=Fal
     ablation = OmegaConf.create({"name": "none", "drop": [], "start_step": 0, "stop_step": None})
     return ComponentPPOTrainer(args=args, processing_class=tokenizer, model=policy, ref_model=copy.deepcopy(policy),
                                value_model=value, train_dataset=data, eval_dataset=data.select(range(4)),
-                               reward=GoldReward(task), algo=OmegaConf.create(PPO_ALGO), ablation=ablation,
+                               reward=GoldReward(task), algo=OmegaConf.create(ALGO), ablation=ablation,
                                generation_batch_size=generation_batch_size, pure_low_precision=pure)
 
 
