@@ -89,6 +89,9 @@ class PPOHparams(StageHparams):
     top_p: float = 0.9
     max_new_tokens: int = 256
     max_prompt_length: int = 256
+    # prompts per generate() call in a rollout; None = the whole per-device rollout batch (batch_size / processes),
+    # independent of the optimizer micro-batch (per_device_batch_size) used by the update and the forward passes
+    generation_batch_size: Optional[int] = None
 
 
 @dataclass
@@ -512,6 +515,8 @@ def _validate_ppo(cfg: DictConfig) -> None:
     _require(p.temperature > 0, "model.ppo.temperature", f"must be > 0, got {p.temperature}")
     _require(0 < p.top_p <= 1, "model.ppo.top_p", f"must be in (0, 1], got {p.top_p}")
     _require(p.max_new_tokens > 0, "model.ppo.max_new_tokens", f"must be > 0, got {p.max_new_tokens}")
+    _require(p.generation_batch_size is None or p.generation_batch_size > 0, "model.ppo.generation_batch_size",
+             f"must be > 0 or null (the whole per-device rollout batch), got {p.generation_batch_size}")
     r = cfg.reward
     _require(r.kind in ("gold", "learned", "classifier"), "reward.kind",
              f"must be gold, learned or classifier, got {r.kind!r}")
@@ -599,9 +604,11 @@ def _validate(cfg: DictConfig) -> None:
     _require(cfg.runtime.threads >= 0, "runtime.threads", f"must be >= 0 (0 = auto), got {cfg.runtime.threads}")
     _require(cfg.logger.mode in ("offline", "online", "disabled"), "logger.mode",
              f"must be offline, online or disabled, got {cfg.logger.mode!r}")
-    stage = ((cfg.deepspeed.config or {}).get("zero_optimization") or {}).get("stage")
-    _require(not (cfg.algo.family == "ppo" and stage == 3), "deepspeed",
-             "the PPO family runs under ZeRO-2 (deepspeed=zero2) or without DeepSpeed; ZeRO-3 is for the DPO family")
+    zero = (cfg.deepspeed.config or {}).get("zero_optimization") or {}
+    _require(not (cfg.algo.family == "ppo" and zero.get("stage") == 3
+                  and not zero.get("stage3_gather_16bit_weights_on_model_save")),
+             "deepspeed.config.zero_optimization.stage3_gather_16bit_weights_on_model_save",
+             "must be true for the PPO family under ZeRO-3 (its checkpoints hold the whole policy and value model)")
     _require(cfg.runtime.checkpoint_every_min >= 0, "runtime.checkpoint_every_min",
              f"must be >= 0 (0 = by steps only), got {cfg.runtime.checkpoint_every_min}")
     _require(cfg.reward.train.save_steps >= 0, "reward.train.save_steps",

@@ -72,6 +72,20 @@ def end_of_training() -> None:
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
     unset_hf_deepspeed_config()
+    restore_torch_linear()
+
+
+def restore_torch_linear() -> None:
+    """ZeRO-3's zero.Init swaps torch.nn.functional.linear for its memory-efficient autograd Function "until manually
+    reset"; that Function has no forward-mode rule, which the G analysis (jvp) needs on the models it loads."""
+    import sys
+
+    import torch
+
+    module = sys.modules.get("deepspeed.runtime.zero.partition_parameters")  # never imported: nothing swapped
+    original = getattr(getattr(module, "InsertPostInitMethodToModuleSubClasses", None), "linear_bk", None)
+    if original is not None and torch.nn.functional.linear is not original:
+        torch.nn.functional.linear = original
 
 
 def job_world() -> int:

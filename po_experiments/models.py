@@ -179,24 +179,28 @@ def tf32_available() -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
 
 
-def load_model(source: str, cfg, model_class=AutoModelForCausalLM, **kwargs) -> torch.nn.Module:
-    """A model to train, in `training_dtype` (float32 master weights by default), placed as it loads: on a GPU,
-    straight onto this rank's device (weights stream through host memory one shard at a time, never N whole
-    copies per node); under ZeRO-3 partitioned over the ranks as it loads (`zero.Init`: build the stage's
-    TrainingArguments first, they register the DeepSpeed config that `from_pretrained` reads)."""
+def placement() -> dict:
+    """`from_pretrained` keywords that place a model as it loads, so N ranks never hold N whole copies in host
+    memory: on a GPU straight onto this rank's device (one shard at a time through host memory); under ZeRO-3 none,
+    `zero.Init` partitions it over the ranks (the stage's TrainingArguments, built first, registered the config)."""
     from transformers.integrations import is_deepspeed_zero3_enabled
 
-    placement = {}
     if is_deepspeed_zero3_enabled():
         import deepspeed
 
         deepspeed.init_distributed()  # zero.Init sizes its partitions by deepspeed.comm: join the job's group first
-    elif torch.cuda.is_available():
+        return {}
+    if torch.cuda.is_available():
         from accelerate import PartialState
 
-        placement = {"device_map": {"": PartialState().device}}
+        return {"device_map": {"": str(PartialState().device)}}
+    return {}
+
+
+def load_model(source, cfg, model_class=AutoModelForCausalLM, **kwargs) -> torch.nn.Module:
+    """A model to train, in `training_dtype` (float32 master weights by default), placed as it loads (`placement`)."""
     return model_class.from_pretrained(source, dtype=training_dtype(cfg), trust_remote_code=cfg.trust_remote_code,
-                                       **placement, **kwargs)
+                                       **placement(), **kwargs)
 
 
 GPU_WEIGHT_SHARE = 0.8  # weights may fill this share of one GPU's free memory; the rest is for generation's cache

@@ -191,7 +191,7 @@ def zero_stage(cfg) -> int:
 
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-ZERO_CHOICES = {"dpo": ("none", "zero2", "zero3"), "ppo": ("none", "zero2")}  # PPO under ZeRO-3: not supported
+ZERO_CHOICES = ("none", "zero2", "zero3")
 
 
 def _with_deepspeed(cfg, name: str):
@@ -210,7 +210,7 @@ def resolve_deepspeed(cfg):
     planned = for_this_job(cfg) if not cfg.dry_run else cfg
     if hardware(planned).world == 1:
         return _with_deepspeed(cfg, "none")
-    choices = ZERO_CHOICES[cfg.algo.family]
+    choices = ZERO_CHOICES
     for name in choices:
         candidate = _with_deepspeed(cfg, name)
         if make_plan(_with_deepspeed(planned, name))["fits"]:

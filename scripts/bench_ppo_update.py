@@ -31,12 +31,23 @@ updates on the same two trainers (optimizer state carries over; both loops resta
 
     python scripts/bench_ppo_update.py --model tiny --batch 64 --updates 6 --repeats 5 --threads 1
     python scripts/bench_ppo_update.py --model pythia-1b --batch 64 --micro-batch 8 --device cuda --dtype bfloat16
+
+`--mode footprint` builds ours only and reports, per rollout+update, its time and the peak host memory (the
+process's resident-set high-water mark, reset through /proc/self/clear_refs at the start of every update; on CUDA
+also torch's peak allocated memory): what activation checkpointing (`--checkpointing`), the generation chunk
+(`--generation-batch`) and behaviour log-probs from a forward pass cost or save. The same script run from a checkout
+of an older trainer (it passes only the keyword arguments that trainer accepts) gives the "before" figures:
+
+    python scripts/bench_ppo_update.py --mode footprint --model pythia-160m --prompt-len 256 --response-length 256 \
+        --batch 2 --micro-batch 1 --ppo-epochs 1 --updates 1 --warmup 0 --threads 2 [--checkpointing]
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import inspect
 import os
+import re
 import sys
 import tempfile
 import time
@@ -93,6 +104,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = free cores")
     p.add_argument("--lr", type=float, default=0.0, help="learning rate (0: the model preset's PPO rate)")
     p.add_argument("--out", default=None, help="results file: .json or .csv")
+    p.add_argument("--mode", default="compare", choices=["compare", "footprint"],
+                   help="compare: ours vs stock TRL (time); footprint: ours only, time and peak memory per update")
+    p.add_argument("--checkpointing", action="store_true",
+                   help="activation checkpointing on policy and value (ours; stock's loop never enables it)")
+    p.add_argument("--generation-batch", type=int, default=0,
+                   help="ours: prompts per generate() call (0: the whole rollout batch)")
+    p.add_argument("--rollout-only", action="store_true",
+                   help="footprint: time and peak memory of rollouts alone (generation, behaviour/reference "
+                        "log-probs, values, reward), --repeats of them, no update")
     args = p.parse_args(argv)
     args.micro_batch = args.micro_batch or args.batch
     if args.batch % args.micro_batch:
@@ -215,18 +235,28 @@ class UpdateTimer(TrainerCallback):
 
 
 # ------------------------------------------------------------------------------------------ trainers
+def supported_kwargs(cls, **kwargs) -> dict:
+    """The keyword arguments `cls.__init__` accepts (an older trainer, measured for "before", has fewer)."""
+    accepted = inspect.signature(cls.__init__).parameters
+    return {k: v for k, v in kwargs.items() if k in accepted}
+
+
 def ppo_config(args, preset: dict, workdir: str, device: str, name: str) -> PPOConfig:
     updates_per_call = args.warmup + args.updates
     return PPOConfig(
         output_dir=os.path.join(workdir, name), per_device_train_batch_size=args.micro_batch,
         gradient_accumulation_steps=args.batch // args.micro_batch, total_episodes=updates_per_call * args.batch,
-        num_ppo_epochs=args.ppo_epochs, num_mini_batches=1, local_rollout_forward_batch_size=args.batch,
+        num_ppo_epochs=args.ppo_epochs, num_mini_batches=1,
+        # footprint: forward passes (and, in a trainer before generation_batch_size, generate) per micro-batch, as
+        # the PPO stage sets it; compare: the whole batch at once
+        local_rollout_forward_batch_size=args.micro_batch if args.mode == "footprint" else args.batch,
         response_length=preset["response_length"], temperature=preset["temperature"], stop_token="eos",
         kl_coef=PPO.kl_coef, cliprange=PPO.cliprange, cliprange_value=PPO.cliprange_value, vf_coef=PPO.vf_coef,
         gamma=PPO.gamma, lam=PPO.gae_lambda, whiten_rewards=False, missing_eos_penalty=None,
         num_sample_generations=0, learning_rate=args.lr or preset["lr"], lr_scheduler_type="constant",
         logging_steps=1, report_to=[], save_strategy="no", seed=0, bf16=False, fp16=False,
         use_cpu=device == "cpu", dataset_num_proc=None, dataloader_num_workers=0, disable_tqdm=True,
+        activation_checkpointing=args.checkpointing,  # TRL's PPOConfig would default it on; stock ignores it
     )
 
 
@@ -257,27 +287,36 @@ def build(args, device: str, workdir: str, stock_gc: TimedGC):
 
     data = datasets.Dataset.from_dict({"input_ids": prompts})
     eval_data = data.select(range(min(8, len(data))))
-    bar = tqdm(total=2 * args.repeats * (args.warmup + args.updates), desc="PPO updates", unit="update",
+    per_trainer = args.repeats * (args.warmup + args.updates)
+    bar = tqdm(total=(2 if args.mode == "compare" else 1) * per_trainer, desc="PPO updates", unit="update",
                mininterval=1.0)
     timers = {"stock": UpdateTimer(device, bar, gc_clock=lambda: stock_gc.seconds), "ours": UpdateTimer(device, bar)}
     common = dict(processing_class=tok, train_dataset=data, eval_dataset=eval_data)
-    stock = PPOTrainer(args=ppo_config(args, preset, workdir, device, "stock"), model=copy.deepcopy(base),
-                       ref_model=copy.deepcopy(base), value_model=copy.deepcopy(value),
-                       reward_model=copy.deepcopy(reward_model), callbacks=[timers["stock"]], **common)
+    trainers = {}
+    if args.mode == "compare":
+        trainers["stock"] = PPOTrainer(args=ppo_config(args, preset, workdir, device, "stock"),
+                                       model=copy.deepcopy(base), ref_model=copy.deepcopy(base),
+                                       value_model=copy.deepcopy(value), reward_model=copy.deepcopy(reward_model),
+                                       callbacks=[timers["stock"]], **common)
+    else:
+        del timers["stock"]
     algo = OmegaConf.create({"name": "ppo", "family": "ppo", "weighting": "ppo", "components": ["TOT"],
                              "lam": None, "t3": None, "tau": None})
     ablation = OmegaConf.create({"name": "none", "drop": [], "start_step": 0, "stop_step": None})
     reward = ClassifierReward(rm_dir, dtype=args.dtype, batch_size=args.batch, device=device)
-    ours = ComponentPPOTrainer(args=ppo_config(args, preset, workdir, device, "ours"), model=copy.deepcopy(base),
-                               ref_model=copy.deepcopy(base), value_model=copy.deepcopy(value), reward=reward,
-                               algo=algo, ablation=ablation, top_p=1.0, max_grad_norm=None, checkpoint_root=None,
-                               save_steps=0, callbacks=[timers["ours"]], **common)
-    trainers = {"stock": quiet(stock), "ours": quiet(ours)}
+    extra = supported_kwargs(ComponentPPOTrainer, generation_batch_size=args.generation_batch or None)
+    trainers["ours"] = ComponentPPOTrainer(
+        args=ppo_config(args, preset, workdir, device, "ours"), model=copy.deepcopy(base),
+        ref_model=copy.deepcopy(base), value_model=copy.deepcopy(value), reward=reward, algo=algo, ablation=ablation,
+        top_p=1.0, max_grad_norm=None, checkpoint_root=None, save_steps=0, callbacks=[timers["ours"]], **common,
+        **extra)
+    trainers = {name: quiet(t) for name, t in trainers.items()}
     for name, t in trainers.items():
         if t.accelerator.device.type != device:
             raise RuntimeError(f"{name} trainer runs on {t.accelerator.device}, asked for {device}")
-    init = {"policy": {k: v.detach().clone() for k, v in base.state_dict().items()},
-            "value": {k: v.detach().clone() for k, v in value.state_dict().items()}}
+    init = None if args.mode == "footprint" else {  # footprint: no extra copies in the measured process
+        "policy": {k: v.detach().clone() for k, v in base.state_dict().items()},
+        "value": {k: v.detach().clone() for k, v in value.state_dict().items()}}
     info = {"response_length": preset["response_length"], "temperature": preset["temperature"],
             "lr": args.lr or preset["lr"], "context_length": max(len(x) for x in prompts),
             "n_prompts": n_prompts}
@@ -301,7 +340,8 @@ def bench(trainers, timers, bar, args, device: str):
     peaks, walls, per_repeat = {n: [] for n in trainers}, {n: [] for n in trainers}, []
     for r in range(args.repeats):
         block = {}
-        for name in (["stock", "ours"] if r % 2 == 0 else ["ours", "stock"]):
+        names = list(trainers) if r % 2 == 0 else list(trainers)[::-1]
+        for name in names:
             bar.set_postfix(repeat=r, trainer=name)
             if device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
@@ -317,12 +357,127 @@ def bench(trainers, timers, bar, args, device: str):
             block[name] = intervals[args.warmup:]
             times[name] += block[name]
             gc_times[name] += timers[name].gc_intervals()[args.warmup:]
-        per_repeat.append(float(np.median(block["ours"]) / np.median(block["stock"])))
+        if "stock" in block:
+            per_repeat.append(float(np.median(block["ours"]) / np.median(block["stock"])))
     bar.close()
     return times, gc_times, peaks, walls, per_repeat
 
 
+# ------------------------------------------------------------------------------------------ footprint mode
+def host_peak_kib() -> int:
+    """The process's resident-set high-water mark (VmHWM), KiB."""
+    return int(re.search(r"VmHWM:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
+
+
+def host_rss_kib() -> int:
+    return int(re.search(r"VmRSS:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
+
+
+def reset_host_peak() -> None:
+    Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM := current RSS
+
+
+class HostPeak(TrainerCallback):
+    """Peak host memory of every update: the high-water mark is reset at `on_train_begin` and after every
+    `on_step_end`; the resident set at the reset is the baseline (models, optimizer states, allocator caches)."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self.peaks, self.baselines, self.gpu_peaks, self.cpu_s = [], [], [], []
+
+    def _reset(self):
+        self._cpu_start = sum(os.times()[:2])  # user + system seconds: the work, however loaded the machine
+        self.baselines.append(host_rss_kib())
+        reset_host_peak()
+        if self.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.peaks, self.baselines, self.gpu_peaks, self.cpu_s = [], [], [], []
+        self._reset()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.cpu_s.append(sum(os.times()[:2]) - self._cpu_start)
+        self.peaks.append(host_peak_kib())
+        if self.device == "cuda":
+            self.gpu_peaks.append(torch.cuda.max_memory_allocated() / 2**30)
+        self._reset()
+
+
+def run_footprint(args) -> dict:
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    threads = set_threads(args.threads)
+    datasets.disable_progress_bars()
+    with tempfile.TemporaryDirectory() as workdir:
+        trainers, timers, bar, init, info = build(args, device, workdir, TimedGC(stock_module.gc))
+        ours = trainers["ours"]
+        peak = HostPeak(device)
+        ours.add_callback(peak)
+        wrapper = ours.accelerator.unwrap_model(ours.model)
+        checkpointing = any(getattr(m, "is_gradient_checkpointing", False)
+                            for m in (wrapper.policy, wrapper.value_model))
+        times, cpu, peaks, bases = [], [], [], []
+        for _ in range(args.repeats if args.rollout_only else 0):
+            torch.manual_seed(0)
+            bases.append(host_rss_kib())
+            reset_host_peak()
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            start, cpu_start = time.perf_counter(), sum(os.times()[:2])
+            ours.make_rollout(ours.batch_for(1))
+            sync(device)
+            times.append(time.perf_counter() - start)
+            cpu.append(sum(os.times()[:2]) - cpu_start)
+            peaks.append(host_peak_kib())
+            if device == "cuda":
+                peak.gpu_peaks.append(torch.cuda.max_memory_allocated() / 2**30)
+        for _ in range(0 if args.rollout_only else args.repeats):
+            ours.train()
+            times += timers["ours"].intervals()[args.warmup:]
+            cpu += peak.cpu_s[args.warmup:]
+            peaks += peak.peaks[args.warmup:]
+            bases += peak.baselines[args.warmup:len(peak.peaks)]  # the resident set at each update's start
+        bar.close()
+        del trainers, ours, wrapper
+    gib = 1 / 2**20
+    q1, med, q3 = quartiles(times)
+    result = {"phase": "rollout" if args.rollout_only else "rollout+update",
+              "median_s": med, "q1_s": q1, "q3_s": q3, "update_times_s": times,
+              "cpu_median_s": float(np.median(cpu)), "update_cpu_s": cpu,
+              "host_peak_gib": max(peaks) * gib, "host_baseline_gib": bases[peaks.index(max(peaks))] * gib,
+              "host_transient_gib": max(p - b for p, b in zip(peaks, bases)) * gib,
+              "gpu_peak_gib": max(peak.gpu_peaks) if peak.gpu_peaks else None,
+              "checkpointing_enabled": checkpointing,
+              "trainer_accepts": sorted(supported_kwargs(ComponentPPOTrainer, generation_batch_size=1,
+                                                         pure_low_precision=False))}
+    config = {**vars(args), "device": device, "threads": threads, **info,
+              "gradient_accumulation_steps": args.batch // args.micro_batch, "trainer_file": inspect.getfile(
+                  ComponentPPOTrainer)}
+    return {"config": config, "footprint": result}
+
+
+def print_footprint(res: dict) -> None:
+    c, f = res["config"], res["footprint"]
+    print(f"\nmodel={c['model']} device={c['device']} dtype={c['dtype']} threads={c['threads']} batch={c['batch']} "
+          f"(micro {c['micro_batch']}) generation batch={c['generation_batch'] or c['batch']} "
+          f"ppo_epochs={c['ppo_epochs']} context={c['context_length']} response={c['response_length']} "
+          f"checkpointing={f['checkpointing_enabled']} trainer={c['trainer_file']}")
+    print(f"{f['phase']}: median {f['median_s']:.1f} s (q1 {f['q1_s']:.1f}, q3 {f['q3_s']:.1f}, "
+          f"n={len(f['update_times_s'])}), CPU time (user+sys) median {f['cpu_median_s']:.1f} s; "
+          f"peak host RSS {f['host_peak_gib']:.3f} GiB = baseline "
+          f"{f['host_baseline_gib']:.3f} + transient {f['host_transient_gib']:.3f} GiB"
+          + (f"; peak GPU allocated {f['gpu_peak_gib']:.3f} GiB" if f["gpu_peak_gib"] is not None else ""))
+
+
+def write_footprint(res: dict, path: str) -> None:
+    f = res["footprint"]
+    keys = ["median_s", "cpu_median_s", "host_peak_gib", "host_baseline_gib", "host_transient_gib", "gpu_peak_gib"]
+    write_results(res, path, [*keys, "checkpointing"], [[*(f[k] for k in keys), f["checkpointing_enabled"]]])
+
+
 def run(args) -> dict:
+    if args.mode == "footprint":
+        return run_footprint(args)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     threads = set_threads(args.threads)
     datasets.disable_progress_bars()
@@ -362,6 +517,8 @@ def run(args) -> dict:
 
 
 def print_table(res: dict) -> None:
+    if "footprint" in res:
+        return print_footprint(res)
     c = res["config"]
     print(f"\nmodel={c['model']} device={c['device']} dtype={c['dtype']} threads={c['threads']} "
           f"batch={c['batch']} (micro {c['micro_batch']} x {c['gradient_accumulation_steps']}) "
@@ -388,6 +545,8 @@ def print_table(res: dict) -> None:
 
 
 def write_out(res: dict, path: str) -> None:
+    if "footprint" in res:
+        return write_footprint(res, path)
     rows = [[name, s["median_ms"], s["q1_ms"], s["q3_ms"], s["iqr_ms"], s["n_updates"], s["peak_mem_gib"],
              res["ratio"], ";".join(f"{x:.4f}" for x in res["per_repeat_ratio"]), res["verdict"]]
             for name, s in res["trainers"].items()]  # one row per trainer; the ratio repeated on each row

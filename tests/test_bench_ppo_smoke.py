@@ -37,3 +37,18 @@ def test_ppo_bench_runs_and_reports_both_trainers(tmp_path):
     assert "ratio" in res["stock_without_gc_collect"]
     assert res["checks"] == {"ours_logged_ppo_policy": True, "stock_logged_loss_policy_avg": True,
                              "both_trained": True}
+
+
+def test_ppo_bench_footprint_mode_reports_time_and_peak_host_memory(tmp_path):
+    out = tmp_path / "footprint.json"
+    argv = ["--mode", "footprint", "--model", "tiny", "--batch", "4", "--micro-batch", "2", "--updates", "2",
+            "--warmup", "1", "--repeats", "1", "--device", "cpu", "--threads", "1", "--checkpointing",
+            "--generation-batch", "2", "--out", str(out)]
+    assert load_bench().main(argv) == 0
+    res = json.loads(out.read_text())
+    f = res["footprint"]
+    assert "stock" not in res.get("trainers", {}) and f["checkpointing_enabled"] is True
+    assert len(f["update_times_s"]) == 2 and all(t > 0 for t in f["update_times_s"]) and f["cpu_median_s"] > 0
+    assert 0 < f["host_baseline_gib"] <= f["host_peak_gib"]
+    assert f["host_transient_gib"] >= 0
+    assert {"generation_batch_size", "pure_low_precision"} <= set(f["trainer_accepts"])

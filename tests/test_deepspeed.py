@@ -2,7 +2,7 @@
 
 - ZeRO-2 and ZeRO-3 DPO follow the 1-process loss trajectory (same global batch of 64, same data order);
 - G computed under ZeRO-3 from parameter shards equals G computed in one process on the same checkpoints;
-- the PPO family trains under ZeRO-2 through the whole pipeline.
+- the PPO family trains under ZeRO-2 and ZeRO-3 through the whole pipeline (checkpoints hold whole weights).
 The first launch JIT-builds DeepSpeed's small CPU communication op (about a minute, then cached).
 """
 from __future__ import annotations
@@ -16,6 +16,7 @@ import sys
 
 import pandas as pd
 import pytest
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from conftest import REPO
 from po_experiments.checkpoints import step_dirs
@@ -104,9 +105,11 @@ def test_g_under_zero3_equals_single_process_g(runs, tmp_path):
         assert rel < G_RELATIVE_TOLERANCE, f"{column}: max relative error {rel:.2e}"
 
 
-def test_ppo_trains_under_zero2(tmp_path):
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+def test_ppo_trains_under_zero(zero, tmp_path):
+    """Under ZeRO-3 policy, value and reference model are partitioned from the load on; checkpoints gather them."""
     run_dir = tmp_path / "ppo"
-    launch(run_dir, ["algo=ppo", "deepspeed=zero2", "runtime.threads=1", "model.sft.max_steps=40",
+    launch(run_dir, ["algo=ppo", f"deepspeed={zero}", "runtime.threads=1", "model.sft.max_steps=40",
                      "model.ppo.max_steps=4", "model.ppo.save_steps=2", "eval.n_prompts=16", "analysis.n_dprime=12"],
            2, tmp_path / "cache")
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -114,3 +117,13 @@ def test_ppo_trains_under_zero2(tmp_path):
     steps = pd.read_csv(run_dir / "alignment.csv")["step"].unique().tolist()
     assert sorted(steps) == [2, 4]
     assert len(losses(run_dir)) == 4
+    # checkpoints and the final model hold whole weights (gathered under ZeRO-3), and training moved them
+    loaded = {}
+    for name, folder in (("step-2", run_dir / "checkpoints" / "step-2"), ("final", run_dir / "model")):
+        model, info = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True)
+        assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), (name, info)
+        loaded[name] = model.state_dict()
+    _, info = AutoModelForSequenceClassification.from_pretrained(run_dir / "checkpoints" / "step-2" / "value",
+                                                                 output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    assert max((loaded["final"][k] - v).abs().max().item() for k, v in loaded["step-2"].items()) > 0

@@ -29,12 +29,7 @@ def make(*overrides):
 CASES = {"cdpo": ["algo.t1=1000", "algo.t2=3000"]}  # llama3 has no paper cDPO case: set one
 
 
-LLAMA_PPO = pytest.param("llama3", "ppo", marks=pytest.mark.xfail(
-    strict=True, reason="two trainable 8B models need PPO under ZeRO-3, which the PPO family does not run yet"))
-
-
-@pytest.mark.parametrize("model,algo", [*product(["pythia", "qwen3"], ["dpo", "cdpo", "ppo"]), ("llama3", "dpo"),
-                                        ("llama3", "cdpo"), LLAMA_PPO])
+@pytest.mark.parametrize("model,algo", list(product(["pythia", "qwen3", "llama3"], ["dpo", "cdpo", "ppo"])))
 def test_paper_models_fit_one_node_of_8_gpus(model, algo):
     cfg = make(f"model={model}", f"algo={algo}", "dry_run=true", "plan.gpus=8", "plan.gpu_memory_gb=80",
                *(CASES.get(algo, []) if model == "llama3" else []))

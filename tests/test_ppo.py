@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import copy
 import math
+from pathlib import Path
 
 import pytest
 import torch
 from omegaconf import OmegaConf
+from transformers import GenerationConfig
 
 from po_experiments.trainers.objectives import MID, TOP
 from po_experiments.trainers.ppo import Rollout
@@ -236,3 +238,195 @@ def test_ppo_prompts_from_paper_data_are_token_ids_with_their_turns(tokenizer, t
     assert isinstance(ids, list) and all(isinstance(i, int) for i in ids)
     text = tok.decode(ids)
     assert lookup[text] == [{"role": "user", "content": "s1 s2"}]
+
+
+# ------------------------------------------------------------------------------------------ precision and scale
+
+
+def small_ppo(task, tokenizer, model, tmp_path, *, dtype=torch.float32, bf16=False, pure=False, lr=1e-4,
+              updates=1, temperature=1.0, checkpointing=False, generation_batch_size=None, name="run"):
+    """A ComponentPPOTrainer on a copy of `model` in `dtype`, value model initialised like the conftest fixture's."""
+    from transformers import GPTNeoXForSequenceClassification
+    from trl.experimental.ppo import PPOConfig
+
+    from datasets import Dataset
+
+    from po_experiments.rewards import GoldReward
+    from po_experiments.trainers.ppo import ComponentPPOTrainer
+
+    policy = copy.deepcopy(model).to(dtype)
+    torch.manual_seed(0)
+    value_config = copy.deepcopy(policy.config)
+    value_config.num_labels = 1
+    value = GPTNeoXForSequenceClassification(value_config).to(dtype)
+    prompts = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in task.preference_prompts(16, 0)]
+    args = PPOConfig(output_dir=str(tmp_path / name), per_device_train_batch_size=4, gradient_accumulation_steps=4,
+                     total_episodes=16 * updates, response_length=6, temperature=temperature, stop_token="eos",
+                     learning_rate=lr, lr_scheduler_type="constant", num_ppo_epochs=2, num_mini_batches=1,
+                     num_sample_generations=0, report_to=[], bf16=bf16, use_cpu=True, seed=0, save_strategy="no",
+                     local_rollout_forward_batch_size=4, kl_coef=0.05, activation_checkpointing=checkpointing)
+    data = Dataset.from_dict({"input_ids": prompts})
+    ablation = OmegaConf.create({"name": "none", "drop": [], "start_step": 0, "stop_step": None})
+    return ComponentPPOTrainer(args=args, processing_class=tokenizer, model=policy, ref_model=copy.deepcopy(policy),
+                               value_model=value, train_dataset=data, eval_dataset=data.select(range(4)),
+                               reward=GoldReward(task), algo=OmegaConf.create(ALGO), ablation=ablation,
+                               generation_batch_size=generation_batch_size, pure_low_precision=pure)
+
+
+def trained_models(trainer):
+    wrapper = trainer.accelerator.unwrap_model(trainer.model)
+    return {"policy": wrapper.policy, "value": wrapper.value_model}
+
+
+def movement(trainer, steps: int) -> dict[str, float]:
+    """||theta_T - theta_0|| of policy and value after `steps` updates (fp64 arithmetic on the stored values)."""
+    start = {k: [p.detach().double().clone() for p in m.parameters()] for k, m in trained_models(trainer).items()}
+    trainer.args.num_total_batches = steps
+    trainer.train()
+    return {k: torch.sqrt(sum(((p.detach().double() - p0) ** 2).sum() for p, p0 in zip(m.parameters(), start[k])))
+            .item() for k, m in trained_models(trainer).items()}
+
+
+def test_bf16_run_keeps_fp32_master_weights_and_moves_like_fp32(task, tokenizer, tiny_model, tmp_path):
+    """model.dtype=bfloat16 at the paper's PPO lr 2e-6: fp32 master weights under bf16 autocast move the parameters
+    as far as a float32 run does; pure bf16 weights (the control) round most of each AdamW step away."""
+    base = copy.deepcopy(tiny_model).to(torch.bfloat16).float()  # one start for all three: bf16-representable
+    runs = {"fp32": dict(dtype=torch.float32), "mixed": dict(dtype=torch.bfloat16, bf16=True),
+            "pure": dict(dtype=torch.bfloat16, bf16=True, pure=True)}
+    moved = {}
+    for name, kw in runs.items():
+        trainer = small_ppo(task, tokenizer, base, tmp_path, lr=2e-6, name=name, **kw)
+        dtypes = {p.dtype for m in trained_models(trainer).values() for p in m.parameters()}
+        assert dtypes == ({torch.bfloat16} if name == "pure" else {torch.float32}), name
+        assert trainer.accelerator.mixed_precision == ("bf16" if name == "mixed" else "no")
+        moved[name] = movement(trainer, steps=3)
+    for part in ("policy", "value"):
+        assert moved["fp32"][part] > 0
+        assert 0.9 <= moved["mixed"][part] / moved["fp32"][part] <= 1.1, (part, moved)
+        assert moved["pure"][part] / moved["fp32"][part] < 0.5, (part, moved)
+
+
+def test_behaviour_logprobs_from_a_forward_equal_generates_logits(ppo):
+    """The rollout's behaviour log-probs (forward pass, micro-batched) are generate's own raw logits / T at the
+    sampled tokens, at a temperature != 1 (the same division the update's forward applies)."""
+    from trl.trainer.utils import selective_log_softmax
+
+    trainer = ppo()
+    trainer.args.temperature = 0.7
+    batch = trainer.batch_for(1)
+    torch.manual_seed(123)
+    r = trainer.rollout(batch)
+
+    policy = trainer.accelerator.unwrap_model(trainer.model).policy
+    queries, mask = batch["input_ids"], batch["attention_mask"]
+    config = GenerationConfig(max_new_tokens=trainer.args.response_length, do_sample=True, top_k=0, top_p=1.0,
+                              temperature=0.7, pad_token_id=trainer.processing_class.pad_token_id,
+                              eos_token_id=trainer.stop_token_id, return_dict_in_generate=True, output_logits=True)
+    torch.manual_seed(123)
+    out = policy.generate(input_ids=queries, attention_mask=mask, generation_config=config)
+    responses = out.sequences[:, queries.shape[1]:]
+    assert torch.equal(responses.masked_fill(~r.valid, 0), r.responses.masked_fill(~r.valid, 0))  # same samples
+    logits = torch.stack(out.logits, 1).double()  # generate hands out float32 copies: agreement to fp32 rounding
+    reference = selective_log_softmax(logits / 0.7, responses)
+    assert torch.allclose(r.logprobs[r.valid], reference[r.valid], rtol=0, atol=1e-5)
+    assert (r.logprobs - selective_log_softmax(logits, responses))[r.valid].abs().max() > 1e-2  # T mattered
+    # and the update's forward on the unchanged policy reproduces them: every ratio is 1 before the first step
+    idx = torch.arange(len(r.valid))
+    weights, tok_mask, _ = trainer.token_weights(trainer.advantages(trainer.score(r)), 0)
+    assert trainer.micro_batch_losses(r, idx, weights, tok_mask)["ratio"].item() == pytest.approx(1.0, abs=1e-12)
+
+
+def test_generation_batch_is_independent_of_the_micro_batch(task, tokenizer, tiny_model, tmp_path):
+    """generate() sees chunks of generation_batch_size prompts; forward passes and the update use the
+    per-device micro-batch; the rollout's estimates do not depend on the forward micro-batch."""
+    trainer = small_ppo(task, tokenizer, tiny_model, tmp_path, dtype=torch.float64, generation_batch_size=16)
+    policy = trained_models(trainer)["policy"]
+    calls, real_generate = [], policy.generate
+    policy.generate = lambda **kw: calls.append(len(kw["input_ids"])) or real_generate(**kw)
+    r = trainer.rollout(trainer.batch_for(1))
+    assert calls == [16] and trainer.args.per_device_train_batch_size == 4
+    trainer.generation_batch_size = 5
+    calls.clear()
+    trainer.rollout(trainer.batch_for(1))
+    assert calls == [5, 5, 5, 1]
+    ctx = r.context_length
+    trainer.args.local_rollout_forward_batch_size = 16  # one forward over the whole batch: the same estimates
+    whole = trainer.forward_estimates(r.query_responses, r.attention_mask, r.query_responses.shape[1] - ctx)
+    for name, got in zip(("logprobs", "ref_logprobs", "values"), whole):
+        assert torch.allclose(got.masked_fill(~r.valid, 0.0), getattr(r, name), rtol=0, atol=1e-10), name
+
+
+def test_activation_checkpointing_is_on_when_asked_and_changes_no_gradient(task, tokenizer, tiny_model, tmp_path):
+    plain = small_ppo(task, tokenizer, tiny_model, tmp_path, dtype=torch.float64, name="plain")
+    ckpt = small_ppo(task, tokenizer, tiny_model, tmp_path, dtype=torch.float64, checkpointing=True, name="ckpt")
+    assert all(m.is_gradient_checkpointing for m in trained_models(ckpt).values())
+    assert not any(m.is_gradient_checkpointing for m in trained_models(plain).values())
+    torch.manual_seed(7)
+    r = plain.make_rollout(plain.batch_for(1))
+    torch.manual_seed(7)
+    r2 = ckpt.make_rollout(ckpt.batch_for(1))  # generation in eval mode: the KV cache is not refused
+    assert torch.equal(r.query_responses, r2.query_responses)
+    grads = []
+    for trainer in (plain, ckpt):
+        trainer.model.train()
+        weights, mask, _ = trainer.token_weights(r, 0)
+        loss = trainer.micro_batch_losses(r, torch.arange(8), weights, mask)["loss"]
+        params = [p for m in trained_models(trainer).values() for p in m.parameters()]
+        grads.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)]))
+    assert grads[0].norm() > 0 and torch.allclose(grads[0], grads[1], rtol=1e-10, atol=1e-14)
+
+
+def test_ppo_stage_arguments_precision_checkpointing_and_placement():
+    """The stage's choices: autocast from model.dtype (weights fp32 unless pure_low_precision), checkpointing on for
+    real models only, models loaded straight to this rank's device."""
+    from hydra import compose, initialize_config_dir
+
+    from po_experiments.config import validate
+    from po_experiments.errors import ConfigError
+    from po_experiments.models import placement, training_dtype
+    from po_experiments.stages.ppo_policy import ppo_config
+
+    conf = str(Path(__file__).resolve().parents[1] / "conf")
+
+    def make(*overrides):
+        with initialize_config_dir(version_base="1.3", config_dir=conf):
+            return compose("config", overrides=["paths.output_dir=/tmp/x", "paths.cache_dir=/tmp/y", "algo=ppo",
+                                                *overrides])
+
+    tiny = make("model.dtype=bfloat16")
+    args = ppo_config(tiny, Path("/tmp/x/ckpt"), [])
+    assert args.bf16 and not args.activation_checkpointing and training_dtype(tiny.model) == torch.float32
+    assert placement() == ({"device_map": {"": "cuda:0"}} if torch.cuda.is_available() else {})
+    assert training_dtype(make("model.dtype=bfloat16", "model.pure_low_precision=true").model) == torch.bfloat16
+    pythia = make("model=pythia", "model.ppo.batch_size=8")
+    assert ppo_config(pythia, Path("/tmp/x/ckpt"), []).activation_checkpointing
+    assert not ppo_config(make("model=pythia", "model.ppo.batch_size=8", "model.activation_checkpointing=false"),
+                          Path("/tmp/x/ckpt"), []).activation_checkpointing
+    with pytest.raises(ConfigError, match=r"model\.ppo\.generation_batch_size"):
+        validate(make("model.ppo.generation_batch_size=0"))
+    zero3 = make("deepspeed=zero3")
+    validate(zero3)  # PPO under ZeRO-3: partitioned from the load on (no device_map), gathered into checkpoints
+    with pytest.raises(ConfigError, match="stage3_gather_16bit_weights_on_model_save"):
+        validate(make("deepspeed=zero3",
+                      "deepspeed.config.zero_optimization.stage3_gather_16bit_weights_on_model_save=false"))
+
+
+def test_linear_swapped_by_zero3_init_is_restored_after_ppo(monkeypatch):
+    """ZeRO-3's zero.Init replaces torch.nn.functional.linear for good; the PPO stage puts the original back (the
+    G analysis after it runs forward-mode AD, which DeepSpeed's replacement has no rule for)."""
+    import sys
+    import types
+
+    from po_experiments.distributed import restore_torch_linear
+
+    original = torch.nn.functional.linear
+    patcher = types.SimpleNamespace(linear_bk=original)
+    monkeypatch.setitem(sys.modules, "deepspeed.runtime.zero.partition_parameters",
+                        types.SimpleNamespace(InsertPostInitMethodToModuleSubClasses=patcher))
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda *a, **k: None)
+    restore_torch_linear()
+    assert torch.nn.functional.linear is original
+    x = torch.randn(2, 3, dtype=torch.float64)
+    lin = torch.nn.Linear(3, 1, dtype=torch.float64)
+    _, tangent = torch.func.jvp(lambda v: lin(v), (x,), (torch.ones_like(x),))
+    assert torch.allclose(tangent, (torch.ones_like(x) @ lin.weight.T))

@@ -5,7 +5,6 @@ updates under `checkpoints/step-N/`; a killed run started again resumes from the
 """
 from __future__ import annotations
 
-import copy
 import logging
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from trl.experimental.ppo import PPOConfig
 from .. import distributed
 from ..checkpoints import debug_callbacks, last_checkpoint
 from ..data.synthetic import DictionaryTask
-from ..models import DTYPES, chat_template_ids
+from ..models import DTYPES, chat_template_ids, load_model, placement
 from ..rewards import build_reward, reward_model_dir
 from ..trainers.ppo import ComponentPPOTrainer
 from .common import trainer_kwargs
@@ -49,7 +48,7 @@ def prompt_dataset(cfg, tokenizer) -> tuple[Dataset, dict[str, list[dict]]]:
 def value_model(cfg, sft_dir: Path):
     """Initialised the usual way: from the reward model when one was trained, else from the SFT model."""
     source = reward_model_dir(cfg, sft_dir) if cfg.reward.kind == "learned" else sft_dir
-    model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1, dtype=DTYPES[cfg.model.dtype])
+    model = load_model(source, cfg.model, AutoModelForSequenceClassification, num_labels=1)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = AutoTokenizer.from_pretrained(sft_dir).pad_token_id
     return model
@@ -80,18 +79,25 @@ def train_ppo_policy(cfg, sft_dir: Path, run_dir: Path, report_to: list[str]) ->
     resume = last_checkpoint(checkpoint_root)
     tokenizer = AutoTokenizer.from_pretrained(sft_dir)
     tokenizer.padding_side = "left"
-    policy = AutoModelForCausalLM.from_pretrained(sft_dir, dtype=DTYPES[cfg.model.dtype])
     prompts, user_turns = prompt_dataset(cfg, tokenizer)
+    # Every rank scores text with a whole reward model outside DeepSpeed: loaded before PPOConfig exists, since
+    # under ZeRO-3 from_pretrained partitions whatever it loads while that config is registered
+    reward = build_reward(cfg, sft_dir, messages=user_turns or None)
+    args = ppo_config(cfg, checkpoint_root, report_to)  # before the loads below: under ZeRO-3 they are partitioned
+    policy = load_model(sft_dir, cfg.model)
+    # frozen: inference only, so in model.dtype
+    reference = AutoModelForCausalLM.from_pretrained(sft_dir, dtype=DTYPES[cfg.model.dtype], **placement())
     set_seed(cfg.seed)  # the value head's init must not depend on whether SFT was trained in this process
     trainer = ComponentPPOTrainer(
-        args=ppo_config(cfg, checkpoint_root, report_to), processing_class=tokenizer, model=policy,
-        ref_model=copy.deepcopy(policy), value_model=value_model(cfg, sft_dir), train_dataset=prompts,
-        eval_dataset=prompts.select(range(min(8, len(prompts)))), reward=build_reward(cfg, sft_dir, messages=user_turns or None),
+        args=args, processing_class=tokenizer, model=policy,
+        ref_model=reference, value_model=value_model(cfg, sft_dir), train_dataset=prompts,
+        eval_dataset=prompts.select(range(min(8, len(prompts)))), reward=reward,
         algo=cfg.algo, ablation=cfg.ablation, top_p=cfg.model.ppo.top_p, max_grad_norm=cfg.model.ppo.max_grad_norm,
         checkpoint_root=checkpoint_root, save_steps=cfg.model.ppo.save_steps, callbacks=debug_callbacks(cfg),
+        generation_batch_size=cfg.model.ppo.generation_batch_size, pure_low_precision=cfg.model.pure_low_precision,
     )
     trainer.train(resume_from=resume)
 
-    policy = trainer.accelerator.unwrap_model(trainer.model).policy  # whole on every rank under ZeRO-2
-    save = policy.save_pretrained if trainer.accelerator.is_main_process else (lambda folder: None)
-    return write_final_policy(run_dir, save, tokenizer, trainer.state, resume)
+    done = write_final_policy(run_dir, trainer.save_policy, tokenizer, trainer.state, resume)
+    distributed.end_of_training()
+    return done

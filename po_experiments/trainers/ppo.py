@@ -19,11 +19,14 @@ import random
 import shutil
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
 from transformers import GenerationConfig, PretrainedConfig
 from trl.experimental.ppo import PPOTrainer
+from trl.experimental.ppo import ppo_trainer as trl_ppo
+from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.utils import selective_log_softmax
 
 from .ablations import ABLATIONS
@@ -79,6 +82,85 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.cumsum(1) - 1).clamp(min=0)
 
 
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 -> fp32 (log-softmax, ratios and GAE need it); fp32 and fp64 stay as they are."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def response_logprobs(logits: torch.Tensor, responses: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log pi(y_t | ...) of the response tokens from the logits at the positions that predict them, [B, Lr, V]:
+    upcast and divided by the sampling temperature, one micro-batch at a time (no full-vocab tensor outlives it)."""
+    return selective_log_softmax(upcast(logits) / temperature, responses)
+
+
+class PolicyValueModel(trl_ppo.PolicyAndValueWrapper):
+    """TRL's policy + value wrapper (one module for `accelerator.prepare`), whose forward computes the policy's
+    logits only at the response positions (`logits_to_keep`) and reads the value backbone's last hidden state
+    instead of asking both models for every layer's hidden states."""
+
+    def forward(self, input_ids, attention_mask, response_length: int):
+        kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
+                      use_cache=False, return_dict=True)
+        hidden = self.critic_backbone(**kwargs).last_hidden_state
+        values = self.value_model.score(hidden[:, -response_length - 1:-1]).squeeze(-1)
+        logits = self.policy(**kwargs, logits_to_keep=response_length + 1).logits[:, :-1]
+        return logits, values
+
+
+@contextlib.contextmanager
+def mixed_precision_for_accelerator(args, pure_low_precision: bool):
+    """TRL's PPOTrainer builds its Accelerator without `mixed_precision`, so accelerate reads it from the
+    environment: bf16/fp16 autocast over fp32 master weights when the run asks for it, none for pure low-precision
+    weights (a GradScaler cannot unscale fp16 gradients)."""
+    mode = "no" if pure_low_precision else "bf16" if args.bf16 else "fp16" if args.fp16 else "no"
+    saved = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    os.environ["ACCELERATE_MIXED_PRECISION"] = mode
+    try:
+        yield
+    finally:
+        os.environ.pop("ACCELERATE_MIXED_PRECISION") if saved is None else \
+            os.environ.__setitem__("ACCELERATE_MIXED_PRECISION", saved)
+
+
+def checkpointing_requested(args) -> tuple[bool, dict]:
+    """TrainingArguments' activation checkpointing switch and kwargs (transformers 5 renamed gradient_* to
+    activation_*; TRL's PPOConfig defaults it to on), non-reentrant unless the kwargs say otherwise."""
+    on = getattr(args, "activation_checkpointing", None)
+    on = args.gradient_checkpointing if on is None else on
+    extra = getattr(args, "activation_checkpointing_kwargs", None) or args.gradient_checkpointing_kwargs or {}
+    return bool(on), {"use_reentrant": False, **extra}
+
+
+def prepare_trainable(models, args, pure_low_precision: bool) -> None:
+    """Policy and value model before the optimizer exists: fp32 master weights (AdamW states follow the
+    parameters' dtype) unless pure low precision was asked for; activation checkpointing when the arguments ask
+    for it, which `Trainer.train()` would enable and our own `train()` bypasses."""
+    low = [m for m in models if next(m.parameters()).dtype in (torch.bfloat16, torch.float16)]
+    if pure_low_precision:
+        if low:
+            dtype = next(low[0].parameters()).dtype
+            log.warning("model.pure_low_precision=true: policy and value train with %s weights and %s AdamW states, "
+                        "no fp32 master copy; small updates (lr 2e-6) are mostly rounded away", dtype, dtype)
+    else:
+        for m in low:
+            m.float()
+    on, kwargs = checkpointing_requested(args)
+    if on:
+        for m in models:
+            enable = getattr(m, "activation_checkpointing_enable", None)
+            if enable is not None:
+                enable(activation_checkpointing_kwargs=kwargs)
+            else:  # transformers < 5.24
+                m.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+            m.config.use_cache = False  # training forwards; generation asks for its cache explicitly
+
+
+def enable_tf32() -> None:
+    """TF32 matmuls for the fp32 parts (Ampere and later; a no-op elsewhere)."""
+    if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8:
+        torch.set_float32_matmul_precision("high")  # CUDA only: on a CPU "high" could mean bf16 passes
+
+
 @contextlib.contextmanager
 def deepspeed_for_accelerator(args, max_grad_norm: float | None):
     """TRL's PPOTrainer builds its own Accelerator, which takes DeepSpeed from the environment (as `accelerate
@@ -108,16 +190,25 @@ def deepspeed_for_accelerator(args, max_grad_norm: float | None):
 
 class ComponentPPOTrainer(PPOTrainer):
     def __init__(self, *args, reward, algo, ablation, top_p: float = 1.0, max_grad_norm: float | None = 1.0,
-                 checkpoint_root: Path | None = None, save_steps: int = 0, **kwargs):
+                 checkpoint_root: Path | None = None, save_steps: int = 0, generation_batch_size: int | None = None,
+                 pure_low_precision: bool = False, **kwargs):
         if algo.weighting not in WEIGHTINGS:
             raise KeyError(f"unknown weighting {algo.weighting!r}; registered: {sorted(WEIGHTINGS)}")
+        if generation_batch_size is not None and generation_batch_size < 1:
+            raise ValueError(f"generation_batch_size must be >= 1 or None, got {generation_batch_size}")
         self.reward, self.algo, self.ablation = reward, algo, ablation
         self.weighting = WEIGHTINGS[algo.weighting]
         self.drop_components = ABLATIONS[ablation.name]
         self.top_p, self.max_grad_norm = top_p, max_grad_norm
         self.checkpoint_root = Path(checkpoint_root) if checkpoint_root else None
         self.save_every = save_steps
-        with deepspeed_for_accelerator(kwargs["args"], max_grad_norm):
+        self.generation_batch_size = generation_batch_size  # None: the whole per-device rollout batch at once
+        train_args = kwargs["args"]
+        prepare_trainable((kwargs["model"], kwargs["value_model"]), train_args, pure_low_precision)
+        enable_tf32()
+        with deepspeed_for_accelerator(train_args, max_grad_norm), \
+                mixed_precision_for_accelerator(train_args, pure_low_precision), \
+                mock.patch.object(trl_ppo, "PolicyAndValueWrapper", PolicyValueModel):
             super().__init__(*args, reward_model=_TextReward(), **kwargs)
         self.sampler = torch.Generator().manual_seed(self.args.seed)  # PPO minibatch shuffles, saved with checkpoints
 
@@ -137,52 +228,57 @@ class ComponentPPOTrainer(PPOTrainer):
     # ========================================================================================= 1. rollout
     @torch.no_grad()
     def rollout(self, batch: dict) -> Rollout:
-        """Sample responses, then behaviour, reference and value estimates for every response token, in chunks of
-        `local_rollout_forward_batch_size` prompts (memory at billion-parameter scale)."""
-        chunk = self.args.local_rollout_forward_batch_size or len(batch["input_ids"])
-        parts = [self.rollout_chunk(batch["input_ids"][i:i + chunk], batch["attention_mask"][i:i + chunk])
-                 for i in range(0, len(batch["input_ids"]), chunk)]
-        width = max(p["responses"].shape[1] for p in parts)  # chunks may stop at different lengths
-        cat = {k: torch.cat([self.pad_right(p[k], width) for p in parts]) for k in parts[0] if k != "queries"}
-        queries = torch.cat([p["queries"] for p in parts])
-        query_mask = batch["attention_mask"].to(queries.device)
-        valid = cat["valid"].bool()
-        responses = cat["responses"].masked_fill(~valid, self.processing_class.pad_token_id)
-        query_responses = torch.cat([queries, responses], 1)
-        zero = torch.zeros_like(cat["logprobs"])
-        return Rollout(query_responses, torch.cat([query_mask, valid.long()], 1), queries.shape[1],
-                       cat["logprobs"], cat["ref_logprobs"], cat["values"], valid,
-                       scores=torch.zeros(len(queries), device=queries.device), rewards=zero, raw_advantages=zero,
-                       advantages=zero, returns=zero)
+        """Sample responses in chunks of `generation_batch_size` prompts (tokens only), then behaviour, reference
+        and value estimates of every response token with forward passes in micro-batches of
+        `local_rollout_forward_batch_size` (memory at billion-parameter scale)."""
+        device, pad = self.accelerator.device, self.processing_class.pad_token_id
+        queries, query_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        self.model.eval()  # under activation checkpointing a module in train mode refuses generate's KV cache
+        with self.accelerator.autocast():
+            chunk = self.generation_batch_size or len(queries)
+            parts = [self.sample(queries[i:i + chunk], query_mask[i:i + chunk]) for i in range(0, len(queries), chunk)]
+            width = max(p.shape[1] for p in parts)  # chunks may stop at different lengths (padding is past a stop)
+            responses = torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1]), value=pad) for p in parts])
+            valid = self.response_mask(responses)
+            responses = responses.masked_fill(~valid, pad)
+            query_responses = torch.cat([queries, responses], 1)
+            attention_mask = torch.cat([query_mask, valid.long()], 1)
+            logprobs, ref_logprobs, values = self.forward_estimates(query_responses, attention_mask, width)
+        zero = torch.zeros_like(logprobs)
+        return Rollout(query_responses, attention_mask, queries.shape[1],
+                       logprobs.masked_fill(~valid, 0.0), ref_logprobs.masked_fill(~valid, 0.0),
+                       values.masked_fill(~valid, 0.0), valid, scores=torch.zeros(len(queries), device=device,
+                                                                                  dtype=logprobs.dtype),
+                       rewards=zero, raw_advantages=zero, advantages=zero, returns=zero)
 
-    @staticmethod
-    def pad_right(x: torch.Tensor, width: int) -> torch.Tensor:
-        return torch.nn.functional.pad(x, (0, width - x.shape[1])) if x.shape[1] < width else x
-
-    def rollout_chunk(self, queries: torch.Tensor, query_mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        device, args = self.accelerator.device, self.args
-        queries, query_mask = queries.to(device), query_mask.to(device)
-        context = queries.shape[1]
-        policy = self.accelerator.unwrap_model(self.model).policy
+    def sample(self, queries: torch.Tensor, query_mask: torch.Tensor) -> torch.Tensor:
+        """Sampled response tokens [B, <= response_length] (generate keeps no logits: those come from a forward).
+        Under ZeRO-3 the policy's parameters are gathered for the call (`ds3_gather_for_generation`), or else
+        generate runs with the ranks in lockstep (transformers' synced_gpus)."""
+        args = self.args
         generation = GenerationConfig(max_new_tokens=args.response_length, do_sample=True, top_k=0, top_p=self.top_p,
                                       temperature=args.temperature, pad_token_id=self.processing_class.pad_token_id,
-                                      eos_token_id=self.stop_token_id, return_dict_in_generate=True,
-                                      output_logits=True)
-        out = policy.generate(input_ids=queries, attention_mask=query_mask, generation_config=generation)
-        responses = out.sequences[:, context:]
-        # Raw logits / temperature: the policy's own distribution, as the update's forward pass computes it
-        logits = torch.stack(out.logits, dim=1)[:, :responses.shape[1]] / args.temperature
-        logprobs = selective_log_softmax(logits, responses)
-        del out, logits
-        valid = self.response_mask(responses)
-        responses = responses.masked_fill(~valid, self.processing_class.pad_token_id)
-        query_responses = torch.cat([queries, responses], dim=1)
-        attention_mask = torch.cat([query_mask, valid.long()], dim=1)
-        ref_logprobs = self.sequence_logprobs(self.ref_model, query_responses, attention_mask, context)
-        values = self.token_values(query_responses, attention_mask, context)
-        return {"queries": queries, "responses": responses, "valid": valid.long(),
-                "logprobs": logprobs.masked_fill(~valid, 0.0), "ref_logprobs": ref_logprobs.masked_fill(~valid, 0.0),
-                "values": values.masked_fill(~valid, 0.0)}
+                                      eos_token_id=self.stop_token_id, use_cache=True)
+        with unwrap_model_for_generation(self.model, self.accelerator,
+                                         gather_deepspeed3_params=args.ds3_gather_for_generation) as wrapper:
+            sequences = wrapper.policy.generate(input_ids=queries, attention_mask=query_mask,
+                                                generation_config=generation)
+        return sequences[:, queries.shape[1]:]
+
+    def forward_estimates(self, query_responses, attention_mask, response_length: int):
+        """Behaviour log-probs (raw logits / temperature: the policy's own distribution, as the update's forward
+        computes it), reference log-probs and values, [B, Lr] each, in micro-batches."""
+        wrapper = self.accelerator.unwrap_model(self.model)
+        step = self.args.local_rollout_forward_batch_size or len(query_responses)
+        parts = []
+        for i in range(0, len(query_responses), step):
+            ids, att = query_responses[i:i + step], attention_mask[i:i + step]
+            logits, values = wrapper(ids, att, response_length)
+            logprobs = response_logprobs(logits, ids[:, -response_length:], self.args.temperature)
+            del logits
+            ref = self.sequence_logprobs(self.ref_model, ids, att, ids.shape[1] - response_length)
+            parts.append((logprobs, ref, upcast(values)))
+        return tuple(torch.cat(p) for p in zip(*parts))
 
     def response_mask(self, responses: torch.Tensor) -> torch.Tensor:
         """True for response tokens up to and including the first stop token."""
@@ -193,17 +289,10 @@ class ComponentPPOTrainer(PPOTrainer):
         return stops_before == 0
 
     def sequence_logprobs(self, model, query_responses, attention_mask, context) -> torch.Tensor:
-        out = model(input_ids=query_responses, attention_mask=attention_mask,
-                    position_ids=position_ids(attention_mask), return_dict=True)
-        logits = out.logits[:, context - 1:-1] / self.args.temperature
-        return selective_log_softmax(logits, query_responses[:, context:])
-
-    def token_values(self, query_responses, attention_mask, context) -> torch.Tensor:
-        value_model = self.accelerator.unwrap_model(self.model).value_model
-        backbone = getattr(value_model, value_model.base_model_prefix)
-        hidden = backbone(input_ids=query_responses, attention_mask=attention_mask,
-                          position_ids=position_ids(attention_mask), return_dict=True).last_hidden_state
-        return value_model.score(hidden)[:, context - 1:-1].squeeze(-1)
+        response_length = query_responses.shape[1] - context
+        out = model(input_ids=query_responses, attention_mask=attention_mask, use_cache=False,
+                    position_ids=position_ids(attention_mask), return_dict=True, logits_to_keep=response_length + 1)
+        return response_logprobs(out.logits[:, :-1], query_responses[:, context:], self.args.temperature)
 
     # ========================================================================================= 2. score
     @torch.no_grad()
@@ -247,16 +336,17 @@ class ComponentPPOTrainer(PPOTrainer):
 
     def micro_batch_losses(self, r: Rollout, idx, weights, mask) -> dict[str, torch.Tensor]:
         """Policy loss (weighted clipped surrogate) and clipped value loss on the rows `idx` of the rollout."""
-        args, ctx = self.args, r.context_length
+        args = self.args
         ids, att = r.query_responses[idx], r.attention_mask[idx]
-        policy_out, value_logits = self.model(input_ids=ids, attention_mask=att, position_ids=position_ids(att),
-                                              return_dict=True, output_hidden_states=True)
-        new_logprobs = selective_log_softmax(policy_out.logits[:, ctx - 1:-1] / args.temperature, ids[:, ctx:])
+        length = ids.shape[1] - r.context_length
+        logits, vpred = self.model(ids, att, length)
+        new_logprobs = response_logprobs(logits, ids[:, -length:], args.temperature)
+        del logits
         valid = r.valid[idx]
         per_token = clipped_surrogate(new_logprobs, r.logprobs[idx], r.advantages[idx], args.cliprange)
         pg_loss = policy_loss(per_token, weights[idx], mask[idx], valid)
 
-        vpred = value_logits[:, ctx - 1:-1].squeeze(-1)
+        vpred = upcast(vpred)
         vclipped = r.values[idx] + (vpred - r.values[idx]).clamp(-args.cliprange_value, args.cliprange_value)
         vf = torch.max((vpred - r.returns[idx]) ** 2, (vclipped - r.returns[idx]) ** 2)
         vf_loss = 0.5 * (vf * valid).sum() / valid.sum().clamp(min=1)
@@ -347,6 +437,27 @@ class ComponentPPOTrainer(PPOTrainer):
         stem, dot, ext = name.partition(".")
         return name if rank == 0 else f"{stem}-rank{rank}{dot}{ext}"
 
+    @property
+    def is_zero3(self) -> bool:
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        return plugin is not None and plugin.zero_stage == 3
+
+    def whole_state_dicts(self) -> dict[str, dict | None]:
+        """Policy and value weights as `save_pretrained(state_dict=...)` takes them. Collective: under ZeRO-3 the
+        partitions are gathered into 16-bit weights on rank 0 (the other ranks get empty dicts); elsewhere None (each
+        module's own, whole weights)."""
+        if not self.is_zero3:
+            return {"policy": None, "value_model": None}
+        full = self.accelerator.get_state_dict(self.model) or {}  # every rank must call it; None off rank 0
+        return {part: {k[len(part) + 1:]: v for k, v in full.items() if k.startswith(part + ".")}
+                for part in ("policy", "value_model")}
+
+    def save_policy(self, folder: Path) -> None:
+        """The trained policy as a plain transformers folder; called on every rank (ZeRO-3 gathers), rank 0 writes."""
+        states = self.whole_state_dicts()
+        if self.accelerator.is_main_process:
+            self.accelerator.unwrap_model(self.model).policy.save_pretrained(folder, state_dict=states["policy"])
+
     def save_step(self, step: int, rollout: Rollout) -> None:
         """Write checkpoints/step-N atomically: policy, value model, rollout D_N, optimizer, scheduler, RNG.
         Every process writes its rollout share and RNG (and, under DeepSpeed, its optimizer partition)."""
@@ -364,16 +475,17 @@ class ComponentPPOTrainer(PPOTrainer):
         rollout.save(tmp / self._rank_file("rollout.pt"))
         torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
                     "sampler": self.sampler.get_state()}, tmp / self._rank_file("rng_state.pth"))
+        states = self.whole_state_dicts()
         sync()
         if main:
-            self._save_main(tmp, target, step, rollout)
+            self._save_main(tmp, target, step, rollout, states)
         sync()
 
-    def _save_main(self, tmp: Path, target: Path, step: int, rollout: Rollout) -> None:
+    def _save_main(self, tmp: Path, target: Path, step: int, rollout: Rollout, states: dict) -> None:
         wrapper = self.accelerator.unwrap_model(self.model)
-        wrapper.policy.save_pretrained(tmp)
+        wrapper.policy.save_pretrained(tmp, state_dict=states["policy"])
         self.processing_class.save_pretrained(tmp)
-        wrapper.value_model.save_pretrained(tmp / "value")
+        wrapper.value_model.save_pretrained(tmp / "value", state_dict=states["value_model"])
         if not self.is_deepspeed_enabled:
             torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(self.lr_scheduler.state_dict(), tmp / "scheduler.pt")
