@@ -303,13 +303,29 @@ class AlpacaEvalConfig:
 @dataclass
 class EvalConfig:
     judge: Judge = Judge.auto
-    batch_size: int = 64
+    batch_size: Optional[int] = None  # prompts per generate call; None = the plan's (the largest that fits)
     n_prompts: Optional[int] = None  # None = all held-out prompts / instructions
     max_new_tokens: Optional[int] = None  # None = data.max_new_tokens (paper: 512)
     checkpoints: str = "all"  # all (a win-rate curve, Fig. 4) | final
     n_samples: int = 16  # outputs with verdicts shown per checkpoint in W&B and the report
     reward_model: RewardModelJudgeConfig = field(default_factory=RewardModelJudgeConfig)
     alpaca_eval: AlpacaEvalConfig = field(default_factory=AlpacaEvalConfig)
+
+
+class GenerationBackend(str, Enum):
+    hf = "hf"
+    vllm = "vllm"
+
+
+@dataclass
+class GenerationConfig:
+    """How the win-rate outputs and D' answers are generated (PPO rollouts always use HF generate)."""
+
+    backend: GenerationBackend = GenerationBackend.hf  # hf (in process) | vllm (a subprocess on the saved folder)
+    vllm_python: Optional[str] = None  # interpreter that can `import vllm` (its own venv); None = this one
+    vllm_gpu_memory_utilization: float = 0.8  # share of the GPU vLLM may take (this process keeps its context)
+    vllm_tensor_parallel_size: int = 1
+    vllm_timeout_s: int = 7200  # one checkpoint's generation, engine start included
 
 
 @dataclass
@@ -395,6 +411,7 @@ class Config:
     logger: LoggerConfig = MISSING
     reward: RewardConfig = MISSING
     eval: EvalConfig = field(default_factory=EvalConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)

@@ -19,6 +19,7 @@ from .analysis.stage import run_alignment
 from .models import resolve_model_source, set_threads
 from .evaluation import judges
 from .evaluation.stage import evaluate, judged, write_json_atomic
+from .generation import backend as generation
 from .reporting.methods import describe
 from .rewards import preflight_reward
 from .stages.pairs import preference_data
@@ -35,6 +36,7 @@ def preflight(cfg) -> None:
     preflight_reward(cfg)
     judges.preflight(cfg)
     preflight_sources(cfg)
+    generation.preflight(cfg)
 
 
 def finished_run(cfg, run_dir: Path, summary: dict) -> dict:

@@ -506,14 +506,28 @@ class Planner:
         else:
             out["dpo"] = po = self.dpo()
         ckpts = po.checkpoints if cfg.eval.checkpoints == "all" else 1
-        n_eval = cfg.eval.n_prompts or rows(cfg, "instructions")
-        new_eval = cfg.eval.max_new_tokens or cfg.data.max_new_tokens
-        prompt_len = min(cfg.model.max_length, 512) if cfg.data.name != "synthetic" else cfg.model.max_length
         if cfg.eval.judge != "none":
-            out["win_rate"] = self.generation_stage(n_eval, prompt_len, new_eval, cfg.eval.batch_size, ckpts)
+            out["win_rate"] = self.generation_stage(*win_rate_generation(cfg), cfg.eval.batch_size, ckpts)
         if cfg.analysis.enabled:
             out["analysis"] = self.analysis(po.checkpoints)
         return out
+
+
+def win_rate_generation(cfg, new_tokens: int | None = None) -> tuple[int | None, int, int]:
+    """The win-rate stage's prompts, prompt length and new tokens per prompt, as the plan sizes them."""
+    n_eval = cfg.eval.n_prompts or rows(cfg, "instructions")
+    new_eval = new_tokens or cfg.eval.max_new_tokens or cfg.data.max_new_tokens
+    prompt_len = min(cfg.model.max_length, 512) if cfg.data.name != "synthetic" else cfg.model.max_length
+    return n_eval, prompt_len, new_eval
+
+
+def generation_batch(cfg, new_tokens: int | None = None) -> int:
+    """Prompts per generate call on one device: `eval.batch_size` when set, else the largest batch whose weights,
+    KV cache and logits fit this job's device (the plan's win-rate stage; `new_tokens` for D')."""
+    if cfg.eval.batch_size is not None:
+        return int(cfg.eval.batch_size)
+    n_prompts, prompt_len, new = win_rate_generation(cfg, new_tokens)
+    return Planner(for_this_job(cfg)).generation_stage(n_prompts, prompt_len, new, None, 1).per_device_batch
 
 
 def make_plan(cfg, vocab_size: int | None = None) -> dict:

@@ -21,8 +21,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from .. import distributed
 from ..checkpoints import step_dirs
 from ..data.synthetic import DictionaryTask
-from ..models import DTYPES, chat_template_text, load_for_inference
-from ..stages.common import generate
+from ..generation.backend import generate_texts
+from ..models import DTYPES, chat_template_text
 from .gradients import (
     GROUPS, dpo_alignment, dpo_alignment_jvp, dprime_gradient, encode, encode_pairs, parameter_groups, ppo_alignment,
     ppo_token_coefficients, sequence_logps, summarise,
@@ -69,9 +69,8 @@ def dprime_rows(cfg, run_dir: Path, tokenizer) -> list[dict]:
         rows = json.loads(cache.read_text())
     else:
         prompts = dprime_prompts(cfg, tokenizer)
-        model, _ = load_for_inference(run_dir / "model", cfg.model.dtype)
-        max_new = cfg.data.max_new_tokens
-        answers = generate(model, tokenizer, prompts, max_new_tokens=max_new, batch_size=64, desc="D' answers")
+        answers = generate_texts(cfg, run_dir / "model", prompts, max_new_tokens=cfg.data.max_new_tokens,
+                                 desc="D' answers")
         rows = [{"prompt": p, "response": " " + a if cfg.data.name == "synthetic" else a}
                 for p, a in zip(prompts, answers)]
         cache.parent.mkdir(parents=True, exist_ok=True)

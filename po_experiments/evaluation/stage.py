@@ -20,8 +20,8 @@ from transformers import AutoTokenizer
 
 from ..checkpoints import step_dirs
 from ..data.synthetic import DictionaryTask
-from ..models import chat_template_text, load_for_inference
-from ..stages.common import generate
+from ..generation.backend import generate_texts
+from ..models import chat_template_text
 from .judges import build_judge
 from .winrate import win_rate
 
@@ -81,9 +81,8 @@ def greedy_outputs(path: Path, model_dir: Path, prompts: EvalPrompts, cfg, gener
         if [r["instruction"] for r in records] == prompts.instructions:
             return [r["output"] for r in records]
         log.warning("%s was written for other prompts; generating again", path)
-    model, tokenizer = load_for_inference(model_dir, cfg.model.dtype)
-    outputs = generate(model, tokenizer, prompts.model_inputs, max_new_tokens=prompts.max_new_tokens,
-                       batch_size=cfg.eval.batch_size, desc=f"greedy outputs: {path.stem}")
+    outputs = generate_texts(cfg, model_dir, prompts.model_inputs, max_new_tokens=prompts.max_new_tokens,
+                             desc=f"greedy outputs: {path.stem}")
     write_json_atomic(path, [{"instruction": i, "output": o, "generator": generator, "dataset": d, "index": k}
                              for i, o, d, k in zip(prompts.instructions, outputs, prompts.dataset, prompts.index)])
     return outputs

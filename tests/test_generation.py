@@ -1,0 +1,193 @@
+"""Generation of win-rate outputs and D' answers: the planner's batch, the HF path on a saved folder, and the vLLM
+worker's subprocess protocol (run here against a stand-in `vllm` package the test puts on PYTHONPATH; a real-vLLM
+comparison runs where vLLM and a GPU are available)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+import po_experiments.config  # noqa: F401  (registers schemas)
+from po_experiments import plan
+from po_experiments.config import validate
+from po_experiments.errors import ConfigError
+from po_experiments.evaluation.stage import EvalPrompts, greedy_outputs
+from po_experiments.generation import backend, vllm_worker
+from po_experiments.stages.common import generate
+
+from conftest import REPO
+
+
+def make(*overrides):
+    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
+        cfg = compose("config", overrides=["paths.output_dir=/tmp/x", "paths.cache_dir=/tmp/y", *overrides])
+    validate(cfg)
+    return cfg
+
+
+# A stand-in for vllm: LLM / SamplingParams with vLLM's signatures, outputs that spell out what the worker passed
+# (sampling settings, the prompt's token ids) around whitespace the worker must strip, and a log of the engine's
+# arguments and of the rendezvous variables the worker saw.
+FAKE_VLLM = '''
+import json, os
+
+class SamplingParams:
+    def __init__(self, **kw):
+        self.kw = kw
+
+class _Tokenizer:
+    def encode(self, text, add_special_tokens=True):
+        return ([0] if add_special_tokens else []) + [len(w) for w in text.split()]
+
+class _Completion:
+    def __init__(self, text):
+        self.text = text
+
+class _Result:
+    def __init__(self, text):
+        self.outputs = [_Completion(text)]
+
+class LLM:
+    def __init__(self, **kw):
+        if os.environ.get("FAKE_VLLM_FAIL"):
+            raise RuntimeError("CUDA out of memory (fake)")
+        self.kw = kw
+        with open(os.environ["FAKE_VLLM_LOG"], "w") as f:
+            json.dump({"engine": kw, "RANK": os.environ.get("RANK"), "MASTER_PORT": os.environ.get("MASTER_PORT")}, f)
+
+    def get_tokenizer(self):
+        return _Tokenizer()
+
+    def generate(self, prompts, params, use_tqdm=True):
+        p = params.kw
+        return [_Result(f"  t={p['temperature']} n={p['max_tokens']} min={p['min_tokens']} seed={p['seed']} "
+                        f"ids={x['prompt_token_ids']}\\n") for x in prompts]
+'''
+
+
+@pytest.fixture
+def fake_vllm(tmp_path, monkeypatch):
+    root = tmp_path / "fake_site"
+    (root / "vllm").mkdir(parents=True)
+    (root / "vllm" / "__init__.py").write_text(FAKE_VLLM)
+    log = tmp_path / "engine.json"
+    monkeypatch.setenv("PYTHONPATH", f"{root}:{REPO}")
+    monkeypatch.setenv("FAKE_VLLM_LOG", str(log))
+    return log
+
+
+def vllm_cfg(*overrides):
+    return make("generation.backend=vllm", "model.dtype=bfloat16", "generation.vllm_gpu_memory_utilization=0.5",
+                *overrides)
+
+
+# ------------------------------------------------------------------------------------------ the planner's batch
+
+
+def test_generation_batch_is_the_plans_unless_set():
+    cfg = make()
+    assert cfg.eval.batch_size is None  # the default: the plan's batch
+    planned = plan.make_plan(plan.for_this_job(cfg))["stages"]["win_rate"]["per_device_batch"]
+    assert plan.generation_batch(cfg) == planned == 256  # the tiny model on CPU: the largest candidate
+    assert plan.generation_batch(make("eval.batch_size=7")) == 7  # an explicit value wins
+    big = plan.generation_batch(make("model=pythia", "plan.gpus=1", "plan.gpu_memory_gb=80"))
+    small = plan.generation_batch(make("model=pythia", "plan.gpus=1", "plan.gpu_memory_gb=16"))
+    assert 1 <= small < big  # the KV cache of 512 new tokens per prompt: less memory, fewer prompts per call
+    # the batch it picks fits, one step larger does not (unless it is the largest candidate)
+    planner = plan.Planner(make("model=pythia", "plan.gpus=1", "plan.gpu_memory_gb=16"))
+    n, prompt_len, new = plan.win_rate_generation(planner.cfg)
+    assert plan.generation_bytes(planner.shape, planner.P, 2, small, prompt_len, new) <= planner.budget
+    assert plan.generation_bytes(planner.shape, planner.P, 2, 2 * small, prompt_len, new) > planner.budget
+
+
+def test_hf_backend_generates_from_the_saved_folder_in_order(tmp_path, tiny_model, tokenizer, task):
+    tiny_model.save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    prompts = task.heldout_prompts(40)
+    expected = generate(tiny_model, tokenizer, prompts, max_new_tokens=6, batch_size=1)  # one by one: no padding
+    got = backend.generate_texts(make("eval.batch_size=16"), tmp_path / "m", prompts, max_new_tokens=6)
+    assert got == expected
+
+
+# ------------------------------------------------------------------------------------------ the vLLM worker
+
+
+def test_vllm_worker_passes_settings_and_keeps_prompt_order(tmp_path, fake_vllm, monkeypatch):
+    monkeypatch.setenv("RANK", "3")  # a torchrun rank's variables must not reach the engine
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    prompts = [" ".join("w" * (k % 7 + 1) for _ in range(k % 3 + 1)) for k in range(50)]
+    out = backend.generate_texts(vllm_cfg("generation.vllm_tensor_parallel_size=2"), tmp_path / "ckpt", prompts,
+                                 max_new_tokens=9, temperature=0.7, seed=5, min_new_tokens=2)
+    assert out == [f"t=0.7 n=9 min=2 seed=5 ids={[len(w) for w in p.split()]}" for p in prompts]  # stripped, in order
+    seen = json.loads(fake_vllm.read_text())
+    assert seen["engine"] == {"model": str(tmp_path / "ckpt"), "dtype": "bfloat16", "seed": 5,
+                              "gpu_memory_utilization": 0.5, "tensor_parallel_size": 2}
+    assert seen["RANK"] is None and seen["MASTER_PORT"] is None
+
+
+def test_vllm_worker_greedy_for_evaluation_outputs(tmp_path, fake_vllm):
+    prompts = EvalPrompts(["a bb", "ccc"], ["a bb", "ccc"], ["x", "x"], [0, 1], max_new_tokens=4)
+    outputs = greedy_outputs(tmp_path / "out.json", tmp_path / "ckpt", prompts, vllm_cfg(), "policy")
+    assert outputs == ["t=0.0 n=4 min=0 seed=0 ids=[1, 2]", "t=0.0 n=4 min=0 seed=0 ids=[3]"]
+    records = json.loads((tmp_path / "out.json").read_text())
+    assert [(r["instruction"], r["output"], r["index"]) for r in records] == [("a bb", outputs[0], 0),
+                                                                              ("ccc", outputs[1], 1)]
+
+
+def test_vllm_worker_failure_names_the_backend_and_shows_its_error(tmp_path, fake_vllm, monkeypatch):
+    monkeypatch.setenv("FAKE_VLLM_FAIL", "1")
+    with pytest.raises(RuntimeError, match=r"generation.backend=vllm(.|\n)*CUDA out of memory \(fake\)"):
+        backend.generate_texts(vllm_cfg(), tmp_path / "ckpt", ["a"], max_new_tokens=2)
+
+
+def test_vllm_worker_rejects_an_incomplete_request(tmp_path):
+    (tmp_path / "req.json").write_text(json.dumps({"model": "m", "prompts": []}))
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        vllm_worker.read_request(str(tmp_path / "req.json"))
+    proc = subprocess.run([sys.executable, str(backend.WORKER)], capture_output=True, text=True)
+    assert proc.returncode == 2 and "Request:" in proc.stderr  # usage
+
+
+# ------------------------------------------------------------------------------------------ preflight
+
+
+def test_preflight_fails_when_the_interpreter_cannot_import_vllm(tmp_path, monkeypatch):
+    broken = tmp_path / "site" / "vllm"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text("raise ImportError('vllm built for another torch (fake)')\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "site"))
+    with pytest.raises(ConfigError, match=r"generation.backend=vllm(.|\n)*another torch(.|\n)*vllm_python"):
+        backend.preflight(vllm_cfg())
+    with pytest.raises(ConfigError, match="generation.vllm_python=/no/such/python"):
+        backend.preflight(vllm_cfg("generation.vllm_python=/no/such/python"))
+    backend.preflight(make())  # hf: nothing to check
+
+
+def test_preflight_passes_when_vllm_imports(fake_vllm):
+    backend.preflight(vllm_cfg())
+
+
+# ------------------------------------------------------------------------------------------ real vLLM
+
+
+def vllm_available() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    return subprocess.run([sys.executable, "-c", "import vllm"], capture_output=True).returncode == 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not vllm_available(), reason="vLLM (and a GPU) not available to this interpreter")
+def test_real_vllm_greedy_agrees_with_hf(tmp_path, tiny_model, tokenizer, task):
+    tiny_model.save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    prompts = task.heldout_prompts(64)
+    cfg = make("generation.backend=vllm", "model.dtype=float32")
+    hf = backend.generate_texts(make("model.dtype=float32"), tmp_path / "m", prompts, max_new_tokens=8)
+    ours = backend.generate_texts(cfg, tmp_path / "m", prompts, max_new_tokens=8)
+    assert sum(a == b for a, b in zip(hf, ours)) >= 0.9 * len(prompts)  # greedy; kernels may break near-ties
