@@ -18,7 +18,7 @@ from .data.sources import preflight_sources
 from .analysis.stage import run_alignment
 from .models import resolve_model_source, set_threads
 from .evaluation import judges
-from .evaluation.stage import evaluate, judged, write_json_atomic
+from .evaluation.stage import evaluate, judged, share_outputs, write_json_atomic
 from .generation import backend as generation
 from .reporting.methods import describe
 from .rewards import preflight_reward
@@ -78,6 +78,7 @@ def run(cfg) -> dict:
     else:
         train_data = preference_data(cfg, sft_dir, AutoTokenizer.from_pretrained(sft_dir))
         policy = train_policy(cfg, sft_dir, train_data, run_dir, tracking.report_to(wandb_run))
+    share_outputs(cfg, run_dir, sft_dir, policy.final_step)  # every rank generates; rank 0 then judges alone
     result = distributed.main_first(lambda: evaluate(cfg, run_dir, sft_dir, policy.final_step, wandb_run))
     alignment = run_alignment(cfg, run_dir, sft_dir, wandb_run)
     if not distributed.is_main():

@@ -191,3 +191,73 @@ def test_real_vllm_greedy_agrees_with_hf(tmp_path, tiny_model, tokenizer, task):
     hf = backend.generate_texts(make("model.dtype=float32"), tmp_path / "m", prompts, max_new_tokens=8)
     ours = backend.generate_texts(cfg, tmp_path / "m", prompts, max_new_tokens=8)
     assert sum(a == b for a, b in zip(hf, ours)) >= 0.9 * len(prompts)  # greedy; kernels may break near-ties
+
+
+# ------------------------------------------------------------------------------------------ every rank's share
+
+
+def test_rank_slices_cover_the_prompts_once_in_order():
+    for n, world in ((23, 2), (5, 8), (0, 3), (16, 4)):
+        parts = [list(range(n))[backend.rank_slice(n, r, world)] for r in range(world)]
+        assert [i for p in parts for i in p] == list(range(n))
+        assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+TWO_RANKS = '''
+import json, sys
+from pathlib import Path
+import torch, torch.distributed as dist
+from hydra import compose, initialize_config_dir
+import po_experiments.config
+from po_experiments.evaluation.stage import share_outputs
+from po_experiments.analysis.stage import answer_dprime
+from transformers import AutoTokenizer
+torch.set_num_threads(1)
+import po_experiments.generation.backend as backend
+dist.init_process_group("gloo")
+root = Path(sys.argv[1])
+unshared = backend.generate_texts
+
+
+def spy(cfg, model_dir, prompts, **kwargs):  # what this rank generates itself
+    with open(root / f"rank{dist.get_rank()}.log", "a") as f:
+        f.write(f"{len(prompts)}\\n")
+    return unshared(cfg, model_dir, prompts, **kwargs)
+
+
+backend.generate_texts = spy
+with initialize_config_dir(version_base="1.3", config_dir=sys.argv[2]):
+    cfg = compose("config", overrides=["eval.checkpoints=final", "eval.n_prompts=23", "eval.batch_size=4",
+                                       "analysis.n_dprime=11", f"paths.output_dir={root / 'run'}"])
+share_outputs(cfg, root / "run", root / "sft", final_step=5)
+answer_dprime(cfg, root / "run", AutoTokenizer.from_pretrained(root / "sft"))
+dist.destroy_process_group()
+'''
+
+
+def test_two_ranks_share_the_outputs_and_dprime_like_one_process(tmp_path, tiny_model, tokenizer):
+    for folder in (tmp_path / "sft", tmp_path / "run" / "model"):
+        tiny_model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+    script = tmp_path / "two_ranks.py"
+    script.write_text(TWO_RANKS)
+    env = {**__import__("os").environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", "29731", str(script), str(tmp_path), str(REPO / "conf")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    shares = [(tmp_path / f"rank{r}.log").read_text().split() for r in range(2)]
+    assert shares == [["12", "12", "6"], ["11", "11", "5"]]  # reference, final model, D': each rank its share
+    cfg = make("eval.checkpoints=final", "eval.n_prompts=23", "analysis.n_dprime=11")
+    from po_experiments.analysis.stage import dprime_prompts
+    from po_experiments.evaluation.stage import eval_prompts
+
+    prompts = eval_prompts(cfg, tokenizer)
+    alone = generate(tiny_model, tokenizer, prompts.model_inputs, max_new_tokens=prompts.max_new_tokens, batch_size=1)
+    for stem in ("reference", "step-5"):
+        records = json.loads((tmp_path / "run" / "eval" / "outputs" / f"{stem}.json").read_text())
+        assert [r["output"] for r in records] == alone and [r["index"] for r in records] == list(range(23))
+    dprime = json.loads((tmp_path / "run" / "analysis" / "dprime_heldout.json").read_text())
+    questions = dprime_prompts(cfg, tokenizer)
+    answers = generate(tiny_model, tokenizer, questions, max_new_tokens=cfg.data.max_new_tokens, batch_size=1)
+    assert dprime == [{"prompt": q, "response": " " + a} for q, a in zip(questions, answers)]

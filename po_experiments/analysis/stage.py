@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from .. import distributed
 from ..checkpoints import step_dirs
 from ..data.synthetic import DictionaryTask
-from ..generation.backend import generate_texts
+from ..generation.backend import shared_generate_texts
 from ..models import DTYPES, chat_template_text
 from .gradients import (
     GROUPS, dpo_alignment, dpo_alignment_jvp, dprime_gradient, encode, encode_pairs, parameter_groups, ppo_alignment,
@@ -63,19 +63,39 @@ def dprime_batches(cfg, run_dir: Path, tokenizer, batch_size: int) -> list[tuple
                    [r["response"] for r in rows[i:i + batch_size]]) for i in range(0, len(rows), batch_size)]
 
 
+def dprime_cache(cfg, run_dir: Path) -> Path:
+    return run_dir / "analysis" / f"dprime_{cfg.analysis.dprime}.json"
+
+
 def dprime_rows(cfg, run_dir: Path, tokenizer) -> list[dict]:
-    cache = run_dir / "analysis" / f"dprime_{cfg.analysis.dprime}.json"
+    cache = dprime_cache(cfg, run_dir)
     if cache.exists():
-        rows = json.loads(cache.read_text())
-    else:
-        prompts = dprime_prompts(cfg, tokenizer)
-        answers = generate_texts(cfg, run_dir / "model", prompts, max_new_tokens=cfg.data.max_new_tokens,
-                                 desc="D' answers")
-        rows = [{"prompt": p, "response": " " + a if cfg.data.name == "synthetic" else a}
-                for p, a in zip(prompts, answers)]
+        return json.loads(cache.read_text())
+    return answer_dprime(cfg, run_dir, tokenizer)
+
+
+def answer_dprime(cfg, run_dir: Path, tokenizer) -> list[dict]:
+    """D' answered greedily by the final model, the prompts shared over the job's ranks; rank 0 caches them."""
+    prompts = dprime_prompts(cfg, tokenizer)
+    answers = shared_generate_texts(cfg, run_dir / "model", prompts, max_new_tokens=cfg.data.max_new_tokens,
+                                    desc="D' answers")
+    rows = [{"prompt": p, "response": " " + a if cfg.data.name == "synthetic" else a}
+            for p, a in zip(prompts, answers)]
+    if distributed.is_main():
+        cache = dprime_cache(cfg, run_dir)
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(rows, indent=1))
     return rows
+
+
+def share_dprime_answers(cfg, run_dir: Path, sft_dir: Path) -> None:
+    """A multi-process job: every rank answers its share of D' before rank 0 analyses alone (`main_first`)."""
+    if distributed.world() == 1:
+        return
+    pending = distributed.broadcast(distributed.is_main() and not dprime_cache(cfg, run_dir).exists()
+                                    and any(s not in done_steps(run_dir) for s in step_dirs(run_dir / "checkpoints")))
+    if pending:
+        answer_dprime(cfg, run_dir, AutoTokenizer.from_pretrained(sft_dir))
 
 
 def pair_sample(cfg, sft_dir: Path, tokenizer):
@@ -191,6 +211,7 @@ def run_alignment(cfg, run_dir: Path, sft_dir: Path, wandb_run=None) -> Path | N
     In a multi-process job: every rank together under ZeRO-3 (sharded), else rank 0 while the others wait."""
     if not cfg.analysis.enabled:
         return None
+    share_dprime_answers(cfg, run_dir, sft_dir)
     if uses_sharded_analysis(cfg):
         return _run_alignment(cfg, run_dir, sft_dir, wandb_run)
     return distributed.main_first(lambda: _run_alignment(cfg, run_dir, sft_dir, wandb_run))

@@ -18,9 +18,10 @@ import pandas as pd
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
+from .. import distributed
 from ..checkpoints import step_dirs
 from ..data.synthetic import DictionaryTask
-from ..generation.backend import generate_texts
+from ..generation.backend import generate_texts, shared_generate_texts
 from ..models import chat_template_text
 from .judges import build_judge
 from .winrate import win_rate
@@ -74,18 +75,58 @@ def write_json_atomic(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def greedy_outputs(path: Path, model_dir: Path, prompts: EvalPrompts, cfg, generator: str) -> list[str]:
-    """The model's greedy outputs as AlpacaEval records in `path`, generated unless already there."""
-    if path.exists():
-        records = json.loads(path.read_text())
-        if [r["instruction"] for r in records] == prompts.instructions:
-            return [r["output"] for r in records]
-        log.warning("%s was written for other prompts; generating again", path)
-    outputs = generate_texts(cfg, model_dir, prompts.model_inputs, max_new_tokens=prompts.max_new_tokens,
-                             desc=f"greedy outputs: {path.stem}")
+def cached_outputs(path: Path, prompts: EvalPrompts) -> list[str] | None:
+    if not path.exists():
+        return None
+    records = json.loads(path.read_text())
+    if [r["instruction"] for r in records] == prompts.instructions:
+        return [r["output"] for r in records]
+    log.warning("%s was written for other prompts; generating again", path)
+    return None
+
+
+def write_outputs(path: Path, prompts: EvalPrompts, outputs: list[str], generator: str) -> None:
     write_json_atomic(path, [{"instruction": i, "output": o, "generator": generator, "dataset": d, "index": k}
                              for i, o, d, k in zip(prompts.instructions, outputs, prompts.dataset, prompts.index)])
+
+
+def greedy_outputs(path: Path, model_dir: Path, prompts: EvalPrompts, cfg, generator: str) -> list[str]:
+    """The model's greedy outputs as AlpacaEval records in `path`, generated unless already there."""
+    outputs = cached_outputs(path, prompts)
+    if outputs is None:
+        outputs = generate_texts(cfg, model_dir, prompts.model_inputs, max_new_tokens=prompts.max_new_tokens,
+                                 desc=f"greedy outputs: {path.stem}")
+        write_outputs(path, prompts, outputs, generator)
     return outputs
+
+
+def generator_names(cfg) -> tuple[str, str]:
+    return f"sft-{cfg.model.name}", f"{cfg.algo.name}-{cfg.model.name}-seed{cfg.seed}"
+
+
+def models_to_generate(cfg, run_dir: Path, sft_dir: Path, final_step: int) -> dict[str, tuple[Path, str]]:
+    """Output file stem -> (model folder, generator name): the SFT reference and every model evaluated."""
+    reference, policy = generator_names(cfg)
+    return {"reference": (sft_dir, reference),
+            **{f"step-{s}": (f, policy) for s, f in models_to_evaluate(cfg, run_dir, final_step).items()}}
+
+
+def share_outputs(cfg, run_dir: Path, sft_dir: Path, final_step: int) -> None:
+    """A multi-process job, every rank: the greedy outputs of each model not generated yet, its prompts shared
+    over the ranks (each on its own device); rank 0 writes them, and `evaluate` on rank 0 then only judges."""
+    if distributed.world() == 1:
+        return
+    prompts = eval_prompts(cfg, AutoTokenizer.from_pretrained(sft_dir))
+    out_dir = run_dir / "eval" / "outputs"
+    models = models_to_generate(cfg, run_dir, sft_dir, final_step)
+    todo = distributed.broadcast([stem for stem in models if cached_outputs(out_dir / f"{stem}.json", prompts) is None]
+                                 if distributed.is_main() else None)
+    for stem in todo:
+        folder, generator = models[stem]
+        outputs = shared_generate_texts(cfg, folder, prompts.model_inputs, max_new_tokens=prompts.max_new_tokens,
+                                        desc=f"greedy outputs: {stem} (rank {distributed.rank()}'s share)")
+        if distributed.is_main():
+            write_outputs(out_dir / f"{stem}.json", prompts, outputs, generator)
 
 
 def pairs(prompts: EvalPrompts, reference: list[str], candidate: list[str], names: tuple[str, str]) -> list[dict]:
@@ -144,7 +185,7 @@ def judged(run_dir: Path, judge_name: str) -> pd.DataFrame:
 def evaluate(cfg, run_dir: Path, sft_dir: Path, final_step: int, wandb_run=None) -> dict:
     """Win rate at every checkpoint with `eval.judge`; returns the final checkpoint's (summary.json keys)."""
     prompts = eval_prompts(cfg, AutoTokenizer.from_pretrained(sft_dir))
-    names = (f"sft-{cfg.model.name}", f"{cfg.algo.name}-{cfg.model.name}-seed{cfg.seed}")
+    names = generator_names(cfg)
     out_dir = run_dir / "eval" / "outputs"
     reference = greedy_outputs(out_dir / "reference.json", sft_dir, prompts, cfg, names[0])
     judge = build_judge(cfg, run_dir / "eval")

@@ -97,3 +97,28 @@ def preflight(cfg) -> None:
         raise ConfigError(f"generation.backend=vllm: `{python} -c 'import vllm'` fails ({last}). Install vLLM in a "
                           "separate environment and set generation.vllm_python=/path/to/that/venv/bin/python, or use "
                           "generation.backend=hf")
+
+
+def rank_slice(n: int, rank: int, world: int) -> slice:
+    """Rank `rank`'s contiguous share of n prompts (the first n % world ranks take one more)."""
+    base, extra = divmod(n, world)
+    start = rank * base + min(rank, extra)
+    return slice(start, start + base + (rank < extra))
+
+
+def shared_generate_texts(cfg, model_dir: Path, prompts: list[str], **kwargs) -> list[str]:
+    """`generate_texts` with the prompts split over the job's ranks (every rank must call it with the same prompts,
+    each on its own device, each running its own vLLM worker with that backend); every rank gets all outputs, in
+    order. One process: `generate_texts` itself."""
+    from .. import distributed
+
+    world = distributed.world()
+    if world == 1:
+        return generate_texts(cfg, model_dir, prompts, **kwargs)
+    import torch.distributed as dist
+
+    mine = prompts[rank_slice(len(prompts), distributed.rank(), world)]
+    outputs = generate_texts(cfg, model_dir, mine, **kwargs) if mine else []
+    parts: list[list[str] | None] = [None] * world
+    dist.all_gather_object(parts, outputs)
+    return [o for part in parts for o in part]
