@@ -57,6 +57,17 @@ def worker_env(one_device: bool = False) -> dict[str, str]:
     return env
 
 
+def release_cached_gpu_memory() -> None:
+    """The engine sizes its KV cache from the GPU memory free at its start: hand back what this process's
+    allocator keeps cached from training (models already dropped)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        import gc
+
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
 def vllm_generate(cfg, model_dir: Path, prompts: list[str], *, max_new_tokens: int, temperature: float, seed: int,
                   min_new_tokens: int, desc: str) -> list[str]:
     g = cfg.generation
@@ -64,13 +75,14 @@ def vllm_generate(cfg, model_dir: Path, prompts: list[str], *, max_new_tokens: i
                "temperature": float(temperature), "seed": int(seed), "min_new_tokens": int(min_new_tokens),
                "dtype": cfg.model.dtype, "gpu_memory_utilization": float(g.vllm_gpu_memory_utilization),
                "tensor_parallel_size": int(g.vllm_tensor_parallel_size)}
+    release_cached_gpu_memory()
     with tempfile.TemporaryDirectory(prefix="po-vllm-") as tmp:
         req, resp = Path(tmp) / "request.json", Path(tmp) / "response.json"
         req.write_text(json.dumps(request))
         log.info("%s: vLLM (%s) on %s, %d prompts", desc, vllm_python(cfg), model_dir, len(prompts))
         proc = subprocess.run([vllm_python(cfg), str(WORKER), str(req), str(resp)],
                               env=worker_env(one_device=int(g.vllm_tensor_parallel_size) == 1),
-                              capture_output=True, text=True, timeout=g.vllm_timeout_s)
+                              capture_output=True, text=True, timeout=g.vllm_timeout_s, check=False)
         if proc.returncode != 0 or not resp.exists():
             raise RuntimeError(f"generation.backend=vllm: the worker ({vllm_python(cfg)} {WORKER.name}) failed on "
                                f"{model_dir} with exit code {proc.returncode}:\n{proc.stderr[-3000:]}")
@@ -88,7 +100,7 @@ def preflight(cfg) -> None:
         return
     python = vllm_python(cfg)
     try:
-        proc = subprocess.run([python, "-c", "import vllm"], capture_output=True, text=True,
+        proc = subprocess.run([python, "-c", "import vllm"], capture_output=True, text=True, check=False,
                               timeout=IMPORT_CHECK_TIMEOUT_S, env=worker_env())
     except (OSError, subprocess.TimeoutExpired) as err:
         raise ConfigError(f"generation.backend=vllm: cannot run generation.vllm_python={python}: {err}") from err
