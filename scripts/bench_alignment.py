@@ -101,6 +101,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds of all three methods first")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weight dtype (no autocast)")
+    p.add_argument("--attn", default="eager", choices=["eager", "sdpa"],
+                   help="attention for every method (vmap needs eager; ghost runs on sdpa in the stage)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = free cores")
     p.add_argument("--out", default=None, help="results file: .json or .csv")
     args = p.parse_args(argv)
@@ -199,7 +201,7 @@ def build(args, device: str) -> dict:
     """One 'checkpoint' (the initial model moved a little, eval mode, eager attention) and its D and D'."""
     model, tok, task, model_cfg = build_model(args.model, args.seq_len)
     model = model.to(DTYPES[args.dtype])
-    model.config._attn_implementation = "eager"  # vmap (DPO) and jvp (PPO) need it, as the stage loads it
+    model.config._attn_implementation = args.attn  # eager: vmap (DPO) needs it, as the stage loads it
     ref = copy.deepcopy(model).to(device).eval()
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -410,7 +412,7 @@ class PeakMemory:
 
 def timed_checkpoint(fn, data, args, device: str):
     """One method on one checkpoint, `summarise` included: (seconds, seconds in the D' pass, summary, mini-batches,
-    peak memory above the start in GiB)."""
+    peak memory above the start in GiB, CPU seconds of this process: steadier than wall time on a shared machine)."""
     phases = {}
 
     def clock(name, thunk):
@@ -423,12 +425,12 @@ def timed_checkpoint(fn, data, args, device: str):
 
     with PeakMemory(device) as mem:
         sync(device)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         mb = fn(data, args, clock)
         summary = summarise(mb)
         sync(device)
-        total = time.perf_counter() - start
-    return total, phases.get("dprime", 0.0), summary, mb, mem.peak_gb
+        total, cpu = time.perf_counter() - start, time.process_time() - cpu
+    return total, phases.get("dprime", 0.0), summary, mb, mem.peak_gb, cpu
 
 
 def bench(data, args, device: str):
@@ -436,18 +438,20 @@ def bench(data, args, device: str):
     times = {m: [] for m in args.methods}
     dprime_times = {m: [] for m in args.methods}
     peaks = {m: [] for m in args.methods}
+    cpu_times = {m: [] for m in args.methods}
     results = {}
     for r in range(args.warmup + args.repeats):
         for m in args.methods:  # interleaved A B C A B C ...
-            total, dp, summary, mb, peak = timed_checkpoint(runners[m], data, args, device)
+            total, dp, summary, mb, peak, cpu = timed_checkpoint(runners[m], data, args, device)
             if r >= args.warmup:
+                cpu_times[m].append(cpu)
                 times[m].append(total)
                 dprime_times[m].append(dp)
                 peaks[m].append(peak)
             results[m] = (summary, mb)
             print(f"  round {r + 1}/{args.warmup + args.repeats}{' (warm-up)' if r < args.warmup else ''} "
-                  f"{m:<14} {total:8.3f} s  (D' pass {dp:.3f} s)  peak +{peak:.2f} GiB", flush=True)
-    return times, dprime_times, peaks, results
+                  f"{m:<14} {total:8.3f} s  (D' pass {dp:.3f} s, CPU {cpu:.3f} s)  peak +{peak:.2f} GiB", flush=True)
+    return times, dprime_times, peaks, cpu_times, results
 
 
 def vmap_reference(data, args):
@@ -510,7 +514,7 @@ def run(args) -> dict:
           f"{'pairs' if args.family == 'dpo' else 'sequences'} in {-(-n_d // args.batch)} mini-batches of "
           f"{args.batch}, D' = {args.dprime} sequences in {len(data['dprime'])} mini-batches, rows of "
           f"{data['width']} tokens", flush=True)
-    times, dprime_times, peaks, results = bench(data, args, device)
+    times, dprime_times, peaks, cpu_times, results = bench(data, args, device)
     if args.compare_vmap and args.family == "dpo":
         results["vmap"] = vmap_reference(data, args)
     stats = {}
@@ -518,11 +522,13 @@ def run(args) -> dict:
         q1, med, q3 = quartiles(times[m])
         stats[m] = {"median_s": med, "q1_s": q1, "q3_s": q3, "iqr_s": q3 - q1, "n": len(times[m]),
                     "dprime_median_s": float(np.median(dprime_times[m])), "times_s": times[m],
-                    "dprime_times_s": dprime_times[m], "peak_gb": max(peaks[m])}
+                    "dprime_times_s": dprime_times[m], "peak_gb": max(peaks[m]),
+                    "cpu_median_s": float(np.median(cpu_times[m])), "cpu_times_s": cpu_times[m]}
     med = {m: stats[m]["median_s"] for m in args.methods}
     dp = float(np.median([t for m in args.methods for t in dprime_times[m]]))  # the same work in all
     ratio = med["full"] / med["tot_only"]
-    ratios = {"full/tot_only": ratio, EXCL_DPRIME: (med["full"] - dp) / (med["tot_only"] - dp)}
+    ratios = {"full/tot_only": ratio, EXCL_DPRIME: (med["full"] - dp) / (med["tot_only"] - dp),
+              "full/tot_only CPU time": stats["full"]["cpu_median_s"] / stats["tot_only"]["cpu_median_s"]}
     if "per_component" in med:
         ratios["full/per_component"] = med["full"] / med["per_component"]
         ratios["per_component/tot_only"] = med["per_component"] / med["tot_only"]
@@ -557,7 +563,8 @@ def print_table(res: dict) -> None:
     if "full/per_component" in r:
         print(f"full/per_component: {r['full/per_component']:.3f}   per_component/tot_only: "
               f"{r['per_component/tot_only']:.3f}")
-    print(f"full/tot_only without the shared D' pass ({res['dprime_median_s']:.3f} s): {r[EXCL_DPRIME]:.3f}")
+    print(f"full/tot_only without the shared D' pass ({res['dprime_median_s']:.3f} s): {r[EXCL_DPRIME]:.3f}   "
+          f"in CPU time (steadier on a shared machine): {r['full/tot_only CPU time']:.3f}")
     print(f"ratio of medians (full/tot_only): {res['ratio']:.3f}  target <= {res['target']}  {res['verdict']}")
     a = res["agreement"]
     f = a["full_G_tot_all"]
