@@ -284,6 +284,15 @@ def test_ghost_refuses_what_it_would_get_wrong(tiny_model):
     with pytest.raises(ValueError, match=r"gpt_neox\.layers\.0\.attention\.scale"):
         SequenceGradientStats(tiny_model, None, layer_groups(tiny_model))
 
+    class Doubled(torch.nn.Linear):  # a Linear whose forward is not x W^T + b (as quantised / adapter layers)
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    del tiny_model.gpt_neox.layers[0].attention.scale
+    tiny_model.lm_head.__class__ = Doubled
+    with pytest.raises(ValueError, match=r"lm_head\.weight \(Doubled\)"):
+        SequenceGradientStats(tiny_model, None, layer_groups(tiny_model))
+
 
 def test_forward_mode_runs_through_sdpa(setup):
     """Forward-mode AD has no formula for SDPA's fused kernels (CPU flash, CUDA flash / efficient): the jvp path
@@ -361,3 +370,20 @@ def test_tokens_without_output_gradient_are_dropped_exactly():
     assert torch.allclose(torch.einsum("nto,nti->noi", g2, a2), torch.einsum("nto,nti->noi", g, a))
     dense = torch.randn(3, 10, 5, generator=gen)
     assert _live_tokens(a, dense, 3)[1].shape == dense.shape  # nothing to drop: left as it is
+
+
+@pytest.mark.parametrize("override, ok", [("analysis.method=ghost", True), ("analysis.method=jvp", True),
+                                          ("analysis.method=ghosts", False),
+                                          ("analysis.vmap_max_params=-1", False)])
+def test_analysis_method_keys_validate(override, ok):
+    from test_config import make
+
+    from po_experiments.config import validate
+    from po_experiments.errors import ConfigError
+
+    assert make().analysis.method == "auto"  # the default picks by size
+    if ok:
+        validate(make([override]))
+    else:
+        with pytest.raises(ConfigError, match=override.split("=")[0].replace(".", r"\.")):
+            validate(make([override]))

@@ -3,8 +3,9 @@
 G(L; theta) = E_D'[-grad log pi(y'|x')]^T grad L(D; theta). With g' the D' gradient restricted to each layer group
 (the columns of a P x 4 matrix M), and the per-sequence gradients S (n x P) of a mini-batch's completion
 log-probs, every DPO component is a coefficient vector c over the mini-batch's sequences (Eq. 5-10: -w+ m+ on
-y+, +w- m- on y-), so G_c(b) = c^T (S M) and ||grad L_c(b)|| = ||c^T S||: all components and groups cost one
-vmap'd per-sequence backward per mini-batch (DESIGN 2c), never one backward per component.
+y+, +w- m- on y-), so G_c(b) = c^T (S M) and ||grad L_c(b)||^2 = c^T (S S^T) c: all components and groups need
+only s = S M (n x 3) and the Gram matrix K = S S^T (n x n) of each mini-batch, one pass per mini-batch (DESIGN 2c),
+never one backward per component.
 
 Three ways to the same per-sequence numbers (`analysis.method`, `auto` picks by size, `choose_method`):
   vmap   per-sequence gradients of `chunk` sequences at a time (chunk x P memory: small models);
