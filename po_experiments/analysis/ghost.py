@@ -77,6 +77,14 @@ def _normalised(module: nn.Module, kind: str, x: torch.Tensor) -> torch.Tensor:
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
+def _gram(block: torch.Tensor) -> torch.Tensor:
+    """block @ block.T in float64: a component's norm^2 = c^T K c sums large terms of both signs (chosen and
+    rejected gradients nearly cancel), so K's rounding is amplified; float32 here cost ~1e-4 relative on the TOT
+    norm at Pythia-160M shape, float64 ~1e-6. The products are n x n per block: the cast is cheap."""
+    b64 = block.double()
+    return b64 @ b64.T
+
+
 def _live_tokens(a: torch.Tensor, g: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Drop the tokens whose output gradient is exactly zero (they add nothing to any formula): the output head
     sees gradient only at completion tokens. Rows keep their order; shorter rows are padded with zero-gradient
@@ -258,11 +266,11 @@ class SequenceGradientStats:
         if gp is not None:
             w = gp.T if call.kind == "conv1d" else gp  # Conv1D stores [in, out]
             dots = ((a @ w.T) * g).sum((1, 2))  # sum_t g_t . (g' a_t)
-        gram = torch.empty(n, n, dtype=dtype, device=a.device)
+        gram = torch.empty(n, n, dtype=torch.float64, device=a.device)
         flat_a, flat_g = a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])
-        for i in range(n):  # one row against all: tokens x all tokens at a time
+        for i in range(n):  # one row against all: tokens x all tokens at a time, summed in float64 (see _gram)
             prod = (a[i] @ flat_a.T) * (g[i] @ flat_g.T)
-            gram[i] = prod.reshape(a.shape[1], n, a.shape[1]).sum((0, 2))
+            gram[i] = prod.reshape(a.shape[1], n, a.shape[1]).double().sum((0, 2))
         return dots, gram
 
     def _embedding_rows(self, call: _Call, gp, n: int, dtype):
@@ -277,7 +285,7 @@ class SequenceGradientStats:
         slot[keep] = inv
         seq = torch.arange(n, device=ids.device)[:, None].expand_as(ids)
         dots = torch.zeros(n, dtype=dtype, device=g.device)
-        gram = torch.zeros(n, n, dtype=dtype, device=g.device)
+        gram = torch.zeros(n, n, dtype=torch.float64, device=g.device)
         step = max(1, self.block // (n * g.shape[-1]))
         for u0 in range(0, len(uniq), step):
             u1 = min(len(uniq), u0 + step)
@@ -287,7 +295,7 @@ class SequenceGradientStats:
             block = block.reshape(n, -1)
             if gp is not None:
                 dots += block @ gp[uniq[u0:u1]].reshape(-1)
-            gram += block @ block.T
+            gram += _gram(block)
         return dots, gram
 
     def _materialise(self, calls: list[_Call], p, gp, n: int, dtype):
@@ -295,13 +303,13 @@ class SequenceGradientStats:
         per_row = max(1, p[0].numel())
         step = max(1, self.block // (n * per_row))
         dots = torch.zeros(n, dtype=dtype, device=p.device)
-        gram = torch.zeros(n, n, dtype=dtype, device=p.device)
+        gram = torch.zeros(n, n, dtype=torch.float64, device=p.device)
         for r0 in range(0, rows, step):
             r1 = min(rows, r0 + step)
             block = sum(self._per_row_block(c, p, n, r0, r1, dtype) for c in calls).reshape(n, -1)
             if gp is not None:
                 dots += block @ gp[r0:r1].reshape(-1)
-            gram += block @ block.T
+            gram += _gram(block)
         return dots, gram
 
     def _per_row_block(self, call: _Call, p, n: int, r0: int, r1: int, dtype) -> torch.Tensor:

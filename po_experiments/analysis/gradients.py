@@ -169,7 +169,7 @@ def _sequence_stats(model, ids, mask, comp, g, groups):
     for name, v in grads.items():
         v = v.reshape(len(ids), -1)
         dots[:, groups[name]] += (v @ g[name].reshape(-1).to(v.dtype)).double()
-        gram += (v @ v.T).double()
+        gram += v.double() @ v.double().T  # float64: c^T K c cancels (ghost.py's _gram)
     return lp.double(), dots, gram
 
 
