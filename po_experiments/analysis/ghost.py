@@ -77,12 +77,15 @@ def _normalised(module: nn.Module, kind: str, x: torch.Tensor) -> torch.Tensor:
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
-def _gram(block: torch.Tensor) -> torch.Tensor:
-    """block @ block.T in float64: a component's norm^2 = c^T K c sums large terms of both signs (chosen and
-    rejected gradients nearly cancel), so K's rounding is amplified; float32 here cost ~1e-4 relative on the TOT
-    norm at Pythia-160M shape, float64 ~1e-6. The products are n x n per block: the cast is cheap."""
+def _block_stats(block: torch.Tensor, gp: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(block @ g', block @ block.T) in float64 for per-row gradient blocks [n, m]: a component's G = c^T s and
+    norm^2 = c^T K c sum large terms of both signs (chosen and rejected gradients nearly cancel), so rounding in
+    s and K is amplified; float32 here cost ~1e-4 relative on the TOT norm at Pythia-160M shape, float64 ~1e-6
+    (a plain backward's). Only n x m numbers are cast: cheap next to the per-row gradients themselves."""
     b64 = block.double()
-    return b64 @ b64.T
+    dots = b64 @ gp.reshape(-1).double() if gp is not None else torch.zeros(len(b64), dtype=torch.float64,
+                                                                           device=b64.device)
+    return dots, b64 @ b64.T
 
 
 def _live_tokens(a: torch.Tensor, g: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -262,13 +265,13 @@ class SequenceGradientStats:
 
     def _ghost(self, call: _Call, p, gp, n: int, dtype):
         a, g = self._rows(call.inp, n, dtype), self._rows(call.grad, n, dtype)
-        dots = torch.zeros(n, dtype=dtype, device=a.device)
+        dots = torch.zeros(n, dtype=torch.float64, device=a.device)
         if gp is not None:
             w = gp.T if call.kind == "conv1d" else gp  # Conv1D stores [in, out]
-            dots = ((a @ w.T) * g).sum((1, 2))  # sum_t g_t . (g' a_t)
+            dots = ((a @ w.T) * g).double().sum((1, 2))  # sum_t g_t . (g' a_t), summed in float64
         gram = torch.empty(n, n, dtype=torch.float64, device=a.device)
         flat_a, flat_g = a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])
-        for i in range(n):  # one row against all: tokens x all tokens at a time, summed in float64 (see _gram)
+        for i in range(n):  # one row against all: tokens x all tokens at a time, summed in float64 (_block_stats)
             prod = (a[i] @ flat_a.T) * (g[i] @ flat_g.T)
             gram[i] = prod.reshape(a.shape[1], n, a.shape[1]).double().sum((0, 2))
         return dots, gram
@@ -284,7 +287,7 @@ class SequenceGradientStats:
         slot = torch.full_like(ids, -1)
         slot[keep] = inv
         seq = torch.arange(n, device=ids.device)[:, None].expand_as(ids)
-        dots = torch.zeros(n, dtype=dtype, device=g.device)
+        dots = torch.zeros(n, dtype=torch.float64, device=g.device)
         gram = torch.zeros(n, n, dtype=torch.float64, device=g.device)
         step = max(1, self.block // (n * g.shape[-1]))
         for u0 in range(0, len(uniq), step):
@@ -292,24 +295,23 @@ class SequenceGradientStats:
             sel = (slot >= u0) & (slot < u1)
             block = torch.zeros(n * (u1 - u0), g.shape[-1], dtype=dtype, device=g.device)
             block.index_add_(0, (seq * (u1 - u0) + slot - u0)[sel], g[sel])
-            block = block.reshape(n, -1)
-            if gp is not None:
-                dots += block @ gp[uniq[u0:u1]].reshape(-1)
-            gram += _gram(block)
+            d, k = _block_stats(block.reshape(n, -1), None if gp is None else gp[uniq[u0:u1]])
+            dots += d
+            gram += k
         return dots, gram
 
     def _materialise(self, calls: list[_Call], p, gp, n: int, dtype):
         rows = p.shape[0]
         per_row = max(1, p[0].numel())
         step = max(1, self.block // (n * per_row))
-        dots = torch.zeros(n, dtype=dtype, device=p.device)
+        dots = torch.zeros(n, dtype=torch.float64, device=p.device)
         gram = torch.zeros(n, n, dtype=torch.float64, device=p.device)
         for r0 in range(0, rows, step):
             r1 = min(rows, r0 + step)
             block = sum(self._per_row_block(c, p, n, r0, r1, dtype) for c in calls).reshape(n, -1)
-            if gp is not None:
-                dots += block @ gp[r0:r1].reshape(-1)
-            gram += _gram(block)
+            d, k = _block_stats(block, None if gp is None else gp[r0:r1])
+            dots += d
+            gram += k
         return dots, gram
 
     def _per_row_block(self, call: _Call, p, n: int, r0: int, r1: int, dtype) -> torch.Tensor:

@@ -168,8 +168,9 @@ def _sequence_stats(model, ids, mask, comp, g, groups):
     gram = torch.zeros(len(ids), len(ids), dtype=torch.float64, device=ids.device)
     for name, v in grads.items():
         v = v.reshape(len(ids), -1)
-        dots[:, groups[name]] += (v @ g[name].reshape(-1).to(v.dtype)).double()
-        gram += v.double() @ v.double().T  # float64: c^T K c cancels (ghost.py's _gram)
+        v = v.double()  # float64: c^T s and c^T K c cancel (ghost.py's _block_stats)
+        dots[:, groups[name]] += v @ g[name].reshape(-1).double()
+        gram += v @ v.T
     return lp.double(), dots, gram
 
 
