@@ -338,8 +338,12 @@ class AnalysisConfig:
     dprime: str = "heldout"  # heldout (out of distribution, the paper's main figures) | train (Fig. 7b)
     dpo_batch_size: int = 4
     ppo_batch_size: int = 6
-    method: str = "vmap"  # DPO: vmap (per-sequence gradients, chunk x P memory, all norms) | jvp (1 gradient of memory)
+    # DPO: auto (vmap up to vmap_max_params, else ghost) | vmap (per-sequence gradients, chunk x P memory) | ghost
+    # (one backward with hooks, model + g' + activations) | jvp (forward mode per layer group + ghost norms)
+    method: str = "auto"
+    vmap_max_params: float = 2.0e7  # auto: vmap holds chunk x P per-sequence gradients (32 x 20 M x 4 B = 2.6 GB)
     chunk: int = 32  # sequences per vmap'd backward (memory: chunk x parameters; 32 amortises vmap's overhead)
+    ppo_all_norms: bool = False  # PPO: every component's gradient norm (one ghost pass each), not TOT's only
     dtype: str = "float32"
     exclude_loss_increase: bool = False  # App. A: leave out checkpoints whose training loss rose (figures)
 
@@ -613,7 +617,9 @@ def _validate(cfg: DictConfig) -> None:
     _validate_eval(cfg.eval)
     an = cfg.analysis
     _require(an.dprime in ("heldout", "train"), "analysis.dprime", f"must be heldout or train, got {an.dprime!r}")
-    _require(an.method in ("vmap", "jvp"), "analysis.method", f"must be vmap or jvp, got {an.method!r}")
+    _require(an.method in ("auto", "vmap", "ghost", "jvp"), "analysis.method",
+             f"must be auto, vmap, ghost or jvp, got {an.method!r}")
+    _require(an.vmap_max_params >= 0, "analysis.vmap_max_params", f"must be >= 0, got {an.vmap_max_params}")
     for key in ("n_pairs", "n_dprime", "dpo_batch_size", "ppo_batch_size", "chunk"):
         _require(an[key] > 0, f"analysis.{key}", f"must be > 0, got {an[key]}")
     _require(an.dtype in ("float32", "bfloat16"), "analysis.dtype",

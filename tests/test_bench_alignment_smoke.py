@@ -56,3 +56,18 @@ def test_csv_output(tmp_path):
     lines = out.read_text().strip().splitlines()
     assert lines[0].startswith("family,model,method,median_s")
     assert [line.split(",")[2] for line in lines[1:]] == ["tot_only", "full", "per_component"]
+
+
+def test_ghost_method_against_vmap(tmp_path):
+    """`--method ghost --compare-vmap`: the full analysis by hooks reproduces the vmap path (every component x group
+    G and every norm), reports every component's norm and each method's peak memory."""
+    out = tmp_path / "bench.json"
+    argv = ["--pairs", "8", "--dprime", "4", "--repeats", "1", "--warmup", "0", "--device", "cpu", "--threads", "1",
+            "--method", "ghost", "--compare-vmap", "--methods", "tot_only", "full", "--out", str(out)]
+    assert load_bench().main(argv) == 0
+    res = json.loads(out.read_text())
+    assert res["config"]["full_method"] == "ghost" and set(res["methods"]) == {"tot_only", "full"}
+    assert all(s["peak_gb"] >= 0 for s in res["methods"].values())
+    agree = res["agreement"]
+    assert agree["full_norms_present"] == ["TOT", "POS", "NEG", "TOP", "MID", "BOT"]
+    assert agree["vmap"]["all_components_G_rel"] < 1e-5 and agree["vmap"]["all_components_norm_rel"] < 1e-5

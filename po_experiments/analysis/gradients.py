@@ -3,8 +3,17 @@
 G(L; theta) = E_D'[-grad log pi(y'|x')]^T grad L(D; theta). With g' the D' gradient restricted to each layer group
 (the columns of a P x 4 matrix M), and the per-sequence gradients S (n x P) of a mini-batch's completion
 log-probs, every DPO component is a coefficient vector c over the mini-batch's sequences (Eq. 5-10: -w+ m+ on
-y+, +w- m- on y-), so G_c(b) = c^T (S M) and ||grad L_c(b)|| = ||c^T S||: all components and groups cost one
-vmap'd per-sequence backward per mini-batch (DESIGN 2c), never one backward per component.
+y+, +w- m- on y-), so G_c(b) = c^T (S M) and ||grad L_c(b)||^2 = c^T (S S^T) c: all components and groups need
+only s = S M (n x 3) and the Gram matrix K = S S^T (n x n) of each mini-batch, one pass per mini-batch (DESIGN 2c),
+never one backward per component.
+
+Three ways to the same per-sequence numbers (`analysis.method`, `auto` picks by size, `choose_method`):
+  vmap   per-sequence gradients of `chunk` sequences at a time (chunk x P memory: small models);
+  ghost  one backward of sum_i log pi(y_i) with hooks: s_i,k = g'_k . grad log pi(y_i) and the Gram matrix K
+         from each layer's inputs and output gradients (`ghost.py`), never a whole per-sequence gradient
+         (billion-parameter models, about the cost of one ordinary backward);
+  jvp    s_i,k by forward-mode products, one layer group at a time, plus K from the ghost pass (a check).
+g' is kept per parameter ({name: tensor}) and layer groups by name, so nothing P-sized is ever concatenated.
 
 Layer groups: the transformer blocks split into bottom / middle / top thirds by index; the input embeddings
 count in `bottom`, the final norm and the output head in `top`, so the three groups partition the parameters
@@ -32,22 +41,24 @@ def layer_group(name: str, n_layers: int) -> int:
     return 0 if "embed_in" in name or "embed_tokens" in name or "wte" in name else 2
 
 
-def parameter_groups(model) -> torch.Tensor:
-    """For the flattened trainable parameters: 0/1/2 = bottom/middle/top group of each entry."""
+def layer_groups(model) -> dict[str, int]:
+    """{trainable parameter name: 0/1/2 = bottom/middle/top group} (names, not a P-sized index tensor)."""
     n_layers = model.config.num_hidden_layers
-    return torch.cat([torch.full((p.numel(),), layer_group(name, n_layers), dtype=torch.long)
-                      for name, p in model.named_parameters() if p.requires_grad])
+    return {name: layer_group(name, n_layers) for name, p in model.named_parameters() if p.requires_grad}
 
 
-def group_matrix(g: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
-    """P x 4: g restricted to all / bottom / middle / top."""
-    cols = [g] + [torch.where(groups == k, g, torch.zeros_like(g)) for k in range(3)]
-    return torch.stack(cols, dim=1)
+def flatten(vector: dict[str, torch.Tensor], group: int | None = None, groups: dict | None = None) -> torch.Tensor:
+    """A per-parameter vector as one flat tensor in named_parameters order, optionally restricted to one layer
+    group (zeros elsewhere). For small models and tests only: the analysis never builds it."""
+    return torch.cat([(t if group is None or groups[n] == group else torch.zeros_like(t)).flatten()
+                      for n, t in vector.items()])
 
 
-def flat(grads) -> torch.Tensor:
-    """Per-sequence gradient tensors (each chunk x param shape) -> chunk x P, in named_parameters order."""
-    return torch.cat([t.reshape(t.shape[0], -1) for t in grads], dim=1)
+def choose_method(method: str, n_params: int, vmap_max_params: float) -> str:
+    """`analysis.method=auto`: vmap (fast, chunk x P memory) up to `vmap_max_params` parameters, else ghost."""
+    if method != "auto":
+        return method
+    return "vmap" if n_params <= vmap_max_params else "ghost"
 
 
 def prompt_completion_ids(tokenizer, prompt, completion) -> tuple[list[int], list[int]]:
@@ -99,32 +110,21 @@ def sequence_logps(model, input_ids, attention_mask, completion_mask) -> torch.T
     return (token_logps(model, params, input_ids, attention_mask) * completion_mask[:, 1:]).sum(1)
 
 
-def per_sequence_grads(model, input_ids, attention_mask, completion_mask, chunk: int = 8) -> torch.Tensor:
-    """n x P: gradient of each sequence's completion log-prob (vmap over sequences, `chunk` at a time)."""
-    params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
-
-    def one(p, ids, mask, comp):
-        return (token_logps(model, p, ids[None], mask[None])[0] * comp[1:]).sum()
-
-    rows = []
-    for s in range(0, len(input_ids), chunk):
-        g = vmap(grad(one), in_dims=(None, 0, 0, 0))(params, input_ids[s:s + chunk], attention_mask[s:s + chunk],
-                                                    completion_mask[s:s + chunk])
-        rows.append(flat(list(g.values())))
-    return torch.cat(rows)
-
-
-def dprime_gradient(model, batches) -> torch.Tensor:
-    """g' = E_D'[-grad log pi(y'|x')] (sequence log-likelihood, mean over D' sequences), flattened."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    total = [torch.zeros_like(p) for p in params]
-    count = 0
-    device = params[0].device
+def dprime_gradient(model, batches) -> dict[str, torch.Tensor]:
+    """g' = E_D'[-grad log pi(y'|x')] (sequence log-likelihood, mean over D' sequences), per parameter.
+    Accumulated in the parameters' .grad by autograd (one gradient of memory, no second copy), then taken."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    for _, p in named:
+        p.grad = None
+    count, device = 0, named[0][1].device
     for ids, mask, comp in batches:
-        loss = -sequence_logps(model, ids.to(device), mask.to(device), comp.to(device)).sum()
-        torch._foreach_add_(total, torch.autograd.grad(loss, params))
+        (-sequence_logps(model, ids.to(device), mask.to(device), comp.to(device)).sum()).backward()
         count += len(ids)
-    return torch.cat([t.flatten() for t in total]) / count
+    out = {}
+    for n, p in named:
+        out[n] = (p.grad if p.grad is not None else torch.zeros_like(p)).div_(count)
+        p.grad = None
+    return out
 
 
 @dataclass
@@ -152,17 +152,7 @@ def dpo_coefficients(chosen, rejected, ref_chosen, ref_rejected, algo, step: int
     return coef
 
 
-def parameter_spans(model, groups: torch.Tensor) -> dict[str, tuple[int, int, int]]:
-    """name -> (start, end, group) of each trainable parameter in the flattened vector."""
-    spans, start = {}, 0
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            spans[name] = (start, start + p.numel(), int(groups[start]))
-            start += p.numel()
-    return spans
-
-
-def _sequence_stats(model, ids, mask, comp, g, spans):
+def _sequence_stats(model, ids, mask, comp, g, groups):
     """For each sequence of one vmap call: its completion log-prob, g'_k . grad log pi (k = bottom, middle, top)
     and the Gram matrix of the per-sequence gradients. Products are taken parameter by parameter in the model's
     dtype and summed in float64: no flat copy of the per-sequence gradients, and sums over billions of entries
@@ -177,34 +167,62 @@ def _sequence_stats(model, ids, mask, comp, g, spans):
     dots = torch.zeros(len(ids), 3, dtype=torch.float64, device=ids.device)
     gram = torch.zeros(len(ids), len(ids), dtype=torch.float64, device=ids.device)
     for name, v in grads.items():
-        a, b, k = spans[name]
         v = v.reshape(len(ids), -1)
-        dots[:, k] += (v @ g[a:b].to(v.dtype)).double()
-        gram += (v @ v.T).double()
+        v = v.double()  # float64: c^T s and c^T K c cancel (ghost.py's _block_stats)
+        dots[:, groups[name]] += v @ g[name].reshape(-1).double()
+        gram += v @ v.T
     return lp.double(), dots, gram
 
 
-def dpo_alignment(model, pairs, ref_logps, dprime: torch.Tensor, groups: torch.Tensor, algo, step: int,
-                  batch_size: int = 4, chunk: int = 32, progress=None) -> MinibatchAlignment:
-    """G for every DPO component and layer group on mini-batches of `batch_size` pairs, from one vmap'd
-    per-sequence backward per mini-batch: G_c(b) = c^T (S g'_k) and ||grad L_c(b)||^2 = c^T (S S^T) c, where the
-    coefficients c (thirds of omega over the whole sample) are formed after the pass from its own log-probs.
+def _ghost_sequence_stats(model, ids, mask, comp, g, groups, route: str = "auto"):
+    """`_sequence_stats` from one backward with hooks (ghost.py): no per-sequence gradient of the model."""
+    from .ghost import SequenceGradientStats
+
+    return SequenceGradientStats(model, g, groups, route=route)(lambda: sequence_logps(model, ids, mask, comp),
+                                                                len(ids))
+
+
+def _jvp_sequence_stats(model, ids, mask, comp, g, groups):
+    """`_sequence_stats` with s by forward-mode products (one layer group at a time), K from the ghost pass."""
+    from .ghost import SequenceGradientStats
+
+    lp, _, gram = SequenceGradientStats(model, None, groups)(lambda: sequence_logps(model, ids, mask, comp),
+                                                             len(ids))
+    dots = group_directional_derivatives(
+        model, lambda p: (token_logps(model, p, ids, mask) * comp[:, 1:]).sum(1), g, groups)
+    return lp, dots.double().T.contiguous(), gram
+
+
+def dpo_alignment(model, pairs, ref_logps, dprime: dict[str, torch.Tensor], algo, step: int,
+                  batch_size: int = 4, chunk: int = 32, progress=None, method: str = "vmap",
+                  route: str = "auto") -> MinibatchAlignment:
+    """G for every DPO component and layer group on mini-batches of `batch_size` pairs, and every component's
+    gradient norm: G_c(b) = c^T s_k and ||grad L_c(b)||^2 = c^T K c with s_i,k = g'_k . grad log pi(y_i) and K the
+    Gram matrix of the per-sequence gradients, where the coefficients c (thirds of omega over the whole sample)
+    are formed after the pass from its own log-probs. `method` (vmap | ghost | jvp) says how s and K are had;
+    vmap takes `chunk` sequences per call, ghost and jvp one mini-batch; `route` is ghost.py's per-parameter
+    choice (auto | ghost | materialise).
 
     `pairs`: dict of chosen_ids/chosen_mask/chosen_comp and rejected_* tensors (N rows each, right-padded);
-    `ref_logps`: (N, N) reference sequence log-probs of chosen and rejected."""
-    device = dprime.device
+    `ref_logps`: (N, N) reference sequence log-probs of chosen and rejected; `dprime`: {name: g'}."""
+    device = next(iter(dprime.values())).device
+    groups = layer_groups(model)
+    stats = {"vmap": _sequence_stats, "jvp": _jvp_sequence_stats,
+             "ghost": lambda *a: _ghost_sequence_stats(*a, route=route)}
+    if method not in stats:
+        raise ValueError(f"analysis.method must be vmap, ghost or jvp here, got {method!r}")
     pairs = {k: v.to(device) for k, v in pairs.items()}
     n = len(pairs["chosen_ids"])
     batches = [torch.arange(s, min(s + batch_size, n), device=device) for s in range(0, n, batch_size)]
-    chunk = max(chunk - chunk % (2 * batch_size), 2 * batch_size)  # whole mini-batches per vmap call
+    chunk = chunk if method == "vmap" else 2 * batch_size
+    chunk = max(chunk - chunk % (2 * batch_size), 2 * batch_size)  # whole mini-batches per call
     order = torch.cat([torch.cat([idx, n + idx]) for idx in batches])  # [chosen; rejected] per mini-batch
     stacked = {k: torch.cat([pairs[f"chosen_{k}"], pairs[f"rejected_{k}"]])[order] for k in ("ids", "mask", "comp")}
-    spans = parameter_spans(model, groups)
     starts = range(0, len(order), chunk)
     logps, dots, grams = [], [], []
     for s in (progress(starts) if progress else starts):
-        lp, d, gram = _sequence_stats(model, stacked["ids"][s:s + chunk], stacked["mask"][s:s + chunk],
-                                      stacked["comp"][s:s + chunk], dprime, spans)
+        lp, d, gram = stats[method](model, stacked["ids"][s:s + chunk], stacked["mask"][s:s + chunk],
+                                    stacked["comp"][s:s + chunk], dprime, groups)
         logps.append(lp)
         dots.append(d)
         grams.append(gram)
@@ -246,16 +264,6 @@ def summarise(mb: MinibatchAlignment) -> dict:
 PPO_COMPONENTS = DPO_COMPONENTS
 
 
-def unflatten(vector: torch.Tensor, model) -> dict[str, torch.Tensor]:
-    """A flat P-vector back to {parameter name: tensor}, in named_parameters order."""
-    out, start = {}, 0
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            out[name] = vector[start:start + p.numel()].view_as(p).to(p.dtype)
-            start += p.numel()
-    return out
-
-
 def ppo_token_coefficients(rollout, algo, step: int, weighting) -> dict[str, torch.Tensor]:
     """Per component, the coefficient of each response token's grad log pi in its policy-loss gradient at the
     rollout's own policy (ratio 1, inside the clip): -A_t * weight_t * mask_t, thirds ranked over the batch.
@@ -279,82 +287,63 @@ def _response_logps(model, params, rollout, idx, temperature: float):
     return torch.log_softmax(logits, -1).gather(-1, ids[:, ctx:, None])[..., 0]
 
 
-def group_tangents(g: torch.Tensor, groups: torch.Tensor, model) -> list[dict[str, torch.Tensor]]:
-    """g' restricted to bottom / middle / top, as parameter dicts (the tangents of forward-mode passes)."""
-    return [unflatten(torch.where(groups == k, g, torch.zeros_like(g)), model) for k in range(3)]
+def group_directional_derivatives(model, fn, dprime: dict[str, torch.Tensor], groups: dict[str, int]) -> torch.Tensor:
+    """[3, *fn's output]: d fn(theta) . g'_k for k = bottom, middle, top, by forward-mode AD one layer group at a
+    time: the group's parameters are the primals and their slices of g' (views, not copies) the tangents; the
+    other parameters are constants, so no zero tangents and no stacked copies exist. No backward graph is kept.
+    SDPA's fused kernels have no forward-mode formula: its math backend is forced (eager attention needs none)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
-
-def forward_mode_minibatch(model, params, tangents, logps_fn, C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One mini-batch by forward-mode AD: G[component, group] and the TOT gradient norm.
-
-    `logps_fn(params)` -> per-token log-probs [b, T]; `C` [components, b, T] the token coefficients of each
-    component's loss gradient (component 0 = TOT). A jvp per layer group (vmap'd over the three) gives
-    g'_k . grad log pi for every token at once; one backward gives ||grad L_TOT||. No per-example gradient is ever
-    materialised."""
-    stacked = {k: torch.stack([t[k] for t in tangents]) for k in tangents[0]}  # the 3 groups in one vmap'd jvp
-    dlp = vmap(lambda t: torch.func.jvp(logps_fn, (params,), (t,))[1])(stacked)  # 3 x b x T
-    g = torch.einsum("cbt,kbt->ck", C, dlp.double())  # components x 3
-    live = [v for v in model.parameters() if v.requires_grad]
-    grads = torch.autograd.grad((C[0] * logps_fn(dict(model.named_parameters()))).sum(), live)
-    norm = torch.linalg.vector_norm(torch.cat([x.flatten() for x in grads]).double())
-    return torch.cat([g.sum(1, keepdim=True), g], dim=1), norm
-
-
-def _tot_only_norms(norm: torch.Tensor, n_components: int) -> torch.Tensor:
-    return torch.cat([norm[None], torch.full((n_components - 1,), float("nan"), dtype=torch.float64,
-                                             device=norm.device)])
-
-
-def dpo_alignment_jvp(model, pairs, ref_logps, dprime: torch.Tensor, groups: torch.Tensor, algo, step: int,
-                      batch_size: int = 4, progress=None) -> MinibatchAlignment:
-    """`dpo_alignment` by forward-mode AD (3 jvps + 1 backward per mini-batch): memory of one gradient, for
-    billion-parameter models; per-component norms other than TOT are not computed."""
-    device = dprime.device
-    pairs = {k: v.to(device) for k, v in pairs.items()}
-    with torch.no_grad():
-        lp = [sequence_logps(model, pairs[f"{s}_ids"], pairs[f"{s}_mask"], pairs[f"{s}_comp"])
-              for s in ("chosen", "rejected")]
-    coef = dpo_coefficients(*lp, *(r.to(device) for r in ref_logps), algo, step)
     params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
-    tangents = group_tangents(dprime, groups, model)
-    n, G, norms = len(lp[0]), [], []
-    starts = range(0, n, batch_size)
-    for s in (progress(starts) if progress else starts):
-        idx = torch.arange(s, min(s + batch_size, n), device=device)
-        ids = torch.cat([pairs["chosen_ids"][idx], pairs["rejected_ids"][idx]])
-        mask = torch.cat([pairs["chosen_mask"][idx], pairs["rejected_mask"][idx]])
-        comp = torch.cat([pairs["chosen_comp"][idx], pairs["rejected_comp"][idx]])[:, 1:].double()
-        seq = torch.stack([torch.cat([coef[c][idx], coef[c][n + idx]]) for c in DPO_COMPONENTS]) / len(idx)
-        C = seq.double()[:, :, None] * comp[None]
-        row, norm = forward_mode_minibatch(model, params, tangents, lambda p: token_logps(model, p, ids, mask), C)
-        G.append(row)
-        norms.append(_tot_only_norms(norm, len(DPO_COMPONENTS)))
-    return MinibatchAlignment(DPO_COMPONENTS, torch.stack(G), torch.stack(norms))
+    out = []
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        for k in range(3):
+            primals = {n: v for n, v in params.items() if groups[n] == k}
+            fixed = {n: v for n, v in params.items() if groups[n] != k}
+            tangents = {n: dprime[n].to(v.dtype) for n, v in primals.items()}
+            out.append(torch.func.jvp(lambda p: fn({**fixed, **p}), (primals,), (tangents,))[1])
+    return torch.stack(out)
 
 
-def ppo_alignment(model, rollout, dprime: torch.Tensor, groups: torch.Tensor, coefficients: dict,
-                  temperature: float = 1.0, batch_size: int = 6, progress=None) -> MinibatchAlignment:
+def _weighted_gradient_stats(model, groups, dprime, logps_fn, weights: torch.Tensor):
+    """(g'_k . grad sum_t w_t log pi_t for k = 0..2, ||grad sum_t w_t log pi_t||^2) from one ghost pass with the
+    token weights folded into each sequence's scalar (rows = sequences: their sum is the weighted sum)."""
+    from .ghost import SequenceGradientStats
+
+    _, dots, gram = SequenceGradientStats(model, dprime, groups)(
+        lambda: (weights * logps_fn(dict(model.named_parameters()))).sum(1), weights.shape[0])
+    return dots.sum(0), gram.sum()
+
+
+def ppo_alignment(model, rollout, dprime: dict[str, torch.Tensor], coefficients: dict, temperature: float = 1.0,
+                  batch_size: int = 6, progress=None, all_norms: bool = False) -> MinibatchAlignment:
     """G for every PPO component and layer group on mini-batches of `batch_size` responses of a saved rollout.
 
-    Components are token-weighted (POS/NEG split a sequence), so this uses forward mode: one jvp per layer group
-    gives g'_k . grad log pi(y_t) for every token, plus one backward for the TOT norm.
-    Forward-mode AD needs eager attention on CPU (SDPA has none); in float64, eager attention turns the fully
+    Components are token-weighted (POS/NEG split a sequence): forward-mode products, one layer group at a time,
+    give g'_k . grad log pi(y_t) for every token, so every component's G from 3 passes; the TOT gradient norm comes
+    from one ghost pass (ghost.py) with the TOT token weights folded into each sequence. `all_norms`: the other
+    components' norms too, one ghost pass each (components with no weight in a mini-batch cost nothing).
+    Forward-mode AD needs eager attention or SDPA's math backend; in float64, eager attention turns the fully
     masked rows of left padding into NaN, so run it in float32/bfloat16 (as the analysis stage does)."""
-    params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
-    rollout = rollout.to(dprime.device)
-    coefficients = {k: v.to(dprime.device) for k, v in coefficients.items()}
-    tangents = group_tangents(dprime, groups, model)
+    device = next(iter(dprime.values())).device
+    groups = layer_groups(model)
+    rollout = rollout.to(device)
+    coefficients = {k: v.to(device) for k, v in coefficients.items()}
     n, G, norms = rollout.valid.shape[0], [], []
     starts = range(0, n, batch_size)
     for s in (progress(starts) if progress else starts):
-        idx = torch.arange(s, min(s + batch_size, n), device=dprime.device)
+        idx = torch.arange(s, min(s + batch_size, n), device=device)
         valid = rollout.valid[idx]
         C = torch.stack([coefficients[c][idx] for c in PPO_COMPONENTS]).double() / valid.sum().clamp(min=1)
 
         def logps(p, idx=idx, valid=valid):
             return _response_logps(model, p, rollout, idx, temperature).masked_fill(~valid, 0.0)
 
-        row, norm = forward_mode_minibatch(model, params, tangents, logps, C)
-        G.append(row)
-        norms.append(_tot_only_norms(norm, len(PPO_COMPONENTS)))
+        dlp = group_directional_derivatives(model, logps, dprime, groups)  # 3 x b x T
+        g3 = torch.einsum("cbt,kbt->ck", C, dlp.double())
+        G.append(torch.cat([g3.sum(1, keepdim=True), g3], dim=1))
+        sq = torch.full((len(PPO_COMPONENTS),), float("nan"), dtype=torch.float64, device=device)
+        for c in range(len(PPO_COMPONENTS) if all_norms else 1):
+            sq[c] = _weighted_gradient_stats(model, groups, dprime, logps, C[c])[1] if C[c].any() else 0.0
+        norms.append(sq.clamp(min=0).sqrt())
     return MinibatchAlignment(PPO_COMPONENTS, torch.stack(G), torch.stack(norms))

@@ -24,8 +24,8 @@ from ..data.synthetic import DictionaryTask
 from ..generation.backend import shared_generate_texts
 from ..models import DTYPES, chat_template_text
 from .gradients import (
-    GROUPS, dpo_alignment, dpo_alignment_jvp, dprime_gradient, encode, encode_pairs, parameter_groups, ppo_alignment,
-    ppo_token_coefficients, sequence_logps, summarise,
+    GROUPS, choose_method, dpo_alignment, dprime_gradient, encode, encode_pairs, ppo_alignment, ppo_token_coefficients,
+    sequence_logps, summarise,
 )
 
 from .sharded import sharded_dpo_alignment, sharded_reference_logps, uses_sharded_analysis
@@ -35,10 +35,16 @@ TABLE, MINIBATCHES = "alignment.csv", "alignment_minibatches.csv"
 
 
 def load_model(folder: Path, dtype: str):
-    """Eager attention: forward-mode AD (PPO) and vmap (DPO) need it on CPU."""
+    """Eager attention: vmap (DPO) needs it; forward mode (jvp, PPO) needs it or SDPA's math backend."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[dtype], attn_implementation="eager")
     return model.to(device).eval()
+
+
+def analysis_method(cfg, model) -> str:
+    """The DPO-family method for this model: `analysis.method`, or by size when it is `auto`."""
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return choose_method(cfg.analysis.method, n_params, cfg.analysis.vmap_max_params)
 
 
 # ------------------------------------------------------------------------------------------------ D' and D
@@ -127,22 +133,23 @@ def minibatch_alignment(cfg, step: int, folder: Path, dprime, pairs=None):
         encoded, ref_logps = pairs
         return sharded_dpo_alignment(folder, cfg, encoded, ref_logps, dprime, step, progress=bar)
     model = load_model(folder, cfg.analysis.dtype)
+    method = analysis_method(cfg, model)
+    if method == "ghost" and cfg.algo.family == "dpo":
+        model.config._attn_implementation = "sdpa"  # reverse mode only: fused attention, no T x T probabilities
     g = dprime_gradient(model, dprime)
-    groups = parameter_groups(model)
     if cfg.algo.family == "ppo":
         from ..trainers.ppo import Rollout
         from ..trainers.ppo_objectives import WEIGHTINGS
 
         rollout = Rollout.load(folder / "rollout.pt")
         coef = ppo_token_coefficients(rollout, cfg.algo, step, WEIGHTINGS[cfg.algo.weighting])
-        return ppo_alignment(model, rollout, g, groups, coef, temperature=cfg.model.ppo.temperature,
-                             batch_size=cfg.analysis.ppo_batch_size, progress=bar)
+        return ppo_alignment(model, rollout, g, coef, temperature=cfg.model.ppo.temperature,
+                             batch_size=cfg.analysis.ppo_batch_size, progress=bar,
+                             all_norms=cfg.analysis.ppo_all_norms)
     encoded, ref_logps = pairs
-    if cfg.analysis.method == "jvp":
-        return dpo_alignment_jvp(model, encoded, ref_logps, g, groups, cfg.algo, step,
-                                 batch_size=cfg.analysis.dpo_batch_size, progress=bar)
-    return dpo_alignment(model, encoded, ref_logps, g, groups, cfg.algo, step,
-                         batch_size=cfg.analysis.dpo_batch_size, chunk=cfg.analysis.chunk, progress=bar)
+    log.info("G at step %d: method %s", step, method)
+    return dpo_alignment(model, encoded, ref_logps, g, cfg.algo, step, batch_size=cfg.analysis.dpo_batch_size,
+                         chunk=cfg.analysis.chunk, progress=bar, method=method)
 
 
 def analyse_checkpoint(cfg, step: int, folder: Path, dprime, pairs=None) -> tuple[list[dict], list[dict]]:
