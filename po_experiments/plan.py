@@ -480,23 +480,24 @@ class Planner:
             acts = activation_bytes(self.shape, prec, sequences * seq, checkpointing=False)
             if method == "vmap":
                 work = min(an.chunk, sequences) * self.P * dtype + acts  # a chunk's per-sequence gradients
-            else:  # forward-mode / ghost: g' (float32), one layer group's tangent, one backward's activations
-                work = self.P * 4 + self.P * dtype / 3 + acts
+            else:  # ghost / forward mode: g' (per parameter, the model's dtype; tangents are views of it) and one
+                # mini-batch's activations (the ghost pass's backward; forward mode keeps one layer's at a time)
+                work = self.P * dtype + acts
         device = self._device_peak(model + work)
         host = self._host(self.P * dtype)
         fits = self._fits(device, host)
         return StagePlan(steps=None, checkpoints=checkpoints, per_device_batch=sequences, grad_accum=None,
                          peak_gpu_gb=device / GB, host_gb=host / GB, fits=fits,
                          detail=f"method={method}, {an.n_pairs} samples in mini-batches of {sequences} sequences",
-                         advice="" if fits else "analysis.method=ghost (or jvp), deepspeed=zero3 for the DPO family")
+                         advice="" if fits else ("analysis.dtype=bfloat16, analysis.method=ghost, smaller analysis."
+                                                 "dpo_batch_size / ppo_batch_size, or deepspeed=zero3 (DPO family)"))
 
     def method(self) -> str:
-        m = self.cfg.analysis.method
+        from .analysis.gradients import choose_method
+
         if self.cfg.algo.family == "ppo":
-            return "jvp"  # token-weighted components: forward-mode products whatever analysis.method says
-        if m != "auto":
-            return m
-        return "vmap" if self.P <= self.cfg.analysis.get("vmap_max_params", 5e7) else "ghost"
+            return "jvp"  # token-weighted components: forward mode per layer group, a ghost pass for the norm
+        return choose_method(self.cfg.analysis.method, self.P, self.cfg.analysis.vmap_max_params)
 
     def stages(self) -> dict[str, StagePlan]:
         cfg, out = self.cfg, {}
