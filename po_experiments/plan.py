@@ -430,7 +430,8 @@ class Planner:
         plan = self.training(hp, rows_=rows(self.cfg, "preferences"), seq_len=seq, seqs_per_example=2,
                              checkpointing=self.checkpointing, extra_device=extra, extra_tokens_factor=14.0,
                              name="ppo")
-        plan.detail += f"; + value model, reference, reward model ({'none' if rm is None else f'{rm.n_params / 1e9:.1f}B'})"
+        rm_size = "none" if rm is None else f"{rm.n_params / 1e9:.1f}B"
+        plan.detail += f"; + value model, reference, reward model ({rm_size})"
         host = self._host(self.P * 2, (rm.n_params * 2) if rm else 0)
         plan.host_gb, plan.fits = host / GB, self._fits(plan.peak_gpu_gb * GB, host)
         return plan
@@ -489,8 +490,15 @@ class Planner:
         return StagePlan(steps=None, checkpoints=checkpoints, per_device_batch=sequences, grad_accum=None,
                          peak_gpu_gb=device / GB, host_gb=host / GB, fits=fits,
                          detail=f"method={method}, {an.n_pairs} samples in mini-batches of {sequences} sequences",
-                         advice="" if fits else ("analysis.dtype=bfloat16, analysis.method=ghost, smaller analysis."
-                                                 "dpo_batch_size / ppo_batch_size, or deepspeed=zero3 (DPO family)"))
+                         advice="" if fits else self._analysis_advice(method))
+
+    def _analysis_advice(self, method: str) -> str:
+        tips = ["analysis.dtype=bfloat16"] if self.cfg.analysis.dtype == "float32" else []
+        tips += ["analysis.method=ghost"] if method == "vmap" else []
+        tips += ["smaller analysis.dpo_batch_size / ppo_batch_size"]
+        if self.cfg.algo.family == "dpo":
+            tips.append("deepspeed=zero3 with more GPUs (a sharded analysis)")
+        return "try " + ", ".join(tips)
 
     def method(self) -> str:
         from .analysis.gradients import choose_method
