@@ -103,7 +103,8 @@ def ppo(task, tokenizer, tiny_model, tmp_path):
         args = PPOConfig(output_dir=str(tmp_path / "ppo"), per_device_train_batch_size=8, gradient_accumulation_steps=2,
                          num_train_epochs=1, response_length=6, temperature=1.0, stop_token="eos", learning_rate=1e-4,
                          num_ppo_epochs=2, num_mini_batches=1, num_sample_generations=0, report_to=[], bf16=False,
-                         seed=0, save_strategy="no", local_rollout_forward_batch_size=8, kl_coef=0.05)
+                         seed=0, save_strategy="no", local_rollout_forward_batch_size=8, kl_coef=0.05,
+                         activation_checkpointing=False)  # as the stage sets it for the tiny model (TRL: on)
         data = Dataset.from_dict({"input_ids": prompts})
         ablation_cfg = OmegaConf.create({"name": "none", "drop": [], "start_step": 0, "stop_step": None,
                                          **(ablation or {})})

@@ -192,7 +192,8 @@ def test_ppo_first_order_meaning_of_G(ppo_setup):
         lp = _response_logps(model, live, rollout, idx, 1.0).masked_fill(~rollout.valid[idx], 0.0)
         total = total + (coef["TOT"][idx] * lp).sum() / rollout.valid[idx].sum()
     (total / len(range(0, n, 6))).backward()
-    before, eta = nll(), 1e-3 / max(p.grad.norm().item() for p in model.parameters() if p.grad is not None)
+    # a step small enough that the second-order term stays well under the 1 % tolerance (float64 model)
+    before, eta = nll(), 1e-4 / max(p.grad.norm().item() for p in model.parameters() if p.grad is not None)
     torch.optim.SGD(model.parameters(), lr=eta).step()
     assert abs(G) > 0 and -(nll() - before) / eta == pytest.approx(G, rel=0.01)
 
