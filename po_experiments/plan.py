@@ -308,8 +308,7 @@ def _steps(rows: int | None, global_batch: int, epochs: float, max_steps: int) -
         return max_steps
     if rows is None:
         return None
-    return max(1, math.floor(rows / global_batch) * math.ceil(epochs) if epochs >= 1
-               else math.floor(rows * epochs / global_batch))
+    return max(1, math.ceil(epochs * math.ceil(rows / global_batch)))  # the Trainer keeps a last partial batch
 
 
 def _train_time_h(n_params: int, tokens_per_step: int, steps: int | None, hw: Hardware, cfg, factor=6.0):
