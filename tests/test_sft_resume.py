@@ -48,7 +48,8 @@ folder = sft_model_dir(cfg)
 if sys.argv[2] == "reward":
     from po_experiments.rewards import reward_model_dir
     folder = reward_model_dir(cfg, folder)
-print(folder)
+if distributed.is_main():  # one line: two ranks printing at once can interleave on one line
+    print(folder)
 """
 
 
