@@ -234,6 +234,7 @@ dist.destroy_process_group()
 '''
 
 
+@pytest.mark.slow  # a subprocess or a training run: the fast tier stays under 3 minutes
 def test_two_ranks_share_the_outputs_and_dprime_like_one_process(tmp_path, tiny_model, tokenizer):
     for folder in (tmp_path / "sft", tmp_path / "run" / "model"):
         tiny_model.save_pretrained(folder)

@@ -44,6 +44,7 @@ def test_paper_models_fit_one_node_of_8_gpus(model, algo):
         assert s["peak_gpu_gb"] <= 80 * cfg.plan.headroom and s["steps"] > 0
 
 
+@pytest.mark.slow  # a subprocess or a training run: the fast tier stays under 3 minutes
 def test_a_stage_that_does_not_fit_stops_the_run_naming_it(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
     proc = subprocess.run([sys.executable, "run.py", "model=llama3", "algo=ppo", "dry_run=true", "plan.gpus=1",
@@ -57,6 +58,7 @@ def test_a_stage_that_does_not_fit_stops_the_run_naming_it(tmp_path):
         assert key in written["stages"]["sft"]
 
 
+@pytest.mark.slow  # a subprocess or a training run: the fast tier stays under 3 minutes
 def test_dry_run_of_the_pythia_dpo_run_writes_its_plan(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
     proc = subprocess.run([sys.executable, "run.py", "model=pythia", "algo=dpo", "dry_run=true", "plan.gpus=8",
@@ -118,6 +120,7 @@ def test_deepspeed_auto_picks_the_least_sharding_that_fits():
     assert llama.deepspeed.name == "zero3" and llama.deepspeed.config.zero_optimization.stage == 3
 
 
+@pytest.mark.slow  # a subprocess or a training run: the fast tier stays under 3 minutes
 def test_memory_model_smoke():
     from conftest import load_script
 

@@ -174,6 +174,7 @@ def test_chat_template_formats_user_and_assistant_turns(tmp_path, word_tokenizer
 # --------------------------------------------------------------------------------------------- learned RM
 
 
+@pytest.mark.slow  # a subprocess or a training run: the fast tier stays under 3 minutes
 def test_train_reward_model_beats_chance_on_held_out_pairs(tmp_path, task, word_tokenizer, monkeypatch):
     sft_dir = tmp_path / "sft"
     from po_experiments.models import build_tiny_model
