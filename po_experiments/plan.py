@@ -162,7 +162,7 @@ def hardware(cfg) -> Hardware:
     host = p.host_memory_gb or host or _this_machine_memory_gb()
     gpu_mem = p.gpu_memory_gb or gpu_mem or (host if gpus == 0 else 80.0)
     if any(v is not None for v in (p.gpus, p.gpu_memory_gb, p.host_memory_gb)):
-        source = "plan.* settings" + (f" over the {source}" if source != "plan.* settings" else "")
+        source = f"plan.* settings over {source}"
     from .distributed import job_world
 
     return Hardware(gpus=gpus, gpus_per_node=max(1, per_node), gpu_memory_gb=gpu_mem, host_memory_gb=host,
