@@ -44,12 +44,16 @@ def test_paper_models_fit_one_node_of_8_gpus(model, algo):
         assert s["peak_gpu_gb"] <= 80 * cfg.plan.headroom and s["steps"] > 0
 
 
+def dry_run(run_dir, *overrides) -> subprocess.CompletedProcess:
+    """`python run.py <overrides> dry_run=true` as a user types it."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    return subprocess.run([sys.executable, "run.py", *overrides, "dry_run=true", f"hydra.run.dir={run_dir}"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+
+
 @pytest.mark.slow  # a subprocess or a training run: the fast tier stays under 3 minutes
 def test_a_stage_that_does_not_fit_stops_the_run_naming_it(tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
-    proc = subprocess.run([sys.executable, "run.py", "model=llama3", "algo=ppo", "dry_run=true", "plan.gpus=1",
-                           "plan.gpu_memory_gb=24", f"hydra.run.dir={tmp_path}"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=120)
+    proc = dry_run(tmp_path, "model=llama3", "algo=ppo", "plan.gpus=1", "plan.gpu_memory_gb=24")
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "stage ppo needs" in proc.stderr and "stage sft needs" in proc.stderr
     written = json.loads((tmp_path / "plan.json").read_text())
@@ -60,10 +64,7 @@ def test_a_stage_that_does_not_fit_stops_the_run_naming_it(tmp_path):
 
 @pytest.mark.slow  # a subprocess or a training run: the fast tier stays under 3 minutes
 def test_dry_run_of_the_pythia_dpo_run_writes_its_plan(tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
-    proc = subprocess.run([sys.executable, "run.py", "model=pythia", "algo=dpo", "dry_run=true", "plan.gpus=8",
-                           "plan.gpu_memory_gb=80", f"hydra.run.dir={tmp_path}"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=120)
+    proc = dry_run(tmp_path, "model=pythia", "algo=dpo", "plan.gpus=8", "plan.gpu_memory_gb=80")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "plan for pythia" in proc.stdout
     written = json.loads((tmp_path / "plan.json").read_text())
