@@ -401,6 +401,15 @@ class PlanConfig:
 
 
 @dataclass
+class SFTRunConfig:
+    """The SFT model PO starts from. One per model and data: every PO seed of a sweep shares it (the same reference
+    for every seed's win rate), so its seed is its own, not the run's `seed`."""
+
+    enabled: bool = True  # false: no SFT, the base model is policy and reference (Fig. 8 b, c)
+    seed: int = 0  # seeds the SFT build and the embedded task's data (demonstrations, pairs, prompts)
+
+
+@dataclass
 class PathsConfig:
     output_dir: str = MISSING
     cache_dir: str = MISSING
@@ -421,6 +430,7 @@ class Config:
     debug: DebugConfig = field(default_factory=DebugConfig)
     deepspeed: DeepSpeedConfig = MISSING
     plan: PlanConfig = field(default_factory=PlanConfig)
+    sft: SFTRunConfig = field(default_factory=SFTRunConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     name: str = "default"
     seed: int = 0

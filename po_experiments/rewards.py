@@ -281,8 +281,8 @@ def _trl_reward_args(cfg, checkpoint_root: Path) -> TRLRewardConfig:
         warmup_steps=hp.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of the total steps
         lr_scheduler_type="linear",
         max_length=cfg.model.max_length,
-        seed=cfg.seed,
-        data_seed=cfg.seed,
+        seed=cfg.sft.seed,  # trained once per SFT model and pair set, shared by every PO seed
+        data_seed=cfg.sft.seed,
         full_determinism=cfg.runtime.deterministic,
         report_to=[],
         save_strategy="steps" if hp.save_steps > 0 else "no",  # and every runtime.checkpoint_every_min minutes
@@ -335,7 +335,7 @@ def _train_reward_model(cfg, sft_dir: Path, out_dir: Path, metrics_file: Path) -
 
     checkpoint_root = out_dir / "checkpoints"
     resume, callbacks = build_checkpointing(cfg, checkpoint_root, "kill_at_reward_step")
-    set_seed(cfg.seed)  # the new score head is drawn at load time
+    set_seed(cfg.sft.seed)  # the new score head is drawn at load time
     with suppress_seqcls_warning():  # "lm head unexpected, score head missing" is the point of this load
         model = AutoModelForSequenceClassification.from_pretrained(sft_dir, num_labels=1)
     align_pad_token(model, tokenizer)
@@ -360,9 +360,9 @@ def _train_reward_model(cfg, sft_dir: Path, out_dir: Path, metrics_file: Path) -
 
 
 def reward_model_dir(cfg, sft_dir: Path) -> Path:
-    """The learned RM for this SFT model, pair set, RM hyper-parameters and seed (trained once, then reused)."""
+    """The learned RM for this SFT model, pair set and RM hyper-parameters (trained once, then reused)."""
     hparams = {k: v for k, v in to_plain(cfg.reward.train).items() if k != "save_steps"}  # not what it produces
-    key = {"sft": sft_key(cfg), "pairs": {k: cfg.data[k] for k in PAIR_KEYS}, "reward": hparams, "seed": cfg.seed}
+    key = {"sft": sft_key(cfg), "pairs": {k: cfg.data[k] for k in PAIR_KEYS}, "reward": hparams}
     return cached(cfg.paths.cache_dir, "reward", key, lambda out: train_reward_model(cfg, sft_dir, out),
                   collective=True, resumable=True)
 

@@ -58,7 +58,7 @@ def test_every_option_of_every_group_composes(group, option, algo):
 def test_real_models_select_the_paper_data_and_hyper_parameters():
     cfg = make(["model=pythia", "algo=cdpo"])
     assert cfg.data.name == "paper" and cfg.model.path == "EleutherAI/pythia-2.8b"
-    assert (cfg.model.dpo.batch_size, cfg.model.dpo.learning_rate) == (32, 5e-7)
+    assert (cfg.model.dpo.batch_size, cfg.model.dpo.learning_rate) == (16, 5e-7)  # 16 pairs = the paper's 32 sequences
     assert (cfg.algo.t1, cfg.algo.t2, cfg.algo.beta) == (2500, 5500, 0.1)
     qwen = make(["model=qwen3", "algo=cdpo"])
     assert (qwen.model.dpo.batch_size, qwen.model.dpo.learning_rate, qwen.algo.t1, qwen.algo.t2) == (512, 5e-5, 40, 160)

@@ -54,7 +54,7 @@ def dprime_prompts(cfg, tokenizer) -> list[str]:
     n = cfg.analysis.n_dprime
     if cfg.data.name == "synthetic":
         task = DictionaryTask.from_config(cfg.data)
-        return task.heldout_prompts(n) if cfg.analysis.dprime == "heldout" else task.preference_prompts(n, cfg.seed)
+        return task.heldout_prompts(n) if cfg.analysis.dprime == "heldout" else task.preference_prompts(n, cfg.sft.seed)
     from ..data.paper import load_preferences, load_questions
 
     turns = (load_questions(cfg.data, tokenizer) if cfg.analysis.dprime == "heldout"

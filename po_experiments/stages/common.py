@@ -37,7 +37,8 @@ def trainer_kwargs(hp, cfg, *, stage: str, output_dir: str, report_to: list[str]
     from .. import plan
 
     per_device, accumulation = batch_split(hp.batch_size, hp.per_device_batch_size or plan.micro_batch(cfg, stage))
-    seed, mixed = cfg.seed, autocast_dtype(cfg.model)
+    seed = cfg.sft.seed if stage == "sft" else cfg.seed  # one SFT model per model, shared by every PO seed
+    mixed = autocast_dtype(cfg.model)
     return dict(
         output_dir=output_dir,
         per_device_train_batch_size=per_device,

@@ -22,11 +22,12 @@ PAIR_KEYS = ("n_pref_prompts", "sample_temperature", "label_scale", "label_flip_
 def sample_pairs(cfg, sft_dir: Path, out_dir: Path) -> None:
     task = DictionaryTask.from_config(cfg.data)
     model, tokenizer = load_for_inference(sft_dir, cfg.model.dtype)
-    prompts = task.preference_prompts(cfg.data.n_pref_prompts, cfg.seed)
+    seed = cfg.sft.seed  # the pairs are the task's data set: one per SFT model, shared by every PO seed
+    prompts = task.preference_prompts(cfg.data.n_pref_prompts, seed)
     kw = dict(max_new_tokens=cfg.data.max_new_tokens, batch_size=256, temperature=cfg.data.sample_temperature)
-    a = generate(model, tokenizer, prompts, seed=cfg.seed, desc="sampling pairs (a)", **kw)
-    b = generate(model, tokenizer, prompts, seed=cfg.seed + 1, desc="sampling pairs (b)", **kw)
-    pairs = task.label_pairs(prompts, a, b, scale=cfg.data.label_scale, flip_p=cfg.data.label_flip_p, seed=cfg.seed)
+    a = generate(model, tokenizer, prompts, seed=seed, desc="sampling pairs (a)", **kw)
+    b = generate(model, tokenizer, prompts, seed=seed + 1, desc="sampling pairs (b)", **kw)
+    pairs = task.label_pairs(prompts, a, b, scale=cfg.data.label_scale, flip_p=cfg.data.label_flip_p, seed=seed)
     pairs.save_to_disk(str(out_dir / "pairs"))
     agree = np.mean(np.array(pairs["gold_chosen"]) > np.array(pairs["gold_rejected"]))
     stats = {"prompts": len(prompts), "pairs": len(pairs), "dropped_identical": len(prompts) - len(pairs),

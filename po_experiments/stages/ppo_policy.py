@@ -30,7 +30,7 @@ def prompt_dataset(cfg, tokenizer) -> tuple[Dataset, dict[str, list[dict]]]:
     chat template."""
     limit = cfg.model.ppo.max_prompt_length
     if cfg.data.name == "synthetic":
-        texts = DictionaryTask.from_config(cfg.data).preference_prompts(cfg.data.n_pref_prompts, cfg.seed)
+        texts = DictionaryTask.from_config(cfg.data).preference_prompts(cfg.data.n_pref_prompts, cfg.sft.seed)
         ids, turns = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts], None
     else:
         from ..data.paper import load_preferences

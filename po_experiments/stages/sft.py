@@ -1,4 +1,5 @@
-"""SFT stage: TRL's SFTTrainer on demonstrations (synthetic task or UltraChat-200k), cached per model/data/seed.
+"""SFT stage: TRL's SFTTrainer on demonstrations (synthetic task or UltraChat-200k), cached per model, data and `sft.seed`
+(shared by every PO seed of a sweep).
 
 The build checkpoints inside its cache-build folder (`<hash>.partial/checkpoints/`, the newest only) every
 `model.sft.save_steps` steps and every `runtime.checkpoint_every_min` minutes; a build killed or preempted and
@@ -42,7 +43,7 @@ def sft_key(cfg) -> dict:
         model.pop("chat_template_kwargs", None)
     model["sft"] = {k: v for k, v in model["sft"].items() if k not in CHECKPOINTING_KEYS}
     data = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if k not in NOT_SFT_KEYS}
-    return {"model": model, "data": data, "seed": cfg.seed}
+    return {"model": model, "data": data, "seed": cfg.sft.seed}
 
 
 def base_tokenizer(cfg):
@@ -55,7 +56,7 @@ def base_model(cfg, tokenizer):
     """The model SFT starts from: the tiny model built from scratch, or a real base model (loaded after the stage's
     TrainingArguments exist: onto this rank's GPU, or partitioned under ZeRO-3)."""
     if cfg.model.path is None:
-        return build_tiny_model(cfg.model.arch, tokenizer, cfg.seed)
+        return build_tiny_model(cfg.model.arch, tokenizer, cfg.sft.seed)
     return load_model(resolve_model_source(cfg.model), cfg.model)
 
 
@@ -65,7 +66,7 @@ class ResumableSFTTrainer(ExactResumeMixin, SFTTrainer):
 
 def demonstrations(cfg, tokenizer):
     if cfg.data.name == "synthetic":
-        return DictionaryTask.from_config(cfg.data).sft_dataset(cfg.data.n_sft, cfg.seed)
+        return DictionaryTask.from_config(cfg.data).sft_dataset(cfg.data.n_sft, cfg.sft.seed)
     from ..data.paper import load_sft
 
     return load_sft(cfg.data, tokenizer)
