@@ -451,11 +451,34 @@ def register_configs() -> None:
     cs.store(group="deepspeed", name="deepspeed_schema", node=DeepSpeedConfig)
 
 
-def _run_name(override_dirname: str) -> str:
-    """A run dir name from the command line's overrides: the same command finds the same dir (resume)."""
-    if not override_dirname:
+# A run's identity (its dir name) is its command line's overrides, minus the settings that cannot change what it
+# trains: how it is analysed (analysis), evaluated (eval), generated (generation), planned (plan), executed
+# (runtime, debug, dry_run), logged (logger), where it writes (paths, name) and which preset asked for it
+# (experiment). A run asked for again with other values of these is the same run: a finished one is only analysed
+# or judged again (pipeline.finished_run), never trained twice. A prefix covers its section (`analysis` covers
+# analysis.n_pairs, +analysis.x) but not another group (`experiment/method`, `experiment/model` are identity).
+# A new section of one of these kinds needs its name here; a new key inside one is covered already.
+NOT_IDENTITY = ("analysis", "eval", "generation", "plan", "runtime", "debug", "dry_run", "logger", "paths", "name",
+                "experiment")
+
+
+def is_identity_key(key: str) -> bool:
+    """Whether an override of `key` (a config key or group) can change what a run trains."""
+    return not any(key == p or key.startswith(p + ".") for p in NOT_IDENTITY)
+
+
+def _run_name(overrides) -> str:
+    """A run dir name from the command line's task overrides (`hydra.overrides.task`): the identity overrides,
+    sorted and joined as Hydra's override_dirname joins them (so run dirs named before keep their names), with
+    characters unsafe in a path replaced. The same run finds the same dir (resume, or a finished run reused)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    lines = [str(o) for o in (overrides or [])]
+    parsed = OverridesParser.create().parse_overrides(lines) if lines else []
+    kept = sorted(o.input_line for o in parsed if is_identity_key(o.key_or_group))
+    if not kept:
         return "default"
-    return re.sub(r"[^A-Za-z0-9=,._+-]", "_", override_dirname)
+    return re.sub(r"[^A-Za-z0-9=,._+-]", "_", ",".join(kept))
 
 
 if not OmegaConf.has_resolver("po_run_name"):

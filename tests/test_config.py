@@ -162,3 +162,50 @@ def test_offline_reward_hub_id_fails_fast(tmp_path):
 def test_missing_local_model_path_names_it(tmp_path):
     proc, _ = _run(["model=pythia", f"model.path={tmp_path}/nowhere", f"hydra.run.dir={tmp_path}/run"])
     assert proc.returncode == 2 and f"{tmp_path}/nowhere" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ------------------------------------------------------------------------------------------ run identity
+
+def run_dir_name(overrides) -> str:
+    """The name `hydra.run.dir` / `hydra.sweep.subdir` give a job launched with these overrides."""
+    from po_experiments.config import _run_name
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
+    return _run_name(cfg.hydra.overrides.task)
+
+
+NON_IDENTITY_OVERRIDES = [  # one per NOT_IDENTITY section, plus sub-keys and an added key
+    "analysis.dprime=train", "analysis.n_pairs=7", "analysis.enabled=false", "eval.n_prompts=3",
+    "eval.judge=none", "generation.backend=vllm", "plan.gpus=8", "runtime.threads=1", "debug.kill_at_step=3",
+    "dry_run=true", "logger=none", "logger.mode=disabled", "paths.cache_dir=/elsewhere", "name=other",
+    "experiment=fig7",
+]
+
+
+def test_analysis_and_evaluation_settings_are_no_part_of_a_run_name():
+    """Rule: whole sections (config.NOT_IDENTITY) never name a run, so Fig. 7 (analysis.dprime=train) or a run
+    asked for with G / another judge maps to the run dir that trained it."""
+    from po_experiments.config import NOT_IDENTITY, is_identity_key
+
+    base = ["seed=1", "algo.beta=0.3"]
+    assert run_dir_name(base) == "algo.beta=0.3,seed=1"
+    assert {o.split("=")[0].split(".")[0] for o in NON_IDENTITY_OVERRIDES} == set(NOT_IDENTITY)
+    assert run_dir_name([*NON_IDENTITY_OVERRIDES, *base]) == "algo.beta=0.3,seed=1"
+    assert run_dir_name(["analysis.dprime=train"]) == "default"
+    assert not is_identity_key("analysis.new_setting") and is_identity_key("analysis_like")
+
+
+def test_identity_overrides_keep_the_names_hydra_gave_them():
+    """Rule: the name of a command without non-identity keys is Hydra's override_dirname, as before (run dirs named
+    before keep their names); every training setting stays in it (a group inside `experiment/` included)."""
+    import re
+
+    overrides = ["experiment/method=cdpo_case2", "experiment/model=tiny", "algo.beta=0.2", "mode=fast",
+                 "algo.components=[POS,NEG]", "sft.enabled=false", "seed=3", "model.dpo.max_steps=50"]
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        cfg = compose("config", overrides=["experiment=fig4", *overrides], return_hydra_config=True)
+    hydra_name = ",".join(sorted(overrides))  # override_dirname with the old exclude_keys (experiment excluded)
+    assert run_dir_name(["experiment=fig4", *overrides]) == re.sub(r"[^A-Za-z0-9=,._+-]", "_", hydra_name)
+    assert "algo.beta=0.2" in run_dir_name(["experiment=fig4", *overrides])
+    assert cfg.hydra.job.override_dirname.startswith("algo.beta=0.2")  # Hydra's own, unused: nothing excluded

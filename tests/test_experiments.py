@@ -20,7 +20,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 import po_experiments.config  # noqa: F401  (registers schemas)
-from po_experiments.config import _run_name, validate
+from po_experiments.config import NOT_IDENTITY, _run_name, is_identity_key, validate
 from po_experiments.errors import ConfigError
 from po_experiments.reporting.paper_figures import FIGURES
 
@@ -72,7 +72,7 @@ def composed():
                     cfg = _compose([f"experiment={preset}", *MODES[mode], *point, "paths.cache_dir=/nowhere"])
                     # paths.output_dir is ${hydra:runtime.output_dir}, resolvable only inside a job
                     cfg.paths.output_dir = "/nowhere"
-                    run_dir = (cfg.name, _run_name(cfg.hydra.job.override_dirname))
+                    run_dir = (cfg.name, _run_name(cfg.hydra.overrides.task))
                     try:
                         validate(cfg)
                         result = cfg
@@ -125,11 +125,11 @@ def test_every_sweep_point_composes_and_validates(preset, composed):
 
 def test_sweep_points_that_share_a_run_dir_are_the_same_run(composed):
     """Presets share the pool outputs/<name>/: a run dir is named by its sweep point, not by the preset, so any two
-    points that land in one run dir must compose to the same run config (Fig. 1's DPO seed 0 is Fig. 5's)."""
-    cfg = _compose([])
-    assert "experiment" in cfg.hydra.job.config.override_dirname.exclude_keys, \
-        "conf/config.yaml: add `experiment` to hydra.job.config.override_dirname.exclude_keys"
-    assert "mode" not in cfg.hydra.job.config.override_dirname.exclude_keys  # fast runs are named apart
+    points that land in one run dir must compose to the same run config (Fig. 1's DPO seed 0 is Fig. 5's), up to
+    the settings that are no part of a run's identity (Fig. 7 analyses Fig. 1's runs against another D'; Fig. 4
+    trains them without G)."""
+    assert not is_identity_key("experiment") and is_identity_key("experiment/method")
+    assert is_identity_key("mode")  # fast runs are named apart
 
     by_dir: dict[tuple, tuple] = {}
     shared = 0
@@ -137,7 +137,7 @@ def test_sweep_points_that_share_a_run_dir_are_the_same_run(composed):
         if isinstance(result, ConfigError):
             continue
         config = OmegaConf.to_container(result, resolve=False)
-        for k in ("hydra", "paths"):
+        for k in ("hydra", *NOT_IDENTITY):
             config.pop(k, None)
         if run_dir in by_dir:
             other_key, other = by_dir[run_dir]
@@ -146,6 +146,29 @@ def test_sweep_points_that_share_a_run_dir_are_the_same_run(composed):
         else:
             by_dir[run_dir] = (key, config)
     assert shared > 0  # e.g. fig1 and fig5 do share runs
+
+
+G_KINDS_WITHOUT_G = {"win_rate", "advantages"}  # figures drawn from win rates / logged advantages: no G needed
+
+
+def test_g_runs_only_for_the_presets_whose_figure_draws_it(composed):
+    """G (analysis.enabled) is on for every run of a G figure's preset (FIGURES: Fig. 1, 2, 5-10) and off for the
+    win-rate presets (Fig. 4, 11-19, Table 1) and Fig. 3, in full and fast mode."""
+    for (preset, mode, point), (result, _) in composed.items():
+        if isinstance(result, ConfigError):
+            continue
+        uses_g = preset in FIGURES and FIGURES[preset].kind not in G_KINDS_WITHOUT_G
+        assert result.analysis.enabled == uses_g, (preset, mode, point)
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):  # unless asked on the command line
+        assert _compose(["experiment=fig4", "analysis.enabled=true"]).analysis.enabled
+
+
+def test_fig7_analyses_fig1s_runs(composed):
+    """Fig. 7's points are Fig. 1's run dirs (no retraining), asked for with the in-distribution D'."""
+    fig1 = {run_dir for (preset, _, _), (_, run_dir) in composed.items() if preset == "fig1"}
+    fig7 = {run_dir for (preset, _, _), (_, run_dir) in composed.items() if preset == "fig7"}
+    assert fig7 == fig1 and len(fig7) == 2  # full and fast
+    assert {r.analysis.dprime for (p, _, _), (r, _) in composed.items() if p == "fig7"} == {"train"}
 
 
 # ------------------------------------------------------------------------------------------ fast mode, end to end
