@@ -8,6 +8,8 @@ Ranges and cross-field rules (`t2 > t1`, probabilities in [0, 1], non-negative s
 from __future__ import annotations
 
 import re
+import dataclasses
+import typing
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Optional
@@ -31,6 +33,73 @@ class Judge(str, Enum):
     reward_model = "reward_model"  # any sequence-classification reward model (eval.reward_model.path)
     alpaca_eval = "alpaca_eval"  # an LLM judge through the alpaca_eval package (eval.alpaca_eval)
     none = "none"  # write the outputs only
+
+
+# --------------------------------------------------------------------------------------------- what keys hold
+# Cache keys (SFT model, pairs, reward model, D' answers) and the analysis key are derived from these schemas by
+# `stage_settings`, so a new setting is in every key unless its field says otherwise, next to its definition:
+#   how(...)          changes how a result is computed, not what it is (checkpoint frequency, G's method): no key
+#   read_by(stages)   read only by these stages (sft, pairs, reward, po, eval, analysis): only their keys
+STAGES = ("sft", "pairs", "reward", "po", "eval", "analysis")
+
+
+def how(**kw):
+    """A field that changes how a result is computed, not what it is: in no cache or analysis key."""
+    return field(metadata={"how": True}, **kw)
+
+
+def read_by(*stages: str, **kw):
+    """A field read only by these stages: in their keys, not in the others'."""
+    assert set(stages) <= set(STAGES), stages
+    return field(metadata={"read_by": stages}, **kw)
+
+
+def _nested_schema(hint):
+    """The dataclass of a field's type hint (`Optional[X]` -> X), or None."""
+    for t in (hint, *typing.get_args(hint)):
+        if dataclasses.is_dataclass(t):
+            return t
+    return None
+
+
+def schema_of(node, fallback=()) -> type | None:
+    """The dataclass schema of a config section: its structured type, or the one of `fallback` whose `name`
+    default it carries (a section loaded from a run's saved YAML has lost its type)."""
+    from omegaconf import DictConfig as _DictConfig
+
+    typ = OmegaConf.get_type(node) if isinstance(node, _DictConfig) else None
+    if dataclasses.is_dataclass(typ):
+        return typ
+    name = node.get("name") if hasattr(node, "get") else None
+    return next((c for c in fallback if getattr(c, "name", None) == name), None)
+
+
+def stage_settings(node, schema, stage: str | None = None, *, marked_only: bool = False) -> dict:
+    """The settings of a config section (schema: its dataclass) that determine `stage`'s result, as plain values:
+    every field but `how` ones and those `read_by` other stages (stage=None: every field but `how` ones);
+    `marked_only`: only the fields `read_by` this stage (what it reads beyond what an earlier stage's key holds).
+    Keys the schema does not know are kept (safe: a needless rebuild, never a stale reuse)."""
+    plain = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+    if schema is None:
+        return {} if marked_only else plain
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    hints = typing.get_type_hints(schema)
+    out = {}
+    for key, value in plain.items():
+        f = fields.get(key)
+        meta = f.metadata if f is not None else {}
+        if meta.get("how"):
+            continue
+        readers = meta.get("read_by")
+        if marked_only and not (readers and stage in readers):
+            continue
+        if readers and stage is not None and stage not in readers:
+            continue
+        sub = _nested_schema(hints.get(key)) if f is not None else None
+        if sub is not None and isinstance(value, dict) and not marked_only:
+            value = stage_settings(OmegaConf.create(value), sub, stage)
+        out[key] = value
+    return out
 
 
 # --------------------------------------------------------------------------------------------- model
@@ -77,7 +146,7 @@ class StageHparams:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     logging_steps: int = 10
-    save_steps: int = 0  # checkpoint every k optimizer steps (0 = none)
+    save_steps: int = how(default=0)  # checkpoint every k optimizer steps (0 = none)
     per_device_batch_size: Optional[int] = None  # None = batch_size / processes (no accumulation)
 
 
@@ -119,7 +188,7 @@ class ModelConfig:
     arch: Optional[TinyArch] = None
     dtype: str = "float32"  # compute precision: float32 | bfloat16 | float16 (autocast over float32 master weights)
     pure_low_precision: bool = False  # weights and optimizer states in `dtype` too (no fp32 master copy: warned)
-    activation_checkpointing: Optional[bool] = None  # recompute activations in the backward; None = on for real
+    activation_checkpointing: Optional[bool] = how(default=None)  # recompute activations in the backward; None = on for real
                                                      # models (model.path set), off for the tiny one
     shape: Optional[ModelShape] = None  # the real model's architecture, for the dry-run plan (offline)
     trust_remote_code: bool = False
@@ -127,10 +196,10 @@ class ModelConfig:
     # Fixed in the chat template for every stage (models.fix_chat_template), e.g. Qwen3's {enable_thinking: false}
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
     sft: StageHparams = field(default_factory=StageHparams)
-    dpo: StageHparams = field(default_factory=StageHparams)
-    cdpo: ScheduleSteps = field(default_factory=ScheduleSteps)
-    ppo: PPOHparams = field(default_factory=PPOHparams)
-    ppo_variants: PPOVariantDefaults = field(default_factory=PPOVariantDefaults)
+    dpo: StageHparams = read_by("po", default_factory=StageHparams)  # the later stages' settings: not SFT's key
+    cdpo: ScheduleSteps = read_by("po", default_factory=ScheduleSteps)
+    ppo: PPOHparams = read_by("po", default_factory=PPOHparams)
+    ppo_variants: PPOVariantDefaults = read_by("po", default_factory=PPOVariantDefaults)
 
 
 # --------------------------------------------------------------------------------------------- algorithms
@@ -193,7 +262,7 @@ class RewardHparams:
     learning_rate: float = 3e-4  # measured on the embedded pairs: held-out gold agreement 0.76-0.82
     epochs: float = 3.0
     warmup_ratio: float = 0.05
-    save_steps: int = 0  # checkpoint every k steps to resume a killed build (0: by wall time only)
+    save_steps: int = how(default=0)  # checkpoint every k steps to resume a killed build (0: by wall time only)
 
 
 @dataclass
@@ -243,12 +312,13 @@ class SyntheticDataConfig:
     heldout_min_len: int = 5  # the held-out shift that plays HH-RLHF's role
     heldout_max_len: int = 7
     n_sft: int = 20000
-    n_pref_prompts: int = 4000
-    sample_temperature: float = 1.0  # SFT samples that form preference pairs
-    label_scale: float = 0.2  # P(a > b) = sigmoid((r_a - r_b) / label_scale)
-    label_flip_p: float = 0.1  # annotator noise on top of Bradley-Terry
-    n_heldout: int = 500
-    max_new_tokens: int = 12
+    # below: not read by SFT (not in its key; the pairs' key holds those read_by pairs)
+    n_pref_prompts: int = read_by("pairs", "po", default=4000)  # also PPO's prompt pool
+    sample_temperature: float = read_by("pairs", "po", default=1.0)  # SFT samples that form the pairs
+    label_scale: float = read_by("pairs", "po", default=0.2)  # P(a > b) = sigmoid((r_a - r_b) / label_scale)
+    label_flip_p: float = read_by("pairs", "po", default=0.1)  # annotator noise on top of Bradley-Terry
+    n_heldout: int = read_by("eval", "analysis", default=500)
+    max_new_tokens: int = read_by("pairs", "po", "eval", "analysis", default=12)
 
 
 @dataclass
@@ -269,13 +339,16 @@ class PaperDataConfig:
 
     name: str = "paper"
     sft: SourceConfig = field(default_factory=SourceConfig)
-    preferences: SourceConfig = field(default_factory=SourceConfig)
-    questions: SourceConfig = field(default_factory=SourceConfig)
-    instructions: SourceConfig = field(default_factory=SourceConfig)
+    preferences: SourceConfig = read_by("pairs", "po", "analysis", default_factory=SourceConfig)
+    questions: SourceConfig = read_by("analysis", default_factory=SourceConfig)  # D' (held out)
+    instructions: SourceConfig = read_by("eval", default_factory=SourceConfig)
     on_invalid: OnInvalid = OnInvalid.skip
     max_length: int = 1024  # tokens after the chat template: longer training rows are truncated (as TRL does)
-    max_new_tokens: int = 512  # AlpacaEval protocol
-    num_proc: Optional[int] = None  # processes validating rows (None: min(8, cores)); rank 0 alone validates
+    max_new_tokens: int = read_by("eval", "analysis", default=512)  # AlpacaEval protocol
+    num_proc: Optional[int] = how(default=None)  # processes validating rows (None: min(8, cores)); rank 0 alone validates
+
+
+DATA_SCHEMAS = (SyntheticDataConfig, PaperDataConfig)  # a data section's schema, by its `name`
 
 
 # --------------------------------------------------------------------------------------------- the rest
@@ -330,22 +403,27 @@ class GenerationConfig:
 
 @dataclass
 class AnalysisConfig:
-    """Gradient alignment G (Eq. 3) at every checkpoint, after training (paper App. C.2 settings)."""
+    """Gradient alignment G (Eq. 3) at every checkpoint, after training (paper App. C.2 settings).
 
-    enabled: bool = True
+    Every field determines the result (the analysis key: a finished run asked for other values is analysed again,
+    into `analysis_<key>/`) unless marked `how`. The batch sizes are part of it: G is filtered by the IQR of the
+    mini-batch gradient norms, so another batch size is another result."""
+
+    enabled: bool = how(default=True)  # whether to analyse, not what
     n_pairs: int = 500  # DPO: pairs sampled from D (PPO uses the rollout saved with each checkpoint)
     n_dprime: int = 500  # D': questions answered greedily by the final model
     dprime: str = "heldout"  # heldout (out of distribution, the paper's main figures) | train (Fig. 7b)
     dpo_batch_size: int = 4
     ppo_batch_size: int = 6
     # DPO: auto (vmap up to vmap_max_params, else ghost) | vmap (per-sequence gradients, chunk x P memory) | ghost
-    # (one backward with hooks, model + g' + activations) | jvp (forward mode per layer group + ghost norms)
-    method: str = "auto"
-    vmap_max_params: float = 2.0e7  # auto: vmap holds chunk x P per-sequence gradients (32 x 20 M x 4 B = 2.6 GB)
-    chunk: int = 32  # sequences per vmap'd backward (memory: chunk x parameters; 32 amortises vmap's overhead)
+    # (one backward with hooks, model + g' + activations) | jvp (forward mode per layer group + ghost norms):
+    # the same G up to float rounding, so `how` (as the size threshold and the vmap chunk)
+    method: str = how(default="auto")
+    vmap_max_params: float = how(default=2.0e7)  # auto: vmap holds chunk x P per-sequence gradients (32 x 20 M x 4 B)
+    chunk: int = how(default=32)  # sequences per vmap'd backward (memory: chunk x parameters; amortises vmap)
     ppo_all_norms: bool = False  # PPO: every component's gradient norm (one ghost pass each), not TOT's only
-    dtype: str = "float32"
-    exclude_loss_increase: bool = False  # App. A: leave out checkpoints whose training loss rose (figures)
+    dtype: str = "float32"  # bfloat16 changes G beyond rounding: part of the key
+    exclude_loss_increase: bool = how(default=False)  # App. A: a filter of the figures, not of alignment.csv
 
 
 @dataclass

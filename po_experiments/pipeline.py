@@ -1,6 +1,7 @@
 """The whole job: SFT (cached) -> preference data -> PO training with checkpoints -> win rate -> summary.json.
 
-Re-running a finished run dir does nothing; an unfinished one resumes from its last checkpoint.
+Re-running a finished run dir trains nothing: it only adds what it is asked for and has not got (G with these
+analysis settings, verdicts of another judge); an unfinished one resumes from its last checkpoint.
 In a multi-process job every rank runs this; training and the sharded G analysis are collective, rank 0 alone
 evaluates and writes the summary (`distributed`).
 """
@@ -15,7 +16,7 @@ from transformers import AutoTokenizer, set_seed
 
 from . import distributed, tracking
 from .data.sources import preflight_sources
-from .analysis.stage import run_alignment
+from .analysis import variants
 from .models import resolve_model_source, set_threads
 from .evaluation import judges
 from .evaluation.stage import evaluate, judged, share_outputs, write_json_atomic
@@ -37,6 +38,24 @@ def preflight(cfg) -> None:
     judges.preflight(cfg)
     preflight_sources(cfg)
     generation.preflight(cfg)
+
+
+def analyse_finished(cfg, run_dir: Path, summary: dict) -> dict:
+    """Every rank: a finished run asked for G it has not got (analysis enabled; these analysis settings missing at
+    some checkpoint, e.g. a run trained by a win-rate preset without G, or Fig. 7's D') is analysed from its saved
+    checkpoints, into the folder of those settings (variants); nothing is trained again."""
+    if not distributed.broadcast(distributed.is_main() and variants.pending(cfg, run_dir)):
+        return summary
+    log.info("run already finished; analysing its checkpoints with these analysis settings")
+    set_threads(cfg.runtime.threads, cfg.runtime.deterministic)
+    table = variants.analyse(cfg, run_dir, Path(summary["sft_dir"]))
+    if table is not None and distributed.is_main():
+        if table.parent == run_dir:
+            summary["alignment"] = str(table)
+        else:
+            summary["alignment_variants"] = sorted({*summary.get("alignment_variants", []), str(table)})
+        write_json_atomic(run_dir / "summary.json", summary)
+    return summary
 
 
 def finished_run(cfg, run_dir: Path, summary: dict) -> dict:
@@ -61,7 +80,7 @@ def run(cfg) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     summary_path = run_dir / "summary.json"
     if summary_path.exists():
-        summary = json.loads(summary_path.read_text())
+        summary = analyse_finished(cfg, run_dir, json.loads(summary_path.read_text()))
         return finished_run(cfg, run_dir, summary) if distributed.is_main() else summary
 
     started = time.time()
@@ -80,7 +99,7 @@ def run(cfg) -> dict:
         policy = train_policy(cfg, sft_dir, train_data, run_dir, tracking.report_to(wandb_run))
     share_outputs(cfg, run_dir, sft_dir, policy.final_step)  # every rank generates; rank 0 then judges alone
     result = distributed.main_first(lambda: evaluate(cfg, run_dir, sft_dir, policy.final_step, wandb_run))
-    alignment = run_alignment(cfg, run_dir, sft_dir, wandb_run)
+    alignment = variants.analyse(cfg, run_dir, sft_dir, wandb_run)
     if not distributed.is_main():
         log.info("rank %d: done; rank 0 writes the summary", distributed.rank())
         return {"rank": distributed.rank(), "final_step": policy.final_step}

@@ -25,7 +25,7 @@ from trl import RewardTrainer
 from trl.trainer.reward_trainer import suppress_seqcls_warning
 
 from . import distributed
-from .cache import cached, to_plain
+from .cache import cached
 from .checkpoints import StepCounter, build_checkpointing, resumed_step
 from .data.synthetic import ASSISTANT, USER, DictionaryTask
 from .errors import ConfigError, ModelUnavailableError
@@ -35,8 +35,8 @@ from .reward_models.architecture import check_reward_model
 from .reward_models.armorm import ArmoRMForScoring, load_armorm
 from .stages.common import batch_split
 from .trainers.resume import ExactResumeMixin
-from .stages.pairs import PAIR_KEYS, preference_data
-from .stages.sft import sft_key
+from .config import RewardHparams, stage_settings
+from .stages.pairs import pair_key, preference_data
 
 log = logging.getLogger(__name__)
 
@@ -359,11 +359,14 @@ def _train_reward_model(cfg, sft_dir: Path, out_dir: Path, metrics_file: Path) -
     log.info("reward model trained: %s", metrics)
 
 
+def reward_key(cfg) -> dict:
+    """What determines the learned RM: the pairs (and their SFT model) and its training settings but `how` ones."""
+    return {**pair_key(cfg), "reward": stage_settings(cfg.reward.train, RewardHparams)}
+
+
 def reward_model_dir(cfg, sft_dir: Path) -> Path:
     """The learned RM for this SFT model, pair set and RM hyper-parameters (trained once, then reused)."""
-    hparams = {k: v for k, v in to_plain(cfg.reward.train).items() if k != "save_steps"}  # not what it produces
-    key = {"sft": sft_key(cfg), "pairs": {k: cfg.data[k] for k in PAIR_KEYS}, "reward": hparams}
-    return cached(cfg.paths.cache_dir, "reward", key, lambda out: train_reward_model(cfg, sft_dir, out),
+    return cached(cfg.paths.cache_dir, "reward", reward_key(cfg), lambda out: train_reward_model(cfg, sft_dir, out),
                   collective=True, resumable=True)
 
 

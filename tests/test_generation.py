@@ -257,7 +257,7 @@ def test_two_ranks_share_the_outputs_and_dprime_like_one_process(tmp_path, tiny_
     for stem in ("reference", "step-5"):
         records = json.loads((tmp_path / "run" / "eval" / "outputs" / f"{stem}.json").read_text())
         assert [r["output"] for r in records] == alone and [r["index"] for r in records] == list(range(23))
-    dprime = json.loads((tmp_path / "run" / "analysis" / "dprime_heldout.json").read_text())
+    dprime = json.loads(next((tmp_path / "run" / "analysis").glob("dprime_heldout_*.json")).read_text())
     questions = dprime_prompts(cfg, tokenizer)
     answers = generate(tiny_model, tokenizer, questions, max_new_tokens=cfg.data.max_new_tokens, batch_size=1)
     assert dprime == [{"prompt": q, "response": " " + a} for q, a in zip(questions, answers)]

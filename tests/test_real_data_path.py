@@ -83,7 +83,7 @@ def check_common(run_dir: Path, algo: str, judge: str = "none") -> dict:
     assert (summary["win_rate"] is None) == (judge == "none") and summary["final_step"] > 0
     records = json.loads((run_dir / "eval" / "outputs" / f"step-{summary['final_step']}.json").read_text())
     assert len(records) == 12 and set(records[0]) == {"instruction", "output", "generator", "dataset", "index"}
-    dprime = json.loads((run_dir / "analysis" / "dprime_heldout.json").read_text())
+    dprime = json.loads(next((run_dir / "analysis").glob("dprime_heldout_*.json")).read_text())
     assert len(dprime) == 8 and all(r["prompt"].startswith("<|user|>") for r in dprime)  # HH questions, templated
     table = (run_dir / "alignment.csv").read_text().splitlines()
     assert len(table) > 1 + 24  # at least two checkpoints x 6 components x 4 groups

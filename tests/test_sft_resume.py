@@ -211,7 +211,7 @@ def test_checkpoint_frequency_is_not_part_of_the_sft_key():
     from po_experiments.stages.sft import sft_key
 
     cfg = OmegaConf.create({"model": {"name": "tiny", "sft": {"learning_rate": 1e-3, "save_steps": 100}, "dpo": {}},
-                            "data": {"n_sft": 10}, "seed": 0})
+                            "data": {"n_sft": 10}, "sft": {"seed": 0}})
     other = OmegaConf.merge(cfg, {"model": {"sft": {"save_steps": 7}}})
     changed = OmegaConf.merge(cfg, {"model": {"sft": {"learning_rate": 2e-3}}})
     assert config_hash(sft_key(cfg)) == config_hash(sft_key(other)) != config_hash(sft_key(changed))

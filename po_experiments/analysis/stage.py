@@ -69,8 +69,19 @@ def dprime_batches(cfg, run_dir: Path, tokenizer, batch_size: int) -> list[tuple
                    [r["response"] for r in rows[i:i + batch_size]]) for i in range(0, len(rows), batch_size)]
 
 
+def dprime_key(cfg) -> dict:
+    """What determines D' besides the run's final model: which prompts and how many (their data settings, `sft.seed`
+    for the training prompts) and the answers' length (data.max_new_tokens): config.stage_settings for analysis."""
+    from ..config import DATA_SCHEMAS, schema_of, stage_settings
+
+    return {"dprime": cfg.analysis.dprime, "n_dprime": cfg.analysis.n_dprime, "sft_seed": cfg.sft.seed,
+            "data": stage_settings(cfg.data, schema_of(cfg.data, DATA_SCHEMAS), "analysis")}
+
+
 def dprime_cache(cfg, run_dir: Path) -> Path:
-    return run_dir / "analysis" / f"dprime_{cfg.analysis.dprime}.json"
+    from ..cache import config_hash
+
+    return run_dir / "analysis" / f"dprime_{cfg.analysis.dprime}_{config_hash(dprime_key(cfg))[:8]}.json"
 
 
 def dprime_rows(cfg, run_dir: Path, tokenizer) -> list[dict]:

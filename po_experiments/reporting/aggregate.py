@@ -15,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import OmegaConf
 
+from ..config import _run_name
 from .figures import panels_figure, table_figure
 from .methods import LABELS, PANELS
 
@@ -46,19 +47,25 @@ def find_runs(root: Path) -> list[Run]:
 
 
 def training_runs(runs: list[Run]) -> list[Run]:
-    """The runs that count for win rates: a run whose config only analyses against another D'
-    (analysis.dprime=train, Fig. 7) trains exactly what its heldout twin trains, so its win rates are left out."""
-    kept = [r for r in runs if _dprime(r.dir) == "heldout"]
+    """The runs that count for win rates: each trained model once. Analysis settings no longer name a run dir
+    (config.NOT_IDENTITY), but a pool may hold dirs named before, e.g. Fig. 7's `analysis.dprime=train,...` runs,
+    which trained exactly what their twin trained: a dir whose name holds such a setting is left out when the dir
+    its training settings name is in the pool too."""
+    present = {(r.dir.parent, r.dir.name) for r in runs}
+    kept = [r for r in runs if (name := identity_name(r.dir)) == r.dir.name or (r.dir.parent, name) not in present]
     if len(kept) < len(runs):
-        log.info("%d run(s) with analysis.dprime other than heldout: not counted in win rates", len(runs) - len(kept))
+        log.info("%d run dir(s) named by analysis / eval settings (before they stopped naming runs) left out of win "
+                 "rates: their twins trained the same models", len(runs) - len(kept))
     return kept
 
 
-def _dprime(run_dir: Path) -> str:
-    path = run_dir / ".hydra" / "config.yaml"
+def identity_name(run_dir: Path) -> str:
+    """The name the run dir's overrides (.hydra/overrides.yaml) get today; its own name when it has none."""
+    path = run_dir / ".hydra" / "overrides.yaml"
     if not path.exists():
-        return "heldout"
-    return str(OmegaConf.select(OmegaConf.load(path), "analysis.dprime", default="heldout"))
+        return run_dir.name
+    overrides = OmegaConf.load(path)
+    return _run_name(list(overrides)) if overrides else run_dir.name
 
 
 def _order(frame: pd.DataFrame) -> pd.DataFrame:

@@ -4,10 +4,13 @@ Written into summary.json by the pipeline, so aggregation reads the output contr
 """
 from __future__ import annotations
 
+import dataclasses
+
 from omegaconf import OmegaConf
 
 LABELS = {"dpo": "DPO", "cdpo": "cDPO", "ppo": "PPO", "cppo": "cPPO-top", "cppo_mid": "cPPO-mid", "hppo": "hPPO"}
-PARAMS = ("t1", "t2", "lam", "t3", "tau")
+PARAMS = ("t1", "t2", "lam", "t3", "tau")  # the parameters that make the method: always in its label
+NOT_PARAMS = ("name", "family", "weighting", "components")  # what the label says otherwise (name, [components])
 # Fig. 4: (panel, title, family whose plain run is the baseline, the variant drawn against it)
 PANELS = (
     ("a", "DPO w/o NEG / w/o POS", "dpo", "ablation"),
@@ -19,13 +22,33 @@ PANELS = (
 )
 
 
+def algo_defaults(algo) -> dict:
+    """The schema defaults of the algorithm's parameters (config: DPOAlgoConfig, CDPOAlgoConfig, PPOAlgoConfig)."""
+    from ..config import CDPOAlgoConfig, DPOAlgoConfig, PPOAlgoConfig, schema_of
+
+    schema = schema_of(algo, (DPOAlgoConfig, CDPOAlgoConfig, PPOAlgoConfig)) or \
+        {"dpo": DPOAlgoConfig, "ppo": PPOAlgoConfig}.get(algo.get("family"))
+    return {f.name: f.default for f in dataclasses.fields(schema)} if schema else {}
+
+
+def _value(v) -> str:
+    return f"{v:g}" if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)
+
+
 def describe(cfg) -> dict:
-    """{method, family, variant, algo_params} of a run's config."""
+    """{method, family, variant, algo_params} of a run's config. The label names the method's own parameters
+    (t1, t2, lam, t3, tau) and every other algorithm parameter that differs from its schema default, e.g.
+    "DPO (beta=0.2)", so runs of a sweep over any of them are rows of their own in Table 1; `algo_params` holds
+    every parameter."""
     algo = cfg.algo
-    params = {k: algo[k] for k in PARAMS if k in algo and algo[k] is not None}
+    every = {k: algo[k] for k in algo if k not in NOT_PARAMS and algo[k] is not None}
+    defaults = algo_defaults(algo)
+    shown = {k: v for k, v in every.items() if k in PARAMS or k not in defaults or v != defaults[k]}
+    params = dict(sorted(every.items(), key=lambda kv: (kv[0] not in PARAMS, PARAMS.index(kv[0])
+                                                          if kv[0] in PARAMS else kv[0])))
     label = LABELS.get(algo.name, algo.name)
-    if params:
-        label += " (" + ", ".join(f"{k}={v:g}" for k, v in params.items()) + ")"
+    if shown:
+        label += " (" + ", ".join(f"{k}={_value(v)}" for k, v in params.items() if k in shown) + ")"
     components = list(OmegaConf.to_container(algo.components)) if "components" in algo else ["TOT"]
     if components != ["TOT"]:
         label += " [" + "+".join(components) + "]"
@@ -37,4 +60,5 @@ def describe(cfg) -> dict:
             window = f" (steps {ab.start_step}-{'end' if ab.stop_step is None else ab.stop_step})"
         label += " w/o " + "+".join(ab.drop) + window
         variant = "ablation"
-    return {"method": label, "family": algo.family, "variant": variant, "algo_params": params}
+    return {"method": label, "family": algo.family, "variant": variant,
+            "algo_params": OmegaConf.to_container(OmegaConf.create(params)) if params else {}}

@@ -7,8 +7,8 @@ numbers drawn (win-rate figures: `<id>_<model>_<judge>`). A figure is drawn for 
 `mode=fast` gets every figure). Table 1 and the Fig. 4 panels of every model come from `aggregate.aggregate`.
 
 Runs are told apart by their summary.json (model, family, variant = baseline / cdpo / cppo / ... / ablation,
-seed) and by the D' of each G table (`dprime` column): a run's own `alignment.csv`, or `analysis_<dprime>/` that
-`scripts/analyse_run.py` writes. G curves are the mean ± std over the runs (seeds) of a model, family and D';
+seed) and by the analysis settings of each G table: a run's own `alignment.csv`, or `analysis_<key>/` of other
+settings (analysis.variants: Fig. 7's D', scripts/analyse_run.py). G curves are the mean ± std over the runs (seeds) of a model, family and D';
 the per-run figures of `analysis/plots.py` draw the same quantities for one run.
 """
 from __future__ import annotations
@@ -21,8 +21,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from ..analysis import plots
-from .aggregate import Run, checkpoint_rates, curves, find_runs, panels, training_runs
+from ..analysis import plots, variants
+from .aggregate import Run, checkpoint_rates, curves, find_runs, identity_name, panels, training_runs
 from .figures import panels_figure
 
 log = logging.getLogger(__name__)
@@ -69,30 +69,54 @@ FIGURES = {f.id: f for f in (
 
 @dataclass
 class Analysed:
-    """One G table of a run: the run's own, or a D' variant written beside it by scripts/analyse_run.py."""
+    """One G table of a run: its own (`alignment.csv` in the run dir), or one of other analysis settings in
+    `analysis_<key>/` (analysis.variants), told apart by the settings recorded beside each table."""
 
     run: Run
     dprime: str
     alignment: pd.DataFrame
     minibatches: pd.DataFrame | None
+    folder: Path | None = None
+    settings: dict = field(default_factory=dict)  # alignment_settings.json ({} for tables written before it)
+
+    @property
+    def own(self) -> bool:
+        return self.folder is None or self.folder == self.run.dir
 
 
 def analysed_runs(runs: list[Run]) -> list[Analysed]:
+    """Every G table of every run: the run dir's own and each `analysis_*/` folder's."""
     found = []
     for run in runs:
-        for folder in (run.dir, *sorted(p for p in run.dir.glob("analysis_*") if p.is_dir())):
+        for folder in (run.dir, *sorted(p for p in run.dir.glob(f"{variants.PREFIX}*") if p.is_dir())):
             table = plots.load_alignment(folder)
             if table is None or table.empty:
                 continue
-            dprime = str(table["dprime"].dropna().iloc[0]) if "dprime" in table else "heldout"
-            found.append(Analysed(run, dprime, table, plots.load_minibatches(folder)))
+            settings = variants.recorded_settings(folder) or {}
+            dprime = settings.get("dprime") or (str(table["dprime"].dropna().iloc[0]) if "dprime" in table
+                                                else "heldout")
+            found.append(Analysed(run, dprime, table, plots.load_minibatches(folder), folder, settings))
     return found
 
 
 def select(tables: list[Analysed], model: str, family: str, dprime: str = "heldout") -> list[Analysed]:
-    """The plain (baseline) runs of a model and family whose G used this D'."""
-    return [a for a in tables if a.run.summary["model"] == model and a.run.summary["family"] == family
-            and a.run.summary["variant"] == "baseline" and a.dprime == dprime]
+    """The plain (baseline) runs of a model and family whose G used this D', one table per run (no run counted
+    twice): the run's own table if it used this D'; else the one analysed with the own table's settings but this D'
+    (Fig. 7 on Fig. 1's runs); else the first by folder name."""
+    candidates: dict[tuple, list[Analysed]] = {}  # per trained model: a dir named before by its analysis settings
+    own = {a.run.dir: a.settings for a in tables if a.own}  # (aggregate.training_runs) is its twin's model
+    for a in tables:
+        s = a.run.summary
+        if (s["model"], s["family"], s["variant"], a.dprime) == (model, family, "baseline", dprime):
+            candidates.setdefault((a.run.dir.parent, identity_name(a.run.dir)), []).append(a)
+
+    def rank(a: Analysed) -> tuple:
+        ref = own.get(a.run.dir) or {}
+        same_but_dprime = {k: v for k, v in a.settings.items() if k != "dprime"} == \
+            {k: v for k, v in ref.items() if k != "dprime"}
+        return not a.own, not same_but_dprime, str(a.folder)
+
+    return [min(found, key=rank) for found in candidates.values()]
 
 
 def mean_series(frames: list[pd.DataFrame]) -> pd.DataFrame:

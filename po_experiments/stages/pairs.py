@@ -12,11 +12,10 @@ from ..cache import cached
 from ..data.synthetic import DictionaryTask
 from ..models import load_for_inference
 from .common import generate
+from ..config import DATA_SCHEMAS, schema_of, stage_settings
 from .sft import sft_key
 
 log = logging.getLogger(__name__)
-# The data settings that determine the synthetic pairs (with the SFT model): their cache key.
-PAIR_KEYS = ("n_pref_prompts", "sample_temperature", "label_scale", "label_flip_p", "max_new_tokens")
 
 
 def sample_pairs(cfg, sft_dir: Path, out_dir: Path) -> None:
@@ -36,10 +35,19 @@ def sample_pairs(cfg, sft_dir: Path, out_dir: Path) -> None:
     log.info("preference pairs: %s", stats)
 
 
+def pair_settings(cfg) -> dict:
+    """The data settings the synthetic pairs read beyond the SFT model's (fields marked read_by("pairs"))."""
+    return stage_settings(cfg.data, schema_of(cfg.data, DATA_SCHEMAS), "pairs", marked_only=True)
+
+
+def pair_key(cfg) -> dict:
+    """What determines the synthetic pairs: the SFT model they are sampled from and the settings they read."""
+    return {"sft": sft_key(cfg), "pairs": pair_settings(cfg)}
+
+
 def preference_data(cfg, sft_dir: Path, tokenizer) -> Dataset:
     if cfg.data.name == "synthetic":
-        key = {"sft": sft_key(cfg), "pairs": {k: cfg.data[k] for k in PAIR_KEYS}}
-        folder = cached(cfg.paths.cache_dir, "pairs", key, lambda out: sample_pairs(cfg, sft_dir, out))
+        folder = cached(cfg.paths.cache_dir, "pairs", pair_key(cfg), lambda out: sample_pairs(cfg, sft_dir, out))
         return load_from_disk(str(folder / "pairs")).select_columns(["prompt", "chosen", "rejected"])
     from ..data.paper import load_preferences
 

@@ -14,11 +14,11 @@ import shutil
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 from trl import SFTConfig, SFTTrainer
 
 from .. import distributed
 from ..cache import cached
+from ..config import DATA_SCHEMAS, ModelConfig, schema_of, stage_settings
 from ..checkpoints import StepCounter, build_checkpointing, resumed_step
 from ..data.synthetic import DictionaryTask
 from ..models import build_tiny_model, build_word_tokenizer, load_model, load_tokenizer, resolve_model_source
@@ -27,22 +27,13 @@ from .common import trainer_kwargs
 
 log = logging.getLogger(__name__)
 
-# Data settings that only the preference pairs / evaluation read: changing them must not retrain SFT.
-NOT_SFT_KEYS = {"n_pref_prompts", "sample_temperature", "label_scale", "label_flip_p", "n_heldout", "max_new_tokens",
-                "preferences", "questions", "instructions", "num_proc"}
-
-
-PO_KEYS = ("dpo", "cdpo", "ppo", "ppo_variants")  # model settings of later stages
-CHECKPOINTING_KEYS = ("save_steps",)  # how often a build checkpoints does not change what it produces
-
-
 def sft_key(cfg) -> dict:
-    model = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items()
-             if k not in PO_KEYS and k != "activation_checkpointing"}  # recomputing activations changes nothing
+    """What determines the SFT model: the model and data settings SFT reads (config.stage_settings: every field but
+    those marked `how` or read by later stages only, e.g. model.dpo, data.n_pref_prompts) and `sft.seed`."""
+    model = stage_settings(cfg.model, schema_of(cfg.model) or ModelConfig, "sft")
     if not model.get("chat_template_kwargs"):  # none (all but Qwen3): the SFT models cached before stay valid
         model.pop("chat_template_kwargs", None)
-    model["sft"] = {k: v for k, v in model["sft"].items() if k not in CHECKPOINTING_KEYS}
-    data = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if k not in NOT_SFT_KEYS}
+    data = stage_settings(cfg.data, schema_of(cfg.data, DATA_SCHEMAS), "sft")
     return {"model": model, "data": data, "seed": cfg.sft.seed}
 
 
