@@ -376,11 +376,11 @@ class AlpacaEvalConfig:
 @dataclass
 class EvalConfig:
     judge: Judge = Judge.auto
-    batch_size: Optional[int] = None  # prompts per generate call; None = the plan's (the largest that fits)
+    batch_size: Optional[int] = how(default=None)  # prompts per generate call; None = the plan's (largest that fits)
     n_prompts: Optional[int] = None  # None = all held-out prompts / instructions
     max_new_tokens: Optional[int] = None  # None = data.max_new_tokens (paper: 512)
     checkpoints: str = "all"  # all (a win-rate curve, Fig. 4) | final
-    n_samples: int = 16  # outputs with verdicts shown per checkpoint in W&B and the report
+    n_samples: int = how(default=16)  # outputs with verdicts shown per checkpoint in W&B and the report
     reward_model: RewardModelJudgeConfig = field(default_factory=RewardModelJudgeConfig)
     alpaca_eval: AlpacaEvalConfig = field(default_factory=AlpacaEvalConfig)
 

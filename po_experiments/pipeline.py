@@ -17,6 +17,7 @@ from transformers import AutoTokenizer, set_seed
 from . import distributed, tracking
 from .data.sources import preflight_sources
 from .analysis import variants
+from .config import EvalConfig, stage_settings
 from .models import resolve_model_source, set_threads
 from .evaluation import judges
 from .evaluation.stage import evaluate, judged, share_outputs, write_json_atomic
@@ -58,9 +59,31 @@ def analyse_finished(cfg, run_dir: Path, summary: dict) -> dict:
     return summary
 
 
+JUDGE_SETTINGS = ("judge", "reward_model", "alpaca_eval")  # a judge's verdicts are kept apart per judge
+
+
+def output_settings(cfg) -> dict:
+    """The evaluation settings that determine the win-rate outputs of a run (prompts, lengths, checkpoints)."""
+    return {k: v for k, v in stage_settings(cfg.eval, EvalConfig).items() if k not in JUDGE_SETTINGS}
+
+
+def warn_other_eval_settings(cfg, summary: dict) -> None:
+    """Evaluation settings are no part of a run's identity and its outputs are not keyed by them: a finished run
+    asked for others keeps the win rates it has (say so, naming the keys)."""
+    recorded, wanted = summary.get("eval_settings"), output_settings(cfg)
+    if recorded is None:
+        return
+    differ = sorted(k for k in wanted if recorded.get(k) != wanted[k])
+    if differ:
+        log.warning("finished run evaluated with other settings (%s): its win rates stay those (outputs and "
+                    "verdicts are not keyed by evaluation settings); train it under another `name` for these",
+                    ", ".join(f"eval.{k}={recorded.get(k)} (asked: {wanted[k]})" for k in differ))
+
+
 def finished_run(cfg, run_dir: Path, summary: dict) -> dict:
     """A finished run does nothing again, unless asked for a judge it has no verdicts of: then that judge reads
     the outputs already generated at every checkpoint (nothing is trained or generated again)."""
+    warn_other_eval_settings(cfg, summary)
     judge = judges.resolve_judge(cfg)
     if judge == "none" or not judged(run_dir, judges.judge_name(cfg, judge)).empty:
         log.info("run already finished (win rate %s): %s", summary.get("win_rate"), run_dir / "summary.json")
@@ -109,7 +132,7 @@ def run(cfg) -> dict:
         **describe(cfg), "data": cfg.data.name, "final_step": policy.final_step, "final_loss": policy.final_loss,
         **result, "win_rates": {result["judge"]: result["win_rate"]} if result["judge"] != "none" else {},
         "alignment": str(alignment) if alignment else None, "resumed_from": policy.resumed_from,
-        "sft_dir": str(sft_dir), "wall_time_s": round(time.time() - started, 1),
+        "sft_dir": str(sft_dir), "wall_time_s": round(time.time() - started, 1), "eval_settings": output_settings(cfg),
     }
     write_json_atomic(summary_path, summary)
     tracking.finish(wandb_run, summary)

@@ -3,7 +3,8 @@
     python scripts/analyse_run.py outputs/default/runs/default
     python scripts/analyse_run.py outputs/default/runs/default analysis.dprime=train analysis.n_pairs=200
 
-Overrides use Hydra's key=value syntax on the run's `.hydra/config.yaml`. It does what `run.py` does for a finished
+Overrides use Hydra's key=value syntax on the run's `.hydra/config.yaml`, whose analysis section is the run's own
+(`alignment_settings.json`: the last command that asked for the run may have had others). It does what `run.py` does for a finished
 run asked for G (pipeline.analyse_finished): G with the run's own analysis settings goes to its `alignment.csv`,
 with any other settings (another D', sample or batch size, dtype) to `<run dir>/analysis_<key>/`
 (`analysis.variants`), each folder skipping only the checkpoints it has analysed already.
@@ -32,7 +33,9 @@ def main(argv=None) -> int:
     run_dir = args.run_dir.resolve()
     if not (run_dir / "model" / "DONE").exists() or not (run_dir / "summary.json").exists():
         parser.error(f"{run_dir} is not a finished run (no model/DONE or summary.json): train it first with run.py")
-    cfg = run_config(run_dir, ["analysis.enabled=true", *args.overrides])  # a run trained without G gets it here
+    own = variants.recorded_settings(run_dir) or {}  # the run's own analysis settings, then the overrides
+    cfg = run_config(run_dir, [*(f"analysis.{k}={json.dumps(v)}" for k, v in own.items()), "analysis.enabled=true",
+                               *args.overrides])  # a run trained without G gets it here
     set_threads(cfg.runtime.threads)
     analyse_finished(cfg, run_dir, json.loads((run_dir / "summary.json").read_text()))
     print(f"wrote {variants.table_dir(cfg, run_dir) / variants.TABLE}")

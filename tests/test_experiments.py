@@ -291,12 +291,17 @@ def test_preset_runs_in_fast_mode_and_the_aggregation_draws_it(preset, fast_pool
 # ------------------------------------------------------------------------------------------ the figures, offline
 
 def fake_run(root: Path, model: str, family: str, seed: int, *, dprime: str = "heldout", variant: str = "baseline",
-             method: str | None = None) -> Path:
-    """A finished run dir as the pipeline leaves it, with G = (seed + 1) x a fixed pattern."""
-    run = root / "multirun" / f"{model}-{family}-{variant}-{seed}-{dprime}"
+             method: str | None = None, overrides: list[str] | None = None) -> Path:
+    """A finished run dir as the pipeline leaves it, with G = (seed + 1) x a fixed pattern; `overrides`: the dir is
+    named as Hydra named it before analysis settings stopped naming runs, and records them (.hydra/overrides.yaml)."""
+    name = re.sub(r"[^A-Za-z0-9=,._+-]", "_", ",".join(sorted(overrides))) if overrides else \
+        f"{model}-{family}-{variant}-{seed}-{dprime}"
+    run = root / "multirun" / name
     (run / "model").mkdir(parents=True)
     (run / ".hydra").mkdir()
     (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"analysis": {"dprime": dprime}}))
+    if overrides:
+        (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
     summary = {"algo": family, "model": model, "seed": seed, "method": method or family.upper(), "family": family,
                "variant": variant, "win_rate": 60.0 + seed, "final_step": 20}
     (run / "summary.json").write_text(json.dumps(summary))
@@ -308,11 +313,26 @@ def fake_run(root: Path, model: str, family: str, seed: int, *, dprime: str = "h
             for step in (10, 20) for i, c in enumerate(("TOT", "POS", "NEG", "TOP", "MID", "BOT"))
             for g in ("all", "bottom", "middle", "top")]
     pd.DataFrame(rows).to_csv(run / "alignment.csv", index=False)
+    (run / "alignment_settings.json").write_text(json.dumps({"dprime": dprime, "n_pairs": 24}))
     pd.DataFrame([{"step": s, "batch": b, "component": "TOT", "grad_norm": 1.0 + b, "G": 0.1, "outlier": b == 3}
                   for s in (10, 20) for b in range(4)]).to_csv(run / "alignment_minibatches.csv", index=False)
     history = [{"step": s, "adv_raw/TOP": -s * (seed + 1), "adv_raw/MID": 0.5, "adv_raw/BOT": 0.0} for s in (10, 20)]
     (run / "model" / "log_history.json").write_text(json.dumps(history if family == "ppo" else []))
     return run
+
+
+def add_analysis(run: Path, settings: dict, factor: float) -> Path:
+    """A G table of other analysis settings in the run's `analysis_<key>/` (analysis.variants): G = factor x the
+    fixed pattern."""
+    from po_experiments.analysis.variants import analysis_key
+
+    folder = run / f"analysis_{analysis_key(settings)}"
+    folder.mkdir()
+    table = pd.read_csv(run / "alignment.csv")
+    table["G"] = table["G"] / table["G"].abs().max() * 6 * 20 * factor  # the seed-0 pattern times factor
+    table.assign(dprime=settings["dprime"]).to_csv(folder / "alignment.csv", index=False)
+    (folder / "alignment_settings.json").write_text(json.dumps(settings))
+    return folder
 
 
 def test_g_figures_are_the_mean_over_seeds_per_model(tmp_path):
@@ -322,8 +342,18 @@ def test_g_figures_are_the_mean_over_seeds_per_model(tmp_path):
     for model in ("pythia", "qwen3"):
         for family in ("dpo", "ppo"):
             for seed in (0, 1):
-                fake_run(root, model, family, seed)
-    fake_run(root, "pythia", "dpo", 0, dprime="train")  # Fig. 7's twin of seed 0
+                if (model, family, seed) == ("pythia", "dpo", 1):
+                    fake_run(root, model, family, seed, overrides=["seed=1"])
+                else:
+                    fake_run(root, model, family, seed)
+    seed0 = root / "multirun" / "pythia-dpo-baseline-0-heldout"
+    # Fig. 7 on Fig. 1's seed-0 run: the train-D' table with the run's own settings (G x 1), not the one with
+    # another sample size (G x 100)
+    add_analysis(seed0, {"dprime": "train", "n_pairs": 24}, 1.0)
+    add_analysis(seed0, {"dprime": "train", "n_pairs": 99}, 100.0)
+    # a Fig. 7 run dir of seed 1 named before analysis settings stopped naming runs: its twin trained the same
+    # model (counted once in win rates), its own table has the train D' (G = 2 x the pattern)
+    fake_run(root, "pythia", "dpo", 1, dprime="train", overrides=["analysis.dprime=train", "seed=1"])
     fake_run(root, "pythia", "dpo", 0, variant="cdpo", method="cDPO (t1=5, t2=15)")
     written = draw_paper_figures(root, tmp_path / "out")
     # each figure for its own paper model only: Fig. 1 is Pythia's, Fig. 10 is Qwen3's
@@ -334,9 +364,10 @@ def test_g_figures_are_the_mean_over_seeds_per_model(tmp_path):
     fig1 = pd.read_csv(written["fig1_pythia.csv"])
     tot = fig1[(fig1["series"] == "TOT")].set_index("step")
     assert tot.at[20, "mean"] == pytest.approx(1.5 * 20) and tot.at[20, "std"] == pytest.approx(20 / 2 ** 0.5)
-    assert (tot["n"] == 2).all() and set(fig1["family"]) == {"DPO"}  # the dprime=train twin is not counted
+    assert (tot["n"] == 2).all() and set(fig1["family"]) == {"DPO"}  # the dprime=train tables are not counted
     fig7 = pd.read_csv(written["fig7_pythia.csv"])
-    assert fig7.loc[(fig7["series"] == "TOT") & (fig7["step"] == 20), "mean"].item() == pytest.approx(20)
+    tot7 = fig7[(fig7["series"] == "TOT") & (fig7["step"] == 20)]
+    assert tot7["mean"].item() == pytest.approx((20 + 40) / 2) and tot7["n"].item() == 2
     fig6 = pd.read_csv(written["fig6_pythia.csv"])
     unfiltered = fig6[fig6["panel"] == "without outlier filtering"]
     assert set(unfiltered["family"]) == {"DPO", "PPO"} and (unfiltered["mean"] < 0).all()

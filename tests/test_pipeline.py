@@ -252,3 +252,46 @@ def test_killed_analysis_resumes_without_duplicates(finished, cache_dir, tmp_pat
     resumed, straight = read_table(run_dir), read_table(finished)
     assert len(resumed) == len(straight)
     assert resumed["G"].to_numpy() == pytest.approx(straight["G"].to_numpy(), rel=1e-5, abs=1e-9)
+
+
+def test_finished_run_gains_g_and_other_analysis_settings_without_training(finished, cache_dir, tmp_path):
+    """Analysis settings are no part of a run's identity: a run trained without G (a win-rate preset) asked for it
+    later is analysed in its dir (alignment.csv, its own); asked for another D' (Fig. 7) it gains
+    analysis_dprime-train-<hash>/ beside it; scripts/analyse_run.py with another sample size another folder;
+    asked again for any of them, nothing is recomputed. Weights, checkpoints and win rates are never touched."""
+    import pandas as pd
+
+    run_dir = tmp_path / "trained_without_g"
+    shutil.copytree(finished, run_dir, ignore=shutil.ignore_patterns("alignment*", "analysis*", "figures", "wandb"))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    (run_dir / "summary.json").write_text(json.dumps({**summary, "alignment": None}))
+    trained = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()
+               and {"model", "checkpoints", "eval"} & set(p.relative_to(run_dir).parts)}
+
+    proc = run(run_dir, cache_dir, "logger=none")
+    assert "run already finished; analysing" in proc.stdout + proc.stderr
+    own = read_table(run_dir)
+    pd.testing.assert_frame_equal(own[["step", "component", "layer_group"]],
+                                  read_table(finished)[["step", "component", "layer_group"]])
+    assert own["G"].to_numpy() == pytest.approx(read_table(finished)["G"].to_numpy(), rel=1e-5, abs=1e-9)
+    assert json.loads((run_dir / "summary.json").read_text())["alignment"] == str(run_dir / "alignment.csv")
+
+    run(run_dir, cache_dir, "logger=none", "analysis.dprime=train")
+    (fig7,) = run_dir.glob("analysis_dprime-train-*")
+    table = pd.read_csv(fig7 / "alignment.csv")
+    assert set(table["dprime"]) == {"train"} and sorted(table["step"].unique()) == sorted(own["step"].unique())
+    assert (fig7 / "figures" / "G_components.png").exists()
+    pd.testing.assert_frame_equal(read_table(run_dir), own)  # the run's own table is untouched
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PO_CACHE_DIR": str(cache_dir)}
+    subprocess.run([sys.executable, "scripts/analyse_run.py", str(run_dir), "analysis.n_pairs=16",
+                    "runtime.threads=1"], cwd=REPO, env=env, check=True, capture_output=True, timeout=600)
+    folders = sorted(p.name for p in run_dir.glob("analysis_dprime-*"))
+    assert len(folders) == 2 and sum(f.startswith("analysis_dprime-heldout-") for f in folders) == 1
+
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("alignment*.csv")}
+    for extra in ((), ("analysis.dprime=train",)):
+        proc = run(run_dir, cache_dir, "logger=none", *extra)
+        assert "run already finished (" in proc.stdout + proc.stderr
+    assert {p: p.stat().st_mtime_ns for p in before} == before
+    assert {p: p.stat().st_mtime_ns for p in trained} == trained

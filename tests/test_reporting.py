@@ -83,6 +83,32 @@ def test_method_labels_come_from_the_config():
     assert describe(cfg)["method"] == "PPO w/o TOP" and describe(cfg)["variant"] == "ablation"
 
 
+def test_a_beta_sweep_gives_a_table1_row_per_beta(tmp_path):
+    """Every algorithm parameter that differs from its schema default is in the label (the method's own t1, t2,
+    lam, t3, tau always): a beta sweep is two rows of Table 1, not one row averaging both; algo_params holds all."""
+    from hydra import compose, initialize_config_dir
+
+    from conftest import REPO
+
+    root = tmp_path / "betas"
+    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
+        for beta, finals in ((0.1, (80.0, 82.0)), (0.2, (60.0, 64.0))):
+            cfg = compose("config", overrides=[f"algo.beta={beta}"])
+            label = describe(cfg)
+            assert label["algo_params"] == {"beta": beta}
+            for seed, final in enumerate(finals):
+                run = fake_run(root, label["method"], seed, final, variant=label["variant"])
+                summary = json.loads((run / "summary.json").read_text())
+                (run / "summary.json").write_text(json.dumps({**summary, **label}))
+        cdpo = describe(compose("config", overrides=["algo=cdpo", "algo.beta=0.2"]))
+        ppo = describe(compose("config", overrides=["algo=ppo", "algo.kl_coef=0.1"]))
+    assert cdpo["method"] == "cDPO (t1=30, t2=80, beta=0.2)" and ppo["method"] == "PPO (kl_coef=0.1)"
+    assert ppo["algo_params"]["cliprange"] == 0.2 and len(ppo["algo_params"]) == 9  # every PPO parameter
+    table = agg.table1(agg.final_rates(agg.checkpoint_rates(agg.find_runs(root)))).set_index("method")
+    assert list(table.index) == ["DPO", "DPO (beta=0.2)"]
+    assert table.at["DPO", "mean"] == pytest.approx(81.0) and table.at["DPO (beta=0.2)", "mean"] == pytest.approx(62.0)
+
+
 def test_no_judged_run_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="no run with a win rate"):
         agg.checkpoint_rates([])
