@@ -398,6 +398,7 @@ class PlanConfig:
     mfu: float = 0.35  # the share of that peak a training step reaches (time estimates only)
     headroom: float = 0.9  # plan to this share of each GPU's memory (allocator fragmentation, CUDA context)
     check: bool = True  # stop at validation when the plan does not fit (false: warn and run)
+    check_steps: bool = True  # stop when a step-valued setting (t1, t2, t3, windows, save_steps) lies outside the run
 
 
 @dataclass

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, set_seed
 
-from . import distributed, tracking
+from . import distributed, run_length, tracking
 from .data.sources import preflight_sources
 from .analysis.stage import run_alignment
 from .models import resolve_model_source, set_threads
@@ -55,6 +55,10 @@ def finished_run(cfg, run_dir: Path, summary: dict) -> dict:
     return summary
 
 
+def _read_json(path: Path):
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def run(cfg) -> dict:
     distributed.setup(cfg)
     run_dir = Path(cfg.paths.output_dir)
@@ -91,6 +95,7 @@ def run(cfg) -> dict:
         **result, "win_rates": {result["judge"]: result["win_rate"]} if result["judge"] != "none" else {},
         "alignment": str(alignment) if alignment else None, "resumed_from": policy.resumed_from,
         "sft_dir": str(sft_dir), "wall_time_s": round(time.time() - started, 1),
+        "step_unit": run_length.unit(cfg), "run_length": _read_json(run_dir / "run_length.json"),
     }
     write_json_atomic(summary_path, summary)
     tracking.finish(wandb_run, summary)

@@ -325,3 +325,20 @@ def test_g_figures_are_the_mean_over_seeds_per_model(tmp_path):
     fig12 = pd.read_csv(written["fig12_pythia_gold.csv"]).set_index(["method", "step"])
     assert fig12.at[("DPO", 20), "mean"] == 60.5 and fig12.at[("cDPO (t1=5, t2=15)", 20), "mean"] == 60.0
     assert fig12.at[("DPO", 20), "n"] == 2  # the dprime=train twin trains the same model: counted once
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_sweep_points_step_settings_lie_inside_its_run(preset, composed):
+    """The plan's run length (the data's known size) holds every t1, t2, t3, ablation window and save interval of
+    every sweep point, in full and fast mode (fast: the tiny cases scaled to the tiny run)."""
+    from po_experiments import plan, run_length
+
+    for mode in MODES:
+        for point in first_seed(sweep_points(preset, mode)):
+            cfg, _ = composed[preset, mode, tuple(point)]
+            if isinstance(cfg, ConfigError):  # the Llama-3 cases the paper does not state (checked above)
+                continue
+            record = run_length.check(cfg, plan.rows(cfg, "preferences"), where=f"{preset} {mode}")
+            assert record["steps"] and all(s["inside"] for s in record["settings"]), (point, record)
+            if mode == "full" and cfg.model.name == "pythia":
+                assert record["steps"] == (7642 if cfg.algo.family == "dpo" else 1433)

@@ -16,7 +16,7 @@ from pathlib import Path
 from transformers import AutoTokenizer
 from trl import DPOConfig
 
-from .. import distributed
+from .. import distributed, run_length
 from ..checkpoints import STEP_DIR, StepCheckpoints, debug_callbacks, last_checkpoint
 from ..errors import ConfigError
 from ..models import load_model
@@ -112,6 +112,8 @@ def train_policy(cfg, sft_dir: Path, train_data, run_dir: Path, report_to: list[
         algo=cfg.algo, ablation=cfg.ablation,
         callbacks=[StepCheckpoints(checkpoint_root), *debug_callbacks(cfg)],
     )
+    # on the pairs TRL kept (a prompt alone filling max_length is dropped); every rank, so all stop together
+    run_length.check_training(cfg, len(trainer.train_dataset), run_dir)
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
 
     return write_final_policy(run_dir, lambda folder: trainer.save_model(str(folder)), tokenizer, trainer.state,
