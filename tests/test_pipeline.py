@@ -158,6 +158,14 @@ def test_continuing_from_another_runs_checkpoint(finished, cache_dir, tmp_path):
     assert all(v == 0 for s, v in share.items() if s > 8) and max(share) > 8  # then no positive learning
 
 
+def test_the_run_records_its_length_in_its_step_unit(finished):
+    summary = json.loads((finished / "summary.json").read_text())
+    length = summary["run_length"]
+    assert summary["step_unit"] == length["unit"] == "optimizer step on 16 pairs (32 sequences)"
+    assert length["steps"] == summary["final_step"] and length["rows"] > 0
+    assert {s["key"]: s["inside"] for s in length["settings"]} == {"model.dpo.save_steps": True}
+
+
 # ------------------------------------------------------------------------------------------ the PPO family
 PPO_FAST = ["algo=ppo", "model.ppo.batch_size=32", "model.ppo.save_steps=3", "model.ppo.logging_steps=1"]
 

@@ -109,6 +109,16 @@ def test_dpo_on_the_paper_data_schemas(local_copies, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_step_setting_past_the_rows_loaded_stops_before_training(local_copies, tmp_path):
+    """Planned from UltraFeedback's 61,135 pairs, cDPO's t1 = 20 fits; the 48-pair local copy gives 12 steps: the
+    run stops when training starts, naming the key, with nothing trained."""
+    run_dir = tmp_path / "cdpo"
+    with pytest.raises(AssertionError, match=r"algo\.t1=20 lies outside the run.*the training data: 12 steps"):
+        run_real(local_copies, run_dir, "algo=cdpo", "algo.t1=20", "algo.t2=22", "model.dpo.batch_size=8")
+    assert not list(run_dir.glob("checkpoints/step-*")) and not (run_dir / "summary.json").exists()
+
+
+@pytest.mark.slow
 def test_ppo_with_a_classifier_reward_model(local_copies, tmp_path):
     run_dir = tmp_path / "ppo"
     proc = run_real(local_copies, run_dir, "algo=ppo", f"reward.path={local_copies / 'rm'}",

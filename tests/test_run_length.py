@@ -78,3 +78,19 @@ def test_the_check_at_training_uses_the_rows_loaded(tmp_path):
     assert not (tmp_path / "run_length.json").exists()
     record = run_length.check_training(make(["algo=cdpo", "algo.t1=50", "algo.t2=90"]), 3000, tmp_path)
     assert record["steps"] == 94 and (tmp_path / "run_length.json").exists()
+
+
+def test_plan_table_lists_each_plan_and_flags_one_outside(tmp_path, capsys):
+    from conftest import load_script
+
+    table = load_script("plan_table")
+    for name, overrides in (("cdpo", ["algo=cdpo", "algo.t1=2500", "algo.t2=5500"]),
+                            ("late", ["ablation=dpo_wo_pos_late", "ablation.start_step=6000"])):
+        cfg = make(["model=pythia", "plan.gpus=8", "plan.gpu_memory_gb=80", "plan.host_memory_gb=1000", *overrides])
+        plan.write_plan(plan.make_plan(cfg), tmp_path / name)
+    assert table.main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| cdpo | pythia | 7642 | 7 | t1=2500, t2=5500 | yes |" in out and "start_step=6000" in out
+    cfg = make(["model=pythia", "plan.check_steps=false", "algo=cdpo", "algo.t1=9000", "algo.t2=9500"])
+    plan.write_plan(plan.make_plan(cfg), tmp_path / "outside")
+    assert table.main([str(tmp_path)]) == 1 and "t1=9000 (OUTSIDE)" in capsys.readouterr().out
