@@ -166,6 +166,18 @@ def test_the_run_records_its_length_in_its_step_unit(finished):
     assert {s["key"]: s["inside"] for s in length["settings"]} == {"model.dpo.save_steps": True}
 
 
+def test_po_seeds_share_one_sft_model(finished, cache_dir, tmp_path):
+    """`seed` changes PO training only: every seed starts from (and is judged against) the one SFT model of
+    `sft.seed`; another sft.seed builds another."""
+    proc = run(tmp_path / "seed1", cache_dir, "seed=1", "logger=none")
+    first, second = (json.loads((d / "summary.json").read_text()) for d in (finished, tmp_path / "seed1"))
+    assert second["seed"] == 1 and second["sft_dir"] == first["sft_dir"]
+    assert "SFT done" not in proc.stdout + proc.stderr  # not trained again
+    assert any(not torch.equal(a, b) for a, b in zip(weights(finished).values(), weights(tmp_path / "seed1").values()))
+    run(tmp_path / "sft1", cache_dir, "sft.seed=1", "logger=none", "analysis.enabled=false", "eval.checkpoints=final")
+    assert json.loads((tmp_path / "sft1" / "summary.json").read_text())["sft_dir"] != first["sft_dir"]
+
+
 # ------------------------------------------------------------------------------------------ the PPO family
 PPO_FAST = ["algo=ppo", "model.ppo.batch_size=32", "model.ppo.save_steps=3", "model.ppo.logging_steps=1"]
 
