@@ -177,6 +177,32 @@ def test_unknown_or_keyless_annotators_fail_with_the_key(monkeypatch):
         local_judge.local_source(None)
 
 
+def real_data_judge_cfg(judge: str, **alpaca_eval):
+    return OmegaConf.create({"data": {"name": "paper"}, "eval": {
+        "judge": judge, "alpaca_eval": {"annotator": "weighted_alpaca_eval_gpt4_turbo", "local_model": None,
+                                        **alpaca_eval}}})
+
+
+def test_real_data_without_a_judge_stops_in_preflight_unless_none_is_explicit(monkeypatch):
+    from po_experiments.evaluation import judges
+
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with pytest.raises(ConfigError) as err:
+        judges.preflight(real_data_judge_cfg("auto"))
+    message = str(err.value)
+    assert message.startswith("eval.judge=auto found no judge") and "OPENAI_API_KEY" in message
+    for fix in ("eval.alpaca_eval.annotator=local eval.alpaca_eval.local_model=", "eval.judge=reward_model",
+                "eval.judge=none"):
+        assert fix in message
+    judges.preflight(real_data_judge_cfg("none"))  # explicit: outputs only, no error
+    synthetic = OmegaConf.merge(real_data_judge_cfg("auto"), {"data": {"name": "synthetic"}})
+    assert judges.resolve_judge(synthetic) == "gold"
+    judges.preflight(synthetic)  # the embedded task: gold, always there
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    assert judges.resolve_judge(real_data_judge_cfg("auto")) == "alpaca_eval"
+    judges.preflight(real_data_judge_cfg("auto"))  # the key is there: the packaged annotator can run
+
+
 def test_length_controlled_win_rate_is_left_empty_offline(monkeypatch):
     from po_experiments.evaluation.stage import length_controlled
 
