@@ -499,6 +499,52 @@ def test_bad_local_sources(tmp_path, setup, match):
     assert str(path) in str(err.value) and "sft data" in str(err.value)
 
 
+def jsonl_with_a_bad_line(path: Path, where: str) -> tuple[Path, int]:
+    """Five UltraChat rows as JSON lines (gzip for .gz), one of them broken: the last one cut short (a truncated
+    download) or a middle one that is not JSON. Returns the file and the broken line's number (1-based)."""
+    lines = [json.dumps(ultrachat_row(i)) + "\n" for i in range(5)]
+    bad = 5 if where == "last" else 3
+    lines[bad - 1] = lines[bad - 1][:25] if where == "last" else "{'messages': not json}\n"
+    text = "".join(lines)
+    if path.name.endswith(".gz"):
+        with gzip.open(path, "wt") as f:
+            f.write(text)
+    else:
+        path.write_text(text)
+    return path, bad
+
+
+@pytest.mark.parametrize("name", ["sft.jsonl", "sft.jsonl.gz"])
+@pytest.mark.parametrize("where", ["last", "middle"])
+def test_a_line_that_is_not_json_is_named_or_skipped(tmp_path, caplog, monkeypatch, name, where):
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    path, bad = jsonl_with_a_bad_line(tmp_path / name, where)
+    with pytest.raises(DataError) as err:  # fail (the default): the file and the line, and the way out
+        load_source(SourceConfig(path=str(path)), "sft", OnInvalid.fail)
+    assert f"could not read {path}: 1 line(s) not JSON (line {bad}:" in str(err.value)
+    assert "data.on_invalid=skip" in str(err.value)
+    assert ("cut short" in str(err.value)) == (where == "last")
+    with caplog.at_level(logging.WARNING, logger="po_experiments.data.sources"):
+        rows = load_source(SourceConfig(path=str(path)), "sft", OnInvalid.skip)
+    kept = [f"question {i}" for i in range(5) if i != bad - 1]
+    assert rows["prompt"] == kept  # every other row, in order
+    assert f"skipped lines that are not JSON in {path}: 1 line(s) not JSON (line {bad}:" in caplog.text
+    sft = load_sft(config("skip", sft=path))  # the loaders pass data.on_invalid down
+    assert len(sft) == 4
+    with pytest.raises(DataError, match=f"line {bad}:"):
+        load_sft(config("fail", sft=path))
+
+
+def test_preflight_peeks_past_a_bad_first_line_only_when_skipping(tmp_path):
+    from po_experiments.data.sources import peek_source
+
+    path = tmp_path / "s.jsonl"
+    path.write_text("{broken\n" + json.dumps(ultrachat_row(0)) + "\n")
+    with pytest.raises(DataError, match="line 1 is not JSON"):
+        peek_source(SourceConfig(path=str(path)), "sft", "fail")
+    peek_source(SourceConfig(path=str(path)), "sft", "skip")
+
+
 def test_wrong_schema_names_the_missing_column(tmp_path):
     with pytest.raises(DataError, match=r"no column\(s\) chosen, rejected"):
         load_preferences(config(preferences=write(tmp_path / "p.jsonl", [ultrachat_row(0)])))
