@@ -17,6 +17,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from omegaconf import OmegaConf
+
 from po_experiments.config import OnInvalid, PaperDataConfig, SourceConfig
 from po_experiments.data.paper import (hh_question, hh_question_text, load_instructions, load_preferences,
                                        load_questions, load_sft)
@@ -697,6 +699,49 @@ def _paper_cfg(tmp_path, **paths):
     return OmegaConf.create({"data": data, "analysis": {"enabled": True, "dprime": "heldout"}})
 
 
+def test_win_rate_on_the_hh_helpful_questions(tokenizer, tmp_path):
+    """eval.prompts=hh_helpful: data.questions in file order (the first are D', fed the same way), AlpacaEval's
+    record format; the default stays AlpacaEval's instructions."""
+    from po_experiments.analysis.stage import dprime_prompts
+    from po_experiments.evaluation.stage import eval_prompts, outputs_dir, write_outputs
+
+    data = OmegaConf.structured(PaperDataConfig(
+        on_invalid=OnInvalid.fail, num_proc=1, questions=SourceConfig(path=str(_need(HH_SAMPLE)), max_rows=200),
+        instructions=SourceConfig(path=str(_need(ALPACA_SAMPLE)), max_rows=200)))
+    cfg = OmegaConf.create({"data": data, "eval": {"n_prompts": 40, "max_new_tokens": None, "prompts": "hh_helpful"},
+                            "analysis": {"n_dprime": 10, "dprime": "heldout"}})
+    prompts = eval_prompts(cfg, tokenizer)
+    questions = load_questions(data, tokenizer)
+    assert len(prompts.instructions) == 40 and prompts.index == list(range(40))
+    assert prompts.model_inputs[:10] == dprime_prompts(cfg, tokenizer)  # D' is the first 10 of them
+    assert prompts.max_new_tokens == data.max_new_tokens and set(prompts.dataset) == {"hh_rlhf_helpful"}
+    for k in range(40):
+        turns = questions[k]["prompt"]
+        assert prompts.model_inputs[k] == tokenizer.apply_chat_template(turns, tokenize=False,
+                                                                         add_generation_prompt=True)
+        expected = turns[0]["content"] if len(turns) == 1 else questions[k]["text"].strip()
+        assert prompts.instructions[k] == expected
+    assert any(len(questions[k]["prompt"]) > 1 for k in range(40))  # multi-turn questions are read as dialogues
+    single = next(k for k in range(40) if len(questions[k]["prompt"]) == 1)
+    assert prompts.instructions[single] == turns_of(HH_SAMPLE, single)  # the question as the file writes it
+    write_outputs(outputs_dir(cfg, tmp_path) / "step-1.json", prompts, ["an answer"] * 40, "dpo")
+    records = json.loads((tmp_path / "eval" / "outputs@hh_helpful" / "step-1.json").read_text())
+    assert set(records[0]) == {"instruction", "output", "generator", "dataset", "index"}  # AlpacaEval's records
+    cfg.eval.prompts = "alpaca_eval"
+    default = eval_prompts(cfg, tokenizer)
+    assert len(default.instructions) == 40 and default.instructions[0] == json.loads(ALPACA_SAMPLE.read_text())[0][
+        "instruction"] and outputs_dir(cfg, tmp_path) == tmp_path / "eval" / "outputs"
+
+
+def turns_of(path, row):
+    """The first user turn of an HH-RLHF file's row, read here without the loaders."""
+    with gzip.open(path, "rt") as f:
+        for _ in range(row):
+            f.readline()
+        chosen = json.loads(f.readline())["chosen"]
+    return chosen.split("\n\nHuman:")[1].split("\n\nAssistant:")[0].strip()
+
+
 def test_preflight_opens_every_source(tmp_path):
     from po_experiments.data.sources import preflight_sources, sources_in_use
 
@@ -707,6 +752,8 @@ def test_preflight_opens_every_source(tmp_path):
     assert sources_in_use(cfg) == ["sft", "preferences", "questions", "instructions"]
     cfg.analysis.dprime = "train"  # D' from the training prompts: HH-RLHF is not read
     assert sources_in_use(cfg) == ["sft", "preferences", "instructions"]
+    cfg.eval = {"prompts": "hh_helpful"}  # ... unless the win rate asks its questions, and then not AlpacaEval
+    assert sources_in_use(cfg) == ["sft", "preferences", "questions"]
 
 
 def _truncated_gz(d):

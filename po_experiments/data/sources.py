@@ -114,7 +114,7 @@ def _load_local(path: Path, what: str, on_invalid: str = "fail") -> datasets.Dat
         # The json builder also reads a top-level JSON list (AlpacaEval's file) and gzip-compressed files.
         return datasets.load_dataset(builder, data_files=files, split="train")
     except Exception as e:  # a parse error deep in pyarrow: find the line, or say which file and keep the cause
-        bad = {f: lines for f in files if builder == "json" and (lines := bad_json_lines(Path(f)))}
+        bad = {f: lines for f in files if builder == "json" and (lines := _bad_lines_or_none(Path(f)))}
         if not bad:
             raise DataError(f"{what} data: could not read {path} ({type(e).__name__}: {e})") from e
         if on_invalid != "skip":
@@ -135,7 +135,16 @@ N_LINES_SHOWN = 5
 
 def _open_text(path: Path):
     opener = gzip.open if path.name.lower().endswith(".gz") else open
-    return opener(path, "rt", encoding="utf-8", errors="replace")
+    return opener(path, "rt", encoding="utf-8")
+
+
+def _bad_lines_or_none(path: Path) -> list[BadLine]:
+    """`bad_json_lines`, or none where the file cannot even be read as text (a cut gzip stream, not UTF-8):
+    then the loader's own error says what is wrong."""
+    try:
+        return bad_json_lines(path)
+    except (OSError, EOFError, UnicodeError):
+        return []
 
 
 def bad_json_lines(path: Path) -> list[BadLine]:
@@ -249,12 +258,15 @@ def _load_hub(src: SourceConfig, what: str) -> datasets.Dataset:
 
 
 def sources_in_use(cfg) -> list[str]:
-    """The `data.<what>` keys this run reads: SFT, the pairs and AlpacaEval always; HH-RLHF for D' (heldout)."""
+    """The `data.<what>` keys this run reads: SFT and the pairs always; HH-RLHF for D' (heldout) and for the
+    win rate with eval.prompts=hh_helpful; AlpacaEval's instructions for the win rate otherwise."""
     if cfg.data.name != "paper":
         return []
     analysis = cfg.get("analysis")
     heldout = analysis is None or (analysis.enabled and analysis.dprime == "heldout")
-    return ["sft", "preferences", *(["questions"] if heldout else []), "instructions"]
+    hh_prompts = cfg.get("eval") is not None and cfg.eval.get("prompts", "alpaca_eval") == "hh_helpful"
+    return ["sft", "preferences", *(["questions"] if heldout or hh_prompts else []),
+            *([] if hh_prompts else ["instructions"])]
 
 
 def preflight_sources(cfg) -> None:

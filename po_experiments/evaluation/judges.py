@@ -66,7 +66,7 @@ class RewardModelJudge:
         self.reward = ClassifierReward(source, trust_remote_code=rm.trust_remote_code, dtype=rm.dtype,
                                        batch_size=rm.batch_size, key="eval.reward_model.path")
         self.chat = cfg.data.name != "synthetic"
-        self.name = judge_name(cfg, "reward_model")
+        self.name = base_judge_name(cfg, "reward_model")
 
     def judge(self, pairs: list[dict]) -> list[dict]:
         from ..rewards import synthetic_user_turn
@@ -147,8 +147,20 @@ def no_judge_error(cfg) -> ConfigError:
         f"  eval.judge=none                                  (outputs only; judge the run dir later)")
 
 
+def prompts_suffix(cfg) -> str:
+    """What tells apart the verdicts, win_rate.csv rows and outputs of another prompt set than the default
+    (AlpacaEval's instructions on real data, the held-out prompts of the synthetic task): `@<eval.prompts>`."""
+    prompts = str(cfg.eval.get("prompts", "alpaca_eval"))
+    return "" if cfg.data.name == "synthetic" or prompts == "alpaca_eval" else f"@{prompts}"
+
+
 def judge_name(cfg, judge: str) -> str:
     """The name a judge's verdicts and win_rate.csv rows go under (without building the judge)."""
+    return base_judge_name(cfg, judge) + prompts_suffix(cfg)
+
+
+def base_judge_name(cfg, judge: str) -> str:
+    """The judge's own name (its annotation cache, the verdicts' `annotator`), whatever the prompts."""
     if judge == "reward_model":
         return f"reward_model-{short_name(cfg.eval.reward_model.path)}"
     if judge == "alpaca_eval":
