@@ -157,3 +157,21 @@ def test_html_report_loads_every_image_in_chromium(sweep, tmp_path):
     shutil.copytree(page.parent, moved)
     (moved / "table1_gold.png").unlink()  # and a missing image is seen as missing
     assert open_page(moved / "index.html") == {"loaded": len(FINAL) + 1, "total": len(FINAL) + 2}
+
+
+def test_stored_paper_values_are_the_papers_table1():
+    """po_experiments/reporting/paper_values.py against the paper's text, where the shared copy is present."""
+    import re
+    from pathlib import Path
+
+    from po_experiments.reporting.paper_values import TABLE1
+
+    paper = Path(__file__).resolve().parents[2] / "shared" / "papers" / "what-is-po-doing.txt"
+    if not paper.exists():
+        pytest.skip(f"{paper} not present (no ../shared checkout)")
+    text = paper.read_text()
+    header = text.index("PO Method\tPythia-2.8B\tQwen3-1.7B\tLlama-3-8B")
+    for row, values in TABLE1.items():
+        line = re.search(rf"^{row}\t(.*)$", text[header:], re.M).group(1)
+        cells = [tuple(float(x) for x in c.split(r" \pm ")) for c in line.split("\t")]
+        assert cells == [values["pythia"], values["qwen3"], values["llama3"]], row
