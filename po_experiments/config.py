@@ -303,6 +303,9 @@ class AlpacaEvalConfig:
 @dataclass
 class EvalConfig:
     judge: Judge = Judge.auto
+    # real data: alpaca_eval (App. C.3: AlpacaEval's 805 instructions) | hh_helpful (the HH-RLHF helpful questions
+    # of data.questions, as the figure captions say "tested on HH-RLHF-helpfulness"); the synthetic task: ignored
+    prompts: str = "alpaca_eval"
     batch_size: Optional[int] = None  # prompts per generate call; None = the plan's (the largest that fits)
     n_prompts: Optional[int] = None  # None = all held-out prompts / instructions
     max_new_tokens: Optional[int] = None  # None = data.max_new_tokens (paper: 512)
@@ -559,12 +562,16 @@ def _validate_ppo(cfg: DictConfig) -> None:
         _require(r.path is not None, "reward.path", "a classifier reward needs a hub id or local directory")
 
 
+EVAL_PROMPTS = ("alpaca_eval", "hh_helpful")
+
+
 def _validate_eval(e: DictConfig) -> None:
     for key in ("batch_size", "n_prompts", "max_new_tokens", "reward_model.batch_size", "alpaca_eval.local_batch_size"):
         value = OmegaConf.select(e, key)
         _require(value is None or value > 0, f"eval.{key}", f"must be > 0, got {value}")
     _require(e.n_samples >= 0, "eval.n_samples", f"must be >= 0, got {e.n_samples}")
     _require(e.checkpoints in ("all", "final"), "eval.checkpoints", f"must be all or final, got {e.checkpoints!r}")
+    _require(e.prompts in EVAL_PROMPTS, "eval.prompts", f"must be {' or '.join(EVAL_PROMPTS)}, got {e.prompts!r}")
     if e.judge == Judge.reward_model:
         _require(e.reward_model.path is not None, "eval.reward_model.path",
                  "eval.judge=reward_model needs a reward model: a hub id or a local folder")
