@@ -146,7 +146,17 @@ def generate_share(cfg, folder: Path, sft_dir: Path, rank: int, world: int) -> t
     models = SampleModels(cfg, folder, sft_dir, turns)
     share = models.scored_rollout(mine, sampling_seed(cfg, rank)) if mine else None
     del models
+    release_memory()
     return share, tokenizer.pad_token_id
+
+
+def release_memory() -> None:
+    """The sample's four models go before G loads the policy again."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def analysis_sample(cfg, step: int, folder: Path, sft_dir: Path) -> Rollout:
