@@ -22,6 +22,7 @@ from omegaconf import OmegaConf
 import po_experiments.config  # noqa: F401  (registers schemas)
 from po_experiments.config import _run_name, validate
 from po_experiments.errors import ConfigError
+from po_experiments.analysis.plots import ADVANTAGE_LOG_KEYS
 from po_experiments.reporting.paper_figures import FIGURES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -215,9 +216,9 @@ def check_g_figure(table: pd.DataFrame, runs: list[Path], dprime: str) -> None:
     for row in table.itertuples():
         if row.series == "minibatch":
             values = batches.loc[(batches["component"] == "TOT") & (batches["step"] == row.step), "grad_norm"]
-        elif row.series in ("TOP", "MID", "BOT") and row.panel.startswith("mean raw advantage"):
-            values = pd.Series([h[f"adv_raw/{row.series}"] for h in history if h.get("step") == row.step
-                                and f"adv_raw/{row.series}" in h])
+        elif row.panel.startswith("mean raw (signed) advantage"):
+            key = ADVANTAGE_LOG_KEYS[row.series]
+            values = pd.Series([h[key] for h in history if h.get("step") == row.step and key in h])
         else:
             component, group = (row.series, "all") if row.series.isupper() else ("TOT", row.series)
             rows = alignment[(alignment["component"] == component) & (alignment["layer_group"] == group)
@@ -297,7 +298,8 @@ def fake_run(root: Path, model: str, family: str, seed: int, *, dprime: str = "h
     pd.DataFrame(rows).to_csv(run / "alignment.csv", index=False)
     pd.DataFrame([{"step": s, "batch": b, "component": "TOT", "grad_norm": 1.0 + b, "G": 0.1, "outlier": b == 3}
                   for s in (10, 20) for b in range(4)]).to_csv(run / "alignment_minibatches.csv", index=False)
-    history = [{"step": s, "adv_raw/TOP": -s * (seed + 1), "adv_raw/MID": 0.5, "adv_raw/BOT": 0.0} for s in (10, 20)]
+    history = [{"step": s, "adv/TOP": -s * (seed + 1), "adv/MID": 0.5, "adv/BOT": 0.0, "adv_unwhitened/TOP": -s,
+                "adv_unwhitened/MID": 0.25, "adv_unwhitened/BOT": 0.1} for s in (10, 20)]
     (run / "model" / "log_history.json").write_text(json.dumps(history if family == "ppo" else []))
     return run
 
@@ -329,6 +331,8 @@ def test_g_figures_are_the_mean_over_seeds_per_model(tmp_path):
     assert set(unfiltered["family"]) == {"DPO", "PPO"} and (unfiltered["mean"] < 0).all()
     fig3 = pd.read_csv(written["fig3_pythia.csv"])
     assert fig3.loc[(fig3["series"] == "TOP") & (fig3["step"] == 20), "mean"].item() == pytest.approx(-30)
+    assert fig3.loc[(fig3["series"] == "TOP unwhitened") & (fig3["step"] == 20), "mean"].item() == pytest.approx(-20)
+    assert list(dict.fromkeys(fig3["series"]))[:6] == list(ADVANTAGE_LOG_KEYS)  # whitened first, both drawn
     fig5 = pd.read_csv(written["fig5_pythia.csv"])
     batches = fig5[fig5["series"] == "minibatch"]
     assert len(batches) == 2 * 2 * 2 * 4 and batches["outlier"].sum() == 2 * 2 * 2  # both families, seeds, steps

@@ -199,7 +199,7 @@ def test_ppo_run_writes_checkpoints_with_rollouts(finished_ppo):
         assert key in rollout
     history = json.loads((finished_ppo / "model" / "log_history.json").read_text())
     logged = set().union(*history)
-    for key in ("adv_raw/TOP", "adv_raw/MID", "adv_raw/BOT", "tokens/pos_share", "tokens/neg_share", "ppo/policy"):
+    for key in ("adv/TOP", "adv/MID", "adv/BOT", "adv_unwhitened/TOP", "tokens/pos_share", "tokens/neg_share", "ppo/policy"):
         assert key in logged
 
 

@@ -83,8 +83,9 @@ def ppo_run(tmp_path) -> Path:
     _minibatch_table(steps, g, ppo=True).to_csv(run / "alignment_minibatches.csv", index=False)
     history = []
     for s in range(1, 17):
-        history.append({"loss": 0.1, "adv_raw/TOP": -0.5 + 0.02 * s, "adv_raw/MID": 0.1 + 0.01 * s,
-                        "adv_raw/BOT": 0.01 * np.sin(s), "ppo/policy": 0.0, "step": s})
+        history.append({"loss": 0.1, "adv/TOP": -0.5 + 0.02 * s, "adv/MID": 0.1 + 0.01 * s,
+                        "adv/BOT": 0.01 * np.sin(s), "adv_unwhitened/TOP": -0.3 + 0.02 * s,
+                        "adv_unwhitened/MID": 0.2, "adv_unwhitened/BOT": 0.05, "ppo/policy": 0.0, "step": s})
     history.append({"train_runtime": 12.0, "step": 16})  # the trainer's final summary entry has no advantages
     (run / "model" / "log_history.json").write_text(json.dumps(history))
     return run
@@ -181,7 +182,12 @@ def test_mean_norms_and_advantages(ppo_run, dpo_run):
     assert from_minibatches["step"].tolist() == DPO_STEPS and (from_minibatches["value"] > 0).all()
 
     history = json.loads((ppo_run / "model" / "log_history.json").read_text())
-    adv = advantage_history(history + [{"step": 3, "adv_raw/TOP": 9.0, "adv_raw/MID": 0, "adv_raw/BOT": 0}])
+    adv = advantage_history(history + [{"step": 3, "adv/TOP": 9.0, "adv/MID": 0, "adv/BOT": 0,
+                                        "adv_unwhitened/TOP": 7.0}])
     assert adv["step"].tolist() == list(range(1, 17))
     assert adv.loc[adv["step"] == 3, "TOP"].item() == 9.0  # a re-logged step keeps its last entry
+    assert adv.loc[adv["step"] == 3, "TOP unwhitened"].item() == 7.0
+    assert adv.loc[adv["step"] == 4, "MID unwhitened"].item() == 0.2
+    legacy = advantage_history([{"step": 1, "adv_raw/TOP": 2.0, "adv_raw/MID": 1.0, "adv_raw/BOT": 0.0}])
+    assert legacy["TOP unwhitened"].item() == 2.0 and legacy["TOP"].isna().all()  # old logs: un-whitened only
     assert advantage_history([{"loss": 1.0, "step": 1}]).empty

@@ -110,9 +110,11 @@ def g_series(tables: list[Analysed], component: str, *, layer_group: str = "all"
 
 
 def advantage_series(runs: list[Run]) -> dict[str, pd.DataFrame]:
+    """Fig. 3: per series of `plots.ADVANTAGE_KEYS` (whitened thirds first, then un-whitened), the mean over runs."""
     histories = [plots.advantage_history(h) for h in (plots.load_log_history(r.dir) for r in runs) if h]
-    return {k: mean_series([h[["step", k]].rename(columns={k: "value"}) for h in histories])
-            for k in plots.ADVANTAGE_KEYS}
+    series = {k: mean_series([h[["step", k]].dropna().rename(columns={k: "value"}) for h in histories])
+              for k in plots.ADVANTAGE_KEYS}
+    return {k: v for k, v in series.items() if not v.empty}
 
 
 # ============================================================================================ panels
@@ -165,8 +167,8 @@ def rows_for(fig: PaperFigure, model: str, tables: list[Analysed], runs: list[Ru
             chosen = [r for r in runs if r.summary["model"] == model and r.summary["family"] == family
                       and r.summary["variant"] == "baseline"]
             series = advantage_series(chosen)
-            panel = Panel("mean raw advantage per |A| third", "linear", series,
-                          {k: plots.COMPONENT_STYLE[k] for k in series}, ylabel="mean raw advantage")
+            panel = Panel("mean raw (signed) advantage per |A| third", "linear", series,
+                          {k: plots.advantage_style(k) for k in series}, ylabel="mean signed advantage")
             rows.append((_head(label, chosen), [panel]))
             continue
         chosen = select(tables, model, family, "train" if fig.kind == "in_distribution" else "heldout")
