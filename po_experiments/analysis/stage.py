@@ -28,6 +28,7 @@ from .gradients import (
     sequence_logps, summarise,
 )
 
+from .sample import select_pair_sample
 from .sharded import sharded_dpo_alignment, sharded_reference_logps, uses_sharded_analysis
 
 log = logging.getLogger(__name__)
@@ -108,9 +109,8 @@ def pair_sample(cfg, sft_dir: Path, tokenizer):
     """D: `analysis.n_pairs` training pairs (seeded), encoded, with their reference (SFT) log-probs."""
     from ..stages.pairs import preference_data
 
-    pairs = preference_data(cfg, sft_dir, tokenizer)
-    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.analysis.n_pairs]
-    encoded = encode_pairs(tokenizer, pairs.select(order.tolist()))
+    sample = select_pair_sample(cfg, preference_data(cfg, sft_dir, tokenizer))  # the loss check's sample too
+    encoded = encode_pairs(tokenizer, sample)
     encoded = {k: v[:, :cfg.model.max_length] for k, v in encoded.items()}  # as DPO trained on them (keep_start)
     if uses_sharded_analysis(cfg):
         return encoded, sharded_reference_logps(sft_dir, cfg, encoded)
@@ -119,7 +119,7 @@ def pair_sample(cfg, sft_dir: Path, tokenizer):
     with torch.no_grad():
         ref_logps = tuple(torch.cat([sequence_logps(ref, *(encoded[f"{s}_{k}"][i:i + 64].to(device)
                                                            for k in ("ids", "mask", "comp")))
-                                     for i in range(0, len(order), 64)]) for s in ("chosen", "rejected"))
+                                     for i in range(0, len(sample), 64)]) for s in ("chosen", "rejected"))
     return encoded, ref_logps
 
 
