@@ -375,8 +375,8 @@ def test_fig8_draws_b_and_c_from_the_runs_without_sft_which_no_other_figure_uses
     written = draw_paper_figures(root, tmp_path / "out")
     fig8 = pd.read_csv(written["fig8_pythia.csv"])
     panels = dict(tuple(fig8.groupby("panel")))
-    assert set(panels) == {"(a) with SFT: POS / NEG mean gradient norm", "(b) without SFT: POS / NEG mean gradient norm",
-                           "(c) without SFT: G"}
+    assert set(panels) == {"(a) with SFT: POS / NEG mean gradient norm",
+                           "(b) without SFT: POS / NEG mean gradient norm", "(c) without SFT: G"}
     assert (panels["(a) with SFT: POS / NEG mean gradient norm"]["mean"] == 1.0).all()  # the run with SFT
     assert (panels["(b) without SFT: POS / NEG mean gradient norm"]["mean"] == 100.0).all()  # the run without
     c = panels["(c) without SFT: G"].set_index(["series", "step"])["mean"]

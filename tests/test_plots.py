@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from po_experiments.analysis.plots import (advantage_history, choose_linthresh, curve_data, draw_figures, load_alignment,
-                                           excluded_steps, mean_norms, symlog_ticks)
+from po_experiments.analysis.plots import (advantage_history, choose_linthresh, curve_data, draw_figures,
+                                           excluded_steps, load_alignment, mean_norms, symlog_ticks)
 
 COMPONENTS = ("TOT", "POS", "NEG", "TOP", "MID", "BOT")
 LAYER_GROUPS = ("all", "bottom", "middle", "top")

@@ -38,6 +38,6 @@ def describe(cfg) -> dict:
         label += " w/o " + "+".join(ab.drop) + window
         variant = "ablation"
     if not cfg.sft.enabled:  # Fig. 8: started from the base model, its win rate against the base model
-        label += " [no SFT]"
+        label += " [no SFT, vs base]"
         variant = "no_sft"
     return {"method": label, "family": algo.family, "variant": variant, "algo_params": params}

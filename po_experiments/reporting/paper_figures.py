@@ -270,7 +270,11 @@ def _draw_panel(ax, panel: Panel, linthresh: float | None) -> None:
             ax.axhline(0.0, color="0.3", lw=0.8)
             ax.grid(True, color="0.9", lw=0.5)
         steps = pd.concat([s["step"] for s in panel.series.values()]) if panel.series else []
-        plots._step_axis(ax, steps, "PPO update" if panel.axis == "linear" else "training step")
+        left_out = panel.left_out["step"] if panel.left_out is not None else pd.Series(dtype=float)
+        for i, step in enumerate(left_out):  # App. A: dotted where a run's checkpoint was left out
+            ax.axvline(step, color="0.55", ls=":", lw=1.2, zorder=0, label="left out (L rose)" if i == 0 else None)
+        plots._step_axis(ax, pd.concat([pd.Series(steps, dtype=float), left_out.astype(float)]),
+                         "PPO update" if panel.axis == "linear" else "training step")
     ax.set_ylabel(panel.ylabel)
     plots._panel_title(ax, panel.title)
     plots._legend(ax, max_cols=4)
