@@ -1,8 +1,12 @@
 """App. A's loss filter, measured: L(D) on the fixed G sample before and after the update that follows a checkpoint.
 
-The paper (App. A) drops from its G figures the training steps at which L did not decrease (see
-`analysis.exclude_loss_increase`). Comparing logged training losses 1000 steps apart cannot tell that; this
-callback measures it. At every saved step N but the last, it evaluates the run's loss on the `analysis.n_pairs` pairs
+App. A says "manually filter out training steps with decreased L when computing G", motivated by "during some
+training steps, loss values may increase, where a probed negative G may better indicate that the PO objective is
+contributive". Decision: the G figures keep only the checkpoints whose update decreased L(D) and leave out those
+whose update increased it (`analysis.exclude_loss_increase`, on by default: the paper applied it). "Filter out" is
+read as "select"; read either way, the sentence and its motivation agree on what is excluded: the steps where L
+rose. Comparing logged training losses 1000 steps apart cannot tell what one update did; this callback measures
+it. At every saved step N but the last, it evaluates the run's loss on the `analysis.n_pairs` pairs
 of the G sample at θ_N, lets the optimizer take step N+1, evaluates again at θ_{N+1}, and writes
 `checkpoints/step-N/loss_check.json` = {"before", "after", "measured_on", ...}.
 
