@@ -349,7 +349,9 @@ class AnalysisConfig:
     chunk: int = 32  # sequences per vmap'd backward (memory: chunk x parameters; 32 amortises vmap's overhead)
     ppo_all_norms: bool = False  # PPO: every component's gradient norm (one ghost pass each), not TOT's only
     dtype: str = "float32"
-    exclude_loss_increase: bool = False  # App. A: leave out checkpoints whose training loss rose (figures)
+    # App. A: leave out of the G figures the checkpoints whose next update increased L on the G sample
+    # (checkpoints/step-N/loss_check.json); the paper applied it
+    exclude_loss_increase: bool = True
 
 
 @dataclass

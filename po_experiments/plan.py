@@ -502,7 +502,8 @@ class Planner:
 
     def stages(self) -> dict[str, StagePlan]:
         cfg, out = self.cfg, {}
-        out["sft"] = self.sft()
+        if cfg.sft.enabled or cfg.data.name == "synthetic":  # the embedded task's pairs come from its SFT model
+            out["sft"] = self.sft()
         if cfg.algo.family == "ppo":
             out["ppo"] = po = self.ppo()
         else:

@@ -36,7 +36,7 @@ from .reward_models.armorm import ArmoRMForScoring, load_armorm
 from .stages.common import batch_split
 from .trainers.resume import ExactResumeMixin
 from .stages.pairs import PAIR_KEYS, preference_data
-from .stages.sft import sft_key
+from .stages.sft import sft_key, task_sft_dir
 
 log = logging.getLogger(__name__)
 
@@ -363,6 +363,7 @@ def reward_model_dir(cfg, sft_dir: Path) -> Path:
     """The learned RM for this SFT model, pair set and RM hyper-parameters (trained once, then reused)."""
     hparams = {k: v for k, v in to_plain(cfg.reward.train).items() if k != "save_steps"}  # not what it produces
     key = {"sft": sft_key(cfg), "pairs": {k: cfg.data[k] for k in PAIR_KEYS}, "reward": hparams}
+    sft_dir = task_sft_dir(cfg, sft_dir)  # the task's RM, from the SFT model with or without SFT before PO
     return cached(cfg.paths.cache_dir, "reward", key, lambda out: train_reward_model(cfg, sft_dir, out),
                   collective=True, resumable=True)
 

@@ -23,7 +23,7 @@ import po_experiments.config  # noqa: F401  (registers schemas)
 from po_experiments.config import _run_name, validate
 from po_experiments.errors import ConfigError
 from po_experiments.analysis.plots import ADVANTAGE_LOG_KEYS
-from po_experiments.reporting.paper_figures import FIGURES
+from po_experiments.reporting.paper_figures import FIGURES, LEFT_OUT
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
@@ -214,6 +214,10 @@ def check_g_figure(table: pd.DataFrame, runs: list[Path], dprime: str) -> None:
     batches = pd.read_csv(run / "alignment_minibatches.csv")
     history = json.loads((run / "model" / "log_history.json").read_text())
     for row in table.itertuples():
+        if row.series == LEFT_OUT:  # App. A: a checkpoint whose next update raised L on the G sample
+            flagged = alignment.loc[(alignment["step"] == row.step), "loss_increased"]
+            assert flagged.astype(str).str.lower().eq("true").all() and row.n == 1, row
+            continue
         if row.series == "minibatch":
             values = batches.loc[(batches["component"] == "TOT") & (batches["step"] == row.step), "grad_norm"]
         elif row.panel.startswith("mean raw (signed) advantage"):
@@ -269,6 +273,15 @@ def test_preset_runs_in_fast_mode_and_the_aggregation_draws_it(preset, fast_pool
         table = pd.read_csv(png.with_suffix(".csv"))
         families = {s["family"] for s in summaries}
         assert set(table["family"].str.lower()) == families and len(table) > 0
+        if fig.kind == "no_sft":  # Fig. 8: (a) from the run with SFT, (b) and (c) from the run started from the base
+            by_sft = {s["sft"]: (r, s) for r, s in zip(runs, summaries)}
+            assert set(by_sft) == {True, False} and by_sft[False][1]["reference"] == "base"
+            assert "/base/" in by_sft[False][1]["sft_dir"] and "/sft/" in by_sft[True][1]["sft_dir"]
+            for letter, sft in (("(a)", True), ("(b)", False), ("(c)", False)):
+                panel = table[table["panel"].str.startswith(letter)]
+                assert panel["mean"].notna().sum() >= 2, f"panel {letter} holds no data"
+                check_g_figure(panel, [by_sft[sft][0]], "heldout")
+            families = set()
         for family in families:
             chosen = [r for r, s in zip(runs, summaries) if s["family"] == family]
             check_g_figure(table[table["family"].str.lower() == family], chosen,
@@ -279,20 +292,27 @@ def test_preset_runs_in_fast_mode_and_the_aggregation_draws_it(preset, fast_pool
 # ------------------------------------------------------------------------------------------ the figures, offline
 
 def fake_run(root: Path, model: str, family: str, seed: int, *, dprime: str = "heldout", variant: str = "baseline",
-             method: str | None = None) -> Path:
-    """A finished run dir as the pipeline leaves it, with G = (seed + 1) x a fixed pattern."""
+             method: str | None = None, sft: bool = True, exclude: bool | None = None,
+             increased: tuple[int, ...] = ()) -> Path:
+    """A finished run dir as the pipeline leaves it, with G = (seed + 1) x a fixed pattern (x 100 without SFT);
+    `increased`: steps whose loss check says the next update raised L; `exclude`: analysis.exclude_loss_increase."""
+    variant = variant if sft else "no_sft"
     run = root / "multirun" / f"{model}-{family}-{variant}-{seed}-{dprime}"
     (run / "model").mkdir(parents=True)
     (run / ".hydra").mkdir()
-    (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"analysis": {"dprime": dprime}}))
+    analysis = {"dprime": dprime, **({} if exclude is None else {"exclude_loss_increase": exclude})}
+    (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"analysis": analysis}))
     summary = {"algo": family, "model": model, "seed": seed, "method": method or family.upper(), "family": family,
-               "variant": variant, "win_rate": 60.0 + seed, "final_step": 20}
+               "variant": variant, "win_rate": 60.0 + seed, "final_step": 20, "sft": sft,
+               "reference": "sft" if sft else "base"}
     (run / "summary.json").write_text(json.dumps(summary))
     pd.DataFrame({"judge": "gold", "step": [10, 20], "win_rate": [55.0 + seed, 60.0 + seed], "win_rate_se": 1.0,
                   "n": 32}).to_csv(run / "win_rate.csv", index=False)
-    rows = [{"step": step, "component": c, "layer_group": g, "G": (seed + 1) * (i + 1) * step,
-             "G_unfiltered": -(seed + 1) * step, "n_batches": 4, "n_outliers": 1, "grad_norm": seed + 1.0,
-             "loss": 0.5, "loss_increased": False, "algo_family": family, "dprime": dprime}
+    scale = 1 if sft else 100
+    rows = [{"step": step, "component": c, "layer_group": g, "G": scale * (seed + 1) * (i + 1) * step,
+             "G_unfiltered": -(seed + 1) * step, "n_batches": 4, "n_outliers": 1, "grad_norm": scale * (seed + 1.0),
+             "loss": 0.5, "loss_before": 0.5, "loss_after": 0.6 if step in increased else 0.4,
+             "loss_increased": step in increased, "algo_family": family, "dprime": dprime}
             for step in (10, 20) for i, c in enumerate(("TOT", "POS", "NEG", "TOP", "MID", "BOT"))
             for g in ("all", "bottom", "middle", "top")]
     pd.DataFrame(rows).to_csv(run / "alignment.csv", index=False)
@@ -356,3 +376,42 @@ def test_every_sweep_points_step_settings_lie_inside_its_run(preset, composed):
             assert record["steps"] and all(s["inside"] for s in record["settings"]), (point, record)
             if mode == "full" and cfg.model.name == "pythia":
                 assert record["steps"] == (7642 if cfg.algo.family == "dpo" else 1433)
+
+
+def test_app_a_filter_leaves_out_checkpoints_whose_update_raised_the_loss(tmp_path):
+    """A checkpoint whose loss check says after > before is left out of the G curves (and listed in the CSV) when
+    analysis.exclude_loss_increase is on (the default), and kept when it is off; gradient norms keep it."""
+    from po_experiments.reporting.paper_figures import LEFT_OUT, draw_paper_figures
+
+    for exclude, folder in ((None, "on"), (False, "off")):
+        root = tmp_path / folder
+        fake_run(root, "pythia", "dpo", 0, exclude=exclude, increased=(10,))
+        fake_run(root, "pythia", "dpo", 1, exclude=exclude)
+        fig1 = pd.read_csv(draw_paper_figures(root, tmp_path / f"out_{folder}", only=["fig1"])["fig1_pythia.csv"])
+        tot = fig1[fig1["series"] == "TOT"].set_index("step")
+        left_out = fig1[fig1["series"] == LEFT_OUT]
+        if exclude is None:
+            assert tot.at[10, "n"] == 1 and tot.at[10, "mean"] == pytest.approx(2 * 10)  # seed 1's value alone
+            assert tot.at[20, "n"] == 2 and set(left_out["step"]) == {10} and (left_out["n"] == 1).all()
+        else:
+            assert tot.at[10, "n"] == 2 and tot.at[10, "mean"] == pytest.approx(1.5 * 10) and left_out.empty
+
+
+def test_fig8_draws_b_and_c_from_the_runs_without_sft_which_no_other_figure_uses(tmp_path):
+    from po_experiments.reporting.paper_figures import draw_paper_figures
+
+    root = tmp_path / "paper"
+    fake_run(root, "pythia", "dpo", 0)
+    fake_run(root, "pythia", "dpo", 0, sft=False)
+    written = draw_paper_figures(root, tmp_path / "out")
+    fig8 = pd.read_csv(written["fig8_pythia.csv"])
+    panels = dict(tuple(fig8.groupby("panel")))
+    assert set(panels) == {"(a) with SFT: POS / NEG mean gradient norm",
+                           "(b) without SFT: POS / NEG mean gradient norm", "(c) without SFT: G"}
+    assert (panels["(a) with SFT: POS / NEG mean gradient norm"]["mean"] == 1.0).all()  # the run with SFT
+    assert (panels["(b) without SFT: POS / NEG mean gradient norm"]["mean"] == 100.0).all()  # the run without
+    c = panels["(c) without SFT: G"].set_index(["series", "step"])["mean"]
+    assert c[("TOT", 20)] == 100 * 20 and c[("POS", 20)] == 100 * 2 * 20 and c[("NEG", 10)] == 100 * 3 * 10
+    for name in ("fig1_pythia.csv", "fig5_pythia.csv", "fig6_pythia.csv", "fig9_pythia.csv"):
+        table = pd.read_csv(written[name])
+        assert table["mean"].abs().max() < 100 * 10, name  # nothing from the run without SFT

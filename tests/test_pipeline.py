@@ -62,6 +62,18 @@ def test_run_dir_follows_the_output_contract(finished):
     assert record["step"] == 8 and isinstance(record["loss"], float)
     state = json.loads((finished / "checkpoints" / "step-8" / "trainer_state.json").read_text())
     assert state["global_step"] == 8
+    # App. A's loss check: every checkpoint but the final one, about the update that follows it
+    checks = {s: (finished / "checkpoints" / f"step-{s}" / "loss_check.json") for s in steps}
+    assert all(checks[s].exists() for s in steps[:-1]) and not checks[steps[-1]].exists()
+    check = json.loads(checks[8].read_text())
+    assert check["step"] == 8 and check["before"] > 0 and check["after"] > 0 and "40 training pairs" in \
+        check["measured_on"]
+    alignment = pd.read_csv(finished / "alignment.csv")
+    row = alignment[alignment["step"] == 8].iloc[0]
+    assert (row["loss_before"], row["loss_after"]) == (check["before"], check["after"])
+    assert bool(row["loss_increased"]) == (check["after"] > check["before"])
+    assert alignment.loc[alignment["step"] == steps[-1], "loss_increased"].isna().all()  # unknown: kept
+    assert summary["sft"] is True and summary["reference"] == "sft"
 
     table = pd.read_csv(finished / "win_rate.csv")  # a win rate at every checkpoint (Fig. 4's curves)
     assert {"judge", "step", "win_rate", "win_rate_se", "n"} <= set(table.columns)
@@ -129,6 +141,9 @@ def test_killed_run_resumes_to_the_same_result(finished, cache_dir, tmp_path):
     a, b = weights(run_dir), weights(finished)
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     assert resumed["win_rate"] == uninterrupted["win_rate"]
+    for check in (finished / "checkpoints").glob("step-*/loss_check.json"):  # the loss check resumes too
+        again = json.loads((run_dir / "checkpoints" / check.parent.name / check.name).read_text())
+        assert again["after"] == pytest.approx(json.loads(check.read_text())["after"], rel=1e-6)
 
 
 @pytest.mark.parametrize("overrides", [

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from po_experiments.analysis.plots import (advantage_history, choose_linthresh, curve_data, draw_figures,
-                                           excluded_steps, mean_norms, symlog_ticks)
+                                           excluded_steps, load_alignment, mean_norms, symlog_ticks)
 
 COMPONENTS = ("TOT", "POS", "NEG", "TOP", "MID", "BOT")
 LAYER_GROUPS = ("all", "bottom", "middle", "top")
@@ -40,7 +40,8 @@ def _alignment_table(steps, g, loss, family, ppo_norms_only_tot=False, seed=0):
                 norm = np.nan if (ppo_norms_only_tot and comp != "TOT") else float(rng.uniform(0.5, 2.0))
                 rows.append({"step": step, "component": comp, "layer_group": group, "G": value,
                              "G_unfiltered": value * 3 - 1e-3, "n_batches": 12, "n_outliers": i % 3,
-                             "grad_norm": norm, "loss": loss[i], "loss_increased": increased,
+                             "grad_norm": norm, "loss": loss[i], "loss_before": 0.6,
+                             "loss_after": 0.61 if increased else 0.59, "loss_increased": increased,
                              "algo_family": family})
     return pd.DataFrame(rows)
 
@@ -146,6 +147,19 @@ def test_exclude_loss_increase_drops_those_steps(dpo_run):
     draw_figures(dpo_run, exclude_loss_increase=True)
     filtered = mpimg.imread(dpo_run / "figures" / "G_components.png")
     assert plain.shape != filtered.shape or not np.array_equal(plain, filtered)
+
+
+def test_loss_check_csv_lists_the_excluded_steps_and_old_tables_exclude_nothing(dpo_run):
+    draw_figures(dpo_run, exclude_loss_increase=True)
+    listed = pd.read_csv(dpo_run / "figures" / "loss_check.csv")
+    assert listed.loc[listed["excluded"], "step"].tolist() == [200, 400]
+    assert (listed["loss_after"] > listed["loss_before"]).tolist() == listed["loss_increased"].tolist()
+    draw_figures(dpo_run, exclude_loss_increase=False)
+    assert not pd.read_csv(dpo_run / "figures" / "loss_check.csv")["excluded"].any()
+    # a table from before the measured check: its flag compared logged losses, and is not used
+    old = pd.read_csv(dpo_run / "alignment.csv").drop(columns=["loss_before", "loss_after"])
+    old.to_csv(dpo_run / "alignment.csv", index=False)
+    assert excluded_steps(load_alignment(dpo_run)) == []
 
 
 def test_curve_data_reads_string_booleans_and_empty_loss(tmp_path):

@@ -74,7 +74,10 @@ def load_alignment(run_dir: Path) -> pd.DataFrame | None:
     if not path.exists():
         return None
     df = pd.read_csv(path)
-    df["loss_increased"] = _as_bool(df["loss_increased"]) if "loss_increased" in df else False
+    # App. A's flag comes from the measured loss check (loss_before / loss_after); tables written before it existed
+    # hold a flag from logged losses 1000 steps apart, which does not say what the update did: not used
+    measured = "loss_before" in df
+    df["loss_increased"] = _as_bool(df["loss_increased"]) if measured and "loss_increased" in df else False
     return df
 
 
@@ -115,6 +118,14 @@ def curve_data(alignment: pd.DataFrame, component: str = "TOT", *, layer_group: 
     out = rows[["step", column]].rename(columns={column: "value"}).dropna()
     out = out.groupby("step", as_index=False)["value"].mean()
     return out.sort_values("step").reset_index(drop=True)
+
+
+def loss_check_table(alignment: pd.DataFrame, exclude_loss_increase: bool) -> pd.DataFrame:
+    """Per checkpoint: L on the G sample before / after its next update, whether it rose, and whether the G figures
+    leave it out (App. A)."""
+    columns = [c for c in ("loss_before", "loss_after") if c in alignment]
+    table = alignment.groupby("step", as_index=False).agg({**{c: "first" for c in columns}, "loss_increased": "any"})
+    return table.assign(excluded=table["loss_increased"] & exclude_loss_increase)
 
 
 def excluded_steps(alignment: pd.DataFrame) -> list[int]:
@@ -298,7 +309,7 @@ def _mark_excluded(ax, alignment: pd.DataFrame, exclude_loss_increase: bool) -> 
         pad = 0.04 * max(steps.max() - steps.min(), 1)
         ax.set_xlim(steps.min() - pad, steps.max() + pad)
     for i, s in enumerate(excluded_steps(alignment)):
-        ax.axvline(s, color="0.55", ls=":", lw=1.2, zorder=0, label="left out (loss rose)" if i == 0 else None)
+        ax.axvline(s, color="0.55", ls=":", lw=1.2, zorder=0, label="left out (L rose)" if i == 0 else None)
 
 
 def _titles(fig, title: str, family: str, *notes: str | None) -> None:
@@ -325,7 +336,7 @@ def _loss_note(alignment: pd.DataFrame, exclude_loss_increase: bool) -> str | No
         listed = "steps " + ", ".join(map(str, steps)) + " (dotted)"
     else:
         listed = f"{len(steps)} checkpoints (dotted lines)"
-    return f"left out, training loss increased (App. A): {listed}"
+    return f"left out, the next update increased L on the G sample (App. A): {listed}"
 
 
 def _g_axes_labels(ax, alignment: pd.DataFrame) -> None:
@@ -481,6 +492,7 @@ def draw_figures(run_dir: Path, *, exclude_loss_increase: bool = False) -> list[
     history = load_log_history(run_dir)
     written: list[Path] = []
     if alignment is not None:
+        loss_check_table(alignment, exclude_loss_increase).to_csv(out_dir / "loss_check.csv", index=False)
         for name, draw in (("G_components.png", plot_components), ("G_filtering.png", plot_filtering),
                            ("G_layers.png", plot_layers)):
             written.append(draw(alignment, out_dir / name, exclude_loss_increase=exclude_loss_increase))

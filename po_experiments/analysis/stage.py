@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .. import distributed
 from ..checkpoints import step_dirs
+from ..trainers.loss_check import read_loss_check
 from ..data.synthetic import DictionaryTask
 from ..generation.backend import shared_generate_texts
 from ..models import DTYPES, chat_template_text
@@ -30,6 +31,7 @@ from .gradients import (
 )
 
 from .ppo_sample import analysis_sample, share_ppo_samples
+from .sample import select_pair_sample
 from .sharded import sharded_dpo_alignment, sharded_reference_logps, uses_sharded_analysis
 
 log = logging.getLogger(__name__)
@@ -110,9 +112,8 @@ def pair_sample(cfg, sft_dir: Path, tokenizer):
     """D: `analysis.n_pairs` training pairs (seeded), encoded, with their reference (SFT) log-probs."""
     from ..stages.pairs import preference_data
 
-    pairs = preference_data(cfg, sft_dir, tokenizer)
-    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.analysis.n_pairs]
-    encoded = encode_pairs(tokenizer, pairs.select(order.tolist()))
+    sample = select_pair_sample(cfg, preference_data(cfg, sft_dir, tokenizer))  # the loss check's sample too
+    encoded = encode_pairs(tokenizer, sample)
     encoded = {k: v[:, :cfg.model.max_length] for k, v in encoded.items()}  # as DPO trained on them (keep_start)
     if uses_sharded_analysis(cfg):
         return encoded, sharded_reference_logps(sft_dir, cfg, encoded)
@@ -121,7 +122,7 @@ def pair_sample(cfg, sft_dir: Path, tokenizer):
     with torch.no_grad():
         ref_logps = tuple(torch.cat([sequence_logps(ref, *(encoded[f"{s}_{k}"][i:i + 64].to(device)
                                                            for k in ("ids", "mask", "comp")))
-                                     for i in range(0, len(order), 64)]) for s in ("chosen", "rejected"))
+                                     for i in range(0, len(sample), 64)]) for s in ("chosen", "rejected"))
     return encoded, ref_logps
 
 
@@ -167,6 +168,17 @@ def minibatch_alignment(cfg, step: int, folder: Path, dprime, pairs=None):
                          chunk=cfg.analysis.chunk, progress=bar, method=method)
 
 
+def loss_check_columns(folder: Path) -> dict:
+    """App. A: L on the G sample before and after the update that follows this checkpoint (`loss_check.json`,
+    written during training), and whether it rose. Unknown (no file: the final checkpoint, a run trained before the
+    check existed) leaves `loss_increased` empty, and such a checkpoint is never excluded."""
+    check = read_loss_check(folder)
+    if check is None:
+        return {"loss_before": None, "loss_after": None, "loss_increased": None}
+    return {"loss_before": check["before"], "loss_after": check["after"],
+            "loss_increased": bool(check["after"] > check["before"])}
+
+
 def analyse_checkpoint(cfg, step: int, folder: Path, dprime, pairs=None) -> tuple[list[dict], list[dict]]:
     mb = minibatch_alignment(cfg, step, folder, dprime, pairs)
     s = summarise(mb)
@@ -175,7 +187,7 @@ def analyse_checkpoint(cfg, step: int, folder: Path, dprime, pairs=None) -> tupl
     rows = [{"step": step, "component": comp, "layer_group": group, "G": s["G_filtered"][c, k].item(),
              "G_unfiltered": s["G_unfiltered"][c, k].item(), "n_batches": s["n_batches"],
              "n_outliers": s["n_outliers"], "grad_norm": mb.norms[kept, c].mean().item(), "loss": loss,
-             "algo_family": cfg.algo.family, "dprime": cfg.analysis.dprime}
+             **loss_check_columns(folder), "algo_family": cfg.algo.family, "dprime": cfg.analysis.dprime}
             for c, comp in enumerate(mb.components) for k, group in enumerate(GROUPS)]
     batches = [{"step": step, "batch": b, "component": comp, "grad_norm": mb.norms[b, c].item(),
                 "G": mb.G[b, c, 0].item(), "outlier": bool(s["outliers"][b])}
@@ -196,9 +208,6 @@ def append_rows(path: Path, rows: list[dict]) -> pd.DataFrame:
     else:
         table = new
     table = table.sort_values(list(table.columns[:3])).reset_index(drop=True)
-    if "loss" in table:  # App. A: did the training loss rise since the previous checkpoint?
-        per_step = table.groupby("step")["loss"].first().sort_index()
-        table["loss_increased"] = table["step"].map(per_step.diff().gt(0))
     tmp = path.with_suffix(".tmp")
     table.to_csv(tmp, index=False)
     os.replace(tmp, path)

@@ -156,7 +156,8 @@ def reference_outputs(cfg, run_dir: Path, sft_dir: Path, prompts: EvalPrompts, g
 
 
 def generator_names(cfg) -> tuple[str, str]:
-    return f"sft-{cfg.model.name}", f"{cfg.algo.name}-{cfg.model.name}-seed{cfg.seed}"
+    reference = "sft" if cfg.sft.enabled else "base"  # sft.enabled=false: the win rate is against the base model
+    return f"{reference}-{cfg.model.name}", f"{cfg.algo.name}-{cfg.model.name}-seed{cfg.seed}"
 
 
 def models_to_generate(cfg, run_dir: Path, sft_dir: Path, final_step: int) -> dict[str, tuple[Path, str]]:

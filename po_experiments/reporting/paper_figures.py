@@ -13,6 +13,7 @@ the per-run figures of `analysis/plots.py` draw the same quantities for one run.
 """
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from omegaconf import OmegaConf
 
 from ..analysis import plots
 from .aggregate import Run, checkpoint_rates, curves, find_runs, panels, training_runs
@@ -28,7 +30,7 @@ from .figures import panels_figure
 log = logging.getLogger(__name__)
 PAPER_MODELS = ("pythia", "qwen3", "llama3")
 FAMILY_LABEL = {"dpo": "DPO", "ppo": "PPO"}
-NOT_SUPPORTED = "not drawn: needs DPO runs without SFT,\nwhich the pipeline cannot do yet"
+LEFT_OUT = "left out (App. A)"  # CSV rows: checkpoints whose next update increased L, per step: how many runs
 
 
 @dataclass(frozen=True)
@@ -89,10 +91,23 @@ def analysed_runs(runs: list[Run]) -> list[Analysed]:
     return found
 
 
-def select(tables: list[Analysed], model: str, family: str, dprime: str = "heldout") -> list[Analysed]:
-    """The plain (baseline) runs of a model and family whose G used this D'."""
+def select(tables: list[Analysed], model: str, family: str, dprime: str = "heldout", *,
+           sft: bool = True) -> list[Analysed]:
+    """The plain (baseline) runs of a model and family whose G used this D'; `sft=False`: the runs without SFT
+    instead (Fig. 8 b, c), which no other figure uses."""
+    variant = "baseline" if sft else "no_sft"
     return [a for a in tables if a.run.summary["model"] == model and a.run.summary["family"] == family
-            and a.run.summary["variant"] == "baseline" and a.dprime == dprime]
+            and a.run.summary["variant"] == variant and a.run.summary.get("sft", True) == sft
+            and a.dprime == dprime]
+
+
+@functools.lru_cache(maxsize=None)
+def excludes_loss_increase(run_dir: Path) -> bool:
+    """The run's `analysis.exclude_loss_increase` (App. A; default on, as the paper applied it)."""
+    path = run_dir / ".hydra" / "config.yaml"
+    if not path.exists():
+        return True
+    return bool(OmegaConf.select(OmegaConf.load(path), "analysis.exclude_loss_increase", default=True))
 
 
 def mean_series(frames: list[pd.DataFrame]) -> pd.DataFrame:
@@ -105,8 +120,21 @@ def mean_series(frames: list[pd.DataFrame]) -> pd.DataFrame:
 
 
 def g_series(tables: list[Analysed], component: str, *, layer_group: str = "all", column: str = "G") -> pd.DataFrame:
-    return mean_series([plots.curve_data(a.alignment, component, layer_group=layer_group, column=column)
+    """mean ± std over the runs; G (not gradient norms: App. A filters "when computing G") without the checkpoints
+    App. A's filter leaves out in each run where it is on."""
+    return mean_series([plots.curve_data(a.alignment, component, layer_group=layer_group, column=column,
+                                         exclude_loss_increase=is_g(column) and excludes_loss_increase(a.run.dir))
                         for a in tables])
+
+
+def is_g(column: str) -> bool:
+    return column in ("G", "G_unfiltered")
+
+
+def left_out_steps(tables: list[Analysed]) -> pd.DataFrame:
+    """step, n: how many of the runs App. A's filter left out at each step (steps none left out are absent)."""
+    steps = [s for a in tables if excludes_loss_increase(a.run.dir) for s in plots.excluded_steps(a.alignment)]
+    return pd.Series(steps, dtype=int).value_counts().rename_axis("step").reset_index(name="n").sort_values("step")
 
 
 def advantage_series(runs: list[Run]) -> dict[str, pd.DataFrame]:
@@ -129,6 +157,7 @@ class Panel:
     points: pd.DataFrame | None = None  # scatter: step, grad_norm, outlier
     ylabel: str = "gradient alignment G"
     note: str = ""
+    left_out: pd.DataFrame | None = None  # G panels: step, n runs whose checkpoint App. A's filter left out
 
     @property
     def empty(self) -> bool:
@@ -141,7 +170,8 @@ def curve_panel(tables, title: str, keys, *, column: str = "G", layer_groups: bo
     series = {k: g_series(tables, "TOT", layer_group=k, column=column) if layer_groups else
               g_series(tables, k, column=column) for k in keys}
     styles = plots.LAYER_STYLE if layer_groups else plots.COMPONENT_STYLE
-    return Panel(title, axis, series, {k: styles[k] for k in keys}, ylabel=ylabel)
+    return Panel(title, axis, series, {k: styles[k] for k in keys}, ylabel=ylabel,
+                 left_out=left_out_steps(tables) if is_g(column) else None)
 
 
 def norm_panel(tables, title: str = "POS / NEG mean gradient norm") -> Panel:
@@ -185,10 +215,13 @@ def rows_for(fig: PaperFigure, model: str, tables: list[Analysed], runs: list[Ru
                          ylabel="gradient norm of a mini-batch"), norm_panel(chosen)]
         elif fig.kind == "in_distribution":  # Fig. 7
             row = [norm_panel(chosen), curve_panel(chosen, "G, D' from training prompts", tot_pos_neg)]
-        elif fig.kind == "no_sft":  # Fig. 8: only (a) exists
+        elif fig.kind == "no_sft":  # Fig. 8: (a) the runs with SFT, (b, c) the runs started from the base model
+            without = select(tables, model, family, sft=False)
             row = [norm_panel(chosen, "(a) with SFT: POS / NEG mean gradient norm"),
-                   Panel("(b) without SFT: gradient norms", "note", note=NOT_SUPPORTED),
-                   Panel("(c) without SFT: G", "note", note=NOT_SUPPORTED)]
+                   norm_panel(without, "(b) without SFT: POS / NEG mean gradient norm"),
+                   curve_panel(without, "(c) without SFT: G", tot_pos_neg)]
+            rows.append((f"{label} ({len(chosen)} with SFT, {len(without)} without)", row))
+            continue
         else:
             raise ValueError(f"unknown figure kind {fig.kind!r}")
         rows.append((_head(label, chosen), row))
@@ -239,7 +272,11 @@ def _draw_panel(ax, panel: Panel, linthresh: float | None) -> None:
             ax.axhline(0.0, color="0.3", lw=0.8)
             ax.grid(True, color="0.9", lw=0.5)
         steps = pd.concat([s["step"] for s in panel.series.values()]) if panel.series else []
-        plots._step_axis(ax, steps, "PPO update" if panel.axis == "linear" else "training step")
+        left_out = panel.left_out["step"] if panel.left_out is not None else pd.Series(dtype=float)
+        for i, step in enumerate(left_out):  # App. A: dotted where a run's checkpoint was left out
+            ax.axvline(step, color="0.55", ls=":", lw=1.2, zorder=0, label="left out (L rose)" if i == 0 else None)
+        plots._step_axis(ax, pd.concat([pd.Series(steps, dtype=float), left_out.astype(float)]),
+                         "PPO update" if panel.axis == "linear" else "training step")
     ax.set_ylabel(panel.ylabel)
     plots._panel_title(ax, panel.title)
     plots._legend(ax, max_cols=4)
@@ -262,6 +299,10 @@ def g_figure(title: str, rows: list[tuple[str, list[Panel]]]) -> Figure:
             if c == 0:
                 ax.set_ylabel(f"{label}\n{ax.get_ylabel()}")
     note = "mean ± std over runs (seeds)"
+    left_out = sorted({int(s) for _, row in rows for p in row if p.left_out is not None for s in p.left_out["step"]})
+    if left_out:
+        note += f"; G leaves out step(s) {', '.join(map(str, left_out))} of some run(s): their next update raised L " \
+                "(App. A)"
     if any(p.axis == "symlog" for _, row in rows for p in row):
         note += "; G on a symmetric log axis, grey band = its linear range"
     fig.suptitle(f"{title}\n({note})", fontsize=11)
@@ -284,6 +325,10 @@ def panels_table(fig_id: str, model: str, rows: list[tuple[str, list[Panel]]]) -
                     records.append({"figure": fig_id, "model": model, "family": family, "panel": panel.title,
                                     "series": "minibatch", "step": rec["step"], "mean": rec["grad_norm"],
                                     "std": np.nan, "n": 1, "outlier": bool(rec["outlier"])})
+            for rec in (panel.left_out.to_dict("records") if panel.left_out is not None else []):
+                records.append({"figure": fig_id, "model": model, "family": family, "panel": panel.title,
+                                "series": LEFT_OUT, "step": rec["step"], "mean": np.nan, "std": np.nan,
+                                "n": rec["n"]})
     return pd.DataFrame(records)
 
 
