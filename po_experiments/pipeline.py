@@ -14,7 +14,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, set_seed
 
-from . import distributed, tracking
+from . import distributed, run_length, tracking
 from .data.sources import preflight_sources
 from .analysis import variants
 from .config import EvalConfig, stage_settings
@@ -26,7 +26,7 @@ from .reporting.methods import describe
 from .rewards import preflight_reward
 from .stages.pairs import preference_data
 from .stages.policy import train_policy
-from .stages.sft import sft_model_dir
+from .stages.sft import reference_kind, start_model_dir, task_sft_dir
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +97,10 @@ def finished_run(cfg, run_dir: Path, summary: dict) -> dict:
     return summary
 
 
+def _read_json(path: Path):
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def run(cfg) -> dict:
     distributed.setup(cfg)
     run_dir = Path(cfg.paths.output_dir)
@@ -112,7 +116,9 @@ def run(cfg) -> dict:
     preflight(cfg)
     wandb_run = tracking.start(cfg, run_dir) if distributed.is_main() else None
 
-    sft_dir = sft_model_dir(cfg)
+    sft_dir = start_model_dir(cfg)  # the SFT model, or the base model with sft.enabled=false
+    if cfg.data.name == "synthetic" and (cfg.algo.family == "dpo" or cfg.reward.kind == "learned"):
+        task_sft_dir(cfg, sft_dir)  # every rank: the task's pairs / RM come from the SFT model, with or without SFT
     if cfg.algo.family == "ppo":
         from .stages.ppo_policy import train_ppo_policy
 
@@ -132,9 +138,13 @@ def run(cfg) -> dict:
         **describe(cfg), "data": cfg.data.name, "final_step": policy.final_step, "final_loss": policy.final_loss,
         **result, "win_rates": {result["judge"]: result["win_rate"]} if result["judge"] != "none" else {},
         "alignment": str(alignment) if alignment else None, "resumed_from": policy.resumed_from,
-        "sft_dir": str(sft_dir), "wall_time_s": round(time.time() - started, 1), "eval_settings": output_settings(cfg),
+        "sft_dir": str(sft_dir), "sft": cfg.sft.enabled, "reference": reference_kind(cfg),
+        "wall_time_s": round(time.time() - started, 1), "eval_settings": output_settings(cfg),
+        "step_unit": run_length.unit(cfg), "run_length": _read_json(run_dir / "run_length.json"),
     }
     write_json_atomic(summary_path, summary)
     tracking.finish(wandb_run, summary)
+    if not cfg.sft.enabled:
+        log.info("no SFT: the win rate %s is against the base model, not an SFT model", summary.get("win_rate"))
     log.info("summary: %s", summary_path)
     return summary

@@ -22,6 +22,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from . import run_length
+
 log = logging.getLogger(__name__)
 
 GB = 1024 ** 3
@@ -303,14 +305,6 @@ def _micro_batch(global_batch: int, world: int, budget: float, cost, fixed: int 
     return b, share // b, cost(b)
 
 
-def _steps(rows: int | None, global_batch: int, epochs: float, max_steps: int) -> int | None:
-    if max_steps > 0:
-        return max_steps
-    if rows is None:
-        return None
-    return max(1, math.ceil(epochs * math.ceil(rows / global_batch)))  # the Trainer keeps a last partial batch
-
-
 def _train_time_h(n_params: int, tokens_per_step: int, steps: int | None, hw: Hardware, cfg, factor=6.0):
     if steps is None or hw.gpus == 0:
         return None
@@ -367,7 +361,7 @@ class Planner:
         return device <= self.hw.gpu_memory_gb * GB * self.cfg.plan.headroom and host <= self.host_budget
 
     def training(self, hp, *, rows_: int | None, seq_len: int, seqs_per_example: int, checkpointing: bool,
-                 extra_device: float = 0.0, extra_tokens_factor: float = 6.0, name: str = "") -> StagePlan:
+                 extra_device: float = 0.0, extra_tokens_factor: float = 6.0, name: str = "", count=None) -> StagePlan:
         world = self.hw.world
         state = training_state_bytes(self.P, self.prec, self.zero, world)
 
@@ -376,7 +370,7 @@ class Planner:
                                                            checkpointing)
 
         b, accum, peak = _micro_batch(hp.batch_size, world, self.budget, cost, hp.per_device_batch_size)
-        steps = _steps(rows_, hp.batch_size, hp.epochs, hp.max_steps)
+        steps = (count or run_length.optimizer_steps)(hp, rows_)
         save = hp.save_steps
         host = self._host(self.P * 2)
         device = self._device_peak(peak)
@@ -428,7 +422,7 @@ class Planner:
         extra = value_state + (ref_bytes + rm_bytes) / shard + gen
         plan = self.training(hp, rows_=rows(self.cfg, "preferences"), seq_len=seq, seqs_per_example=2,
                              checkpointing=self.checkpointing, extra_device=extra, extra_tokens_factor=14.0,
-                             name="ppo")
+                             name="ppo", count=run_length.ppo_updates)
         rm_size = "none" if rm is None else f"{rm.n_params / 1e9:.1f}B"
         plan.detail += f"; + value model, reference, reward model ({rm_size})"
         host = self._host(self.P * 2, (rm.n_params * 2) if rm else 0)
@@ -508,7 +502,8 @@ class Planner:
 
     def stages(self) -> dict[str, StagePlan]:
         cfg, out = self.cfg, {}
-        out["sft"] = self.sft()
+        if cfg.sft.enabled or cfg.data.name == "synthetic":  # the embedded task's pairs come from its SFT model
+            out["sft"] = self.sft()
         if cfg.algo.family == "ppo":
             out["ppo"] = po = self.ppo()
         else:
@@ -548,6 +543,8 @@ def make_plan(cfg, vocab_size: int | None = None) -> dict:
                   "zero_stage": planner.zero},
         "stages": {name: asdict(s) for name, s in stages.items()},
         "fits": all(s.fits for s in stages.values()),
+        # the PO run's length in its step unit and every step-valued setting against it (README "Paper presets")
+        "run_length": run_length.check(cfg, rows(cfg, "preferences"), where="plan"),
     }
 
 
@@ -564,7 +561,17 @@ def format_plan(plan: dict) -> str:
         lines.append(f"{name:<10}{cell(s['steps']):>8}{s['checkpoints']:>7}{cell(s['per_device_batch']):>7}"
                      f"{cell(s['grad_accum']):>7}{s['peak_gpu_gb']:>9.1f}{s['host_gb']:>9.1f}"
                      f"{cell(s['time_h'], '{:.2f}'):>8}  {'yes' if s['fits'] else 'NO: ' + s['advice']}")
+    lines += format_run_length(plan.get("run_length"))
     return "\n".join(lines)
+
+
+def format_run_length(record: dict | None) -> list[str]:
+    if not record or record.get("steps") is None:
+        return []
+    lines = [f"{record['stage']} run: {record['steps']} steps, one = {record['unit']}"]
+    lines += [f"  {s['key']} = {s['value']:g}: {'inside' if s['inside'] else 'OUTSIDE'} ({s['rule']})"
+              for s in record["settings"]]
+    return lines
 
 
 def not_fitting(plan: dict) -> list[str]:

@@ -37,6 +37,7 @@ from .stages.common import batch_split
 from .trainers.resume import ExactResumeMixin
 from .config import RewardHparams, stage_settings
 from .stages.pairs import pair_key, preference_data
+from .stages.sft import task_sft_dir
 
 log = logging.getLogger(__name__)
 
@@ -366,6 +367,7 @@ def reward_key(cfg) -> dict:
 
 def reward_model_dir(cfg, sft_dir: Path) -> Path:
     """The learned RM for this SFT model, pair set and RM hyper-parameters (trained once, then reused)."""
+    sft_dir = task_sft_dir(cfg, sft_dir)  # the task's RM, from the SFT model with or without SFT before PO
     return cached(cfg.paths.cache_dir, "reward", reward_key(cfg), lambda out: train_reward_model(cfg, sft_dir, out),
                   collective=True, resumable=True)
 

@@ -6,7 +6,8 @@
     python scripts/aggregate.py --list                        # the paper figures it knows
 
 Reads only each run's summary.json, win_rate.csv, alignment tables and log history. Writes into <root>/aggregate:
-table1.*, curves.csv, fig4_<model>_<judge>.png (aggregate.py) and, for every paper figure the runs can feed,
+table1.* (each row's best case, beside the paper's), cases.csv, curves.csv, fig4_<model>_<judge>.png
+(aggregate.py) and, for every paper figure the runs can feed,
 <fig>_<model>.png + .csv (G figures) or <fig>_<model>_<judge>.png + .csv (win-rate figures), see
 po_experiments/reporting/paper_figures.py. The presets in conf/experiment/ produce the runs of each figure.
 """

@@ -388,3 +388,22 @@ def test_analysis_method_keys_validate(override, ok):
     else:
         with pytest.raises(ConfigError, match=override.split("=")[0].replace(".", r"\.")):
             validate(make([override]))
+
+
+def test_ppo_minibatch_rows_drop_only_shared_padding(ppo):
+    """A mini-batch of a large sample is cut to its own widths: the same response log-probs, fewer columns."""
+    from po_experiments.analysis.gradients import _response_logps, trimmed_rows
+
+    trainer = ppo()
+    r = trainer.make_rollout(trainer.batch_for(1))
+    model = trainer.accelerator.unwrap_model(trainer.model).policy.float().eval()
+    prompt_len = r.attention_mask[:, :r.context_length].sum(1)
+    idx = torch.argsort(prompt_len * 100 + r.valid.sum(1))[:4]  # short prompts and responses: padding to drop
+    rows, width = trimmed_rows(r, idx)
+    assert rows.query_responses.shape[1] < r.query_responses.shape[1]
+    assert torch.equal(rows.valid, r.valid[idx, :width]) and not r.valid[idx, width:].any()
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        full = _response_logps(model, params, r, idx, 0.7)[:, :width]
+        cut = _response_logps(model, params, rows, slice(None), 0.7)
+    assert torch.allclose(cut[rows.valid], full[rows.valid], atol=1e-5)

@@ -109,6 +109,7 @@ def test_composition_errors_name_the_key(override, key):
     (["eval.judge=reward_model"], "eval.reward_model.path"),
     (["eval.judge=alpaca_eval", "eval.alpaca_eval.annotator=local"], "eval.alpaca_eval.local_model"),
     (["eval.checkpoints=some"], "eval.checkpoints"),
+    (["eval.prompts=hh_rlhf"], "eval.prompts"),
     (["eval.n_prompts=0"], "eval.n_prompts"),
     (["eval.max_new_tokens=-1"], "eval.max_new_tokens"),
 ])

@@ -127,3 +127,15 @@ def test_ppo_trains_under_zero(zero, tmp_path):
                                                                  output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
     assert max((loaded["final"][k] - v).abs().max().item() for k, v in loaded["step-2"].items()) > 0
+
+
+def test_loss_check_under_zero_equals_single_process(runs):
+    """App. A's loss check: each rank evaluates its share of the sample (ZeRO-3: the same number of forwards on
+    every rank) and the sums are all-reduced, so L before / after the update that follows step 4 is the 1-process
+    value (up to the trajectories' float32 rounding)."""
+    single = json.loads((runs["single"] / "checkpoints" / "step-4" / "loss_check.json").read_text())
+    for stage in ("zero2", "zero3"):
+        got = json.loads((runs[stage] / "checkpoints" / "step-4" / "loss_check.json").read_text())
+        for side in ("before", "after"):
+            assert got[side] == pytest.approx(single[side], rel=LOSS_TOLERANCE), (stage, side, got, single)
+        assert not (runs[stage] / "checkpoints" / "step-8" / "loss_check.json").exists()  # the final step

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -177,6 +178,32 @@ def test_unknown_or_keyless_annotators_fail_with_the_key(monkeypatch):
         local_judge.local_source(None)
 
 
+def real_data_judge_cfg(judge: str, **alpaca_eval):
+    return OmegaConf.create({"data": {"name": "paper"}, "eval": {
+        "judge": judge, "alpaca_eval": {"annotator": "weighted_alpaca_eval_gpt4_turbo", "local_model": None,
+                                        **alpaca_eval}}})
+
+
+def test_real_data_without_a_judge_stops_in_preflight_unless_none_is_explicit(monkeypatch):
+    from po_experiments.evaluation import judges
+
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with pytest.raises(ConfigError) as err:
+        judges.preflight(real_data_judge_cfg("auto"))
+    message = str(err.value)
+    assert message.startswith("eval.judge=auto found no judge") and "OPENAI_API_KEY" in message
+    for fix in ("eval.alpaca_eval.annotator=local eval.alpaca_eval.local_model=", "eval.judge=reward_model",
+                "eval.judge=none"):
+        assert fix in message
+    judges.preflight(real_data_judge_cfg("none"))  # explicit: outputs only, no error
+    synthetic = OmegaConf.merge(real_data_judge_cfg("auto"), {"data": {"name": "synthetic"}})
+    assert judges.resolve_judge(synthetic) == "gold"
+    judges.preflight(synthetic)  # the embedded task: gold, always there
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    assert judges.resolve_judge(real_data_judge_cfg("auto")) == "alpaca_eval"
+    judges.preflight(real_data_judge_cfg("auto"))  # the key is there: the packaged annotator can run
+
+
 def test_length_controlled_win_rate_is_left_empty_offline(monkeypatch):
     from po_experiments.evaluation.stage import length_controlled
 
@@ -191,3 +218,56 @@ def test_win_rate_table_keeps_one_row_per_judge_and_step(tmp_path):
     table = write_table(tmp_path / "win_rate.csv", [row("rm", 20, 55.0), row("gold", 20, 61.0)])
     assert table[["judge", "step", "win_rate"]].values.tolist() == [["gold", 10, 50.0], ["gold", 20, 61.0],
                                                                    ["rm", 20, 55.0]]
+
+
+# ------------------------------------------------------------------------------------------ the SFT reference
+
+
+def run_cfg(tmp_path, seed: int, **eval_keys):
+    return OmegaConf.create({
+        "data": OmegaConf.structured(SyntheticDataConfig), "seed": seed, "model": {"name": "tiny"},
+        "algo": {"name": "dpo"}, "paths": {"cache_dir": str(tmp_path / "cache")},
+        "eval": {"judge": "gold", "prompts": "alpaca_eval", "n_prompts": 6, "max_new_tokens": 4,
+                 "checkpoints": "final", "n_samples": 2, **eval_keys}})
+
+
+def test_runs_on_one_sft_model_share_one_reference_generation(tmp_path, tokenizer, monkeypatch):
+    """Two PO seeds on the same SFT model: the SFT's greedy outputs are generated once, and both runs are judged
+    against that one reference; another max_new_tokens is another reference."""
+    from po_experiments.evaluation import stage
+
+    sft_dir = tmp_path / "cache" / "sft" / "abc"
+    tokenizer.save_pretrained(sft_dir)
+    generated = []
+
+    def fake_generate(cfg, model_dir, inputs, *, max_new_tokens, desc):
+        generated.append(Path(model_dir).name)
+        return [f"t{len(generated)} t1" for _ in inputs]  # every generation differs: a regeneration would show
+
+    monkeypatch.setattr(stage, "generate_texts", fake_generate)
+    for seed in (0, 1):
+        run_dir = tmp_path / f"run{seed}"
+        stage.evaluate(run_cfg(tmp_path, seed), run_dir, sft_dir, final_step=10)
+    assert generated == ["abc", "model", "model"]  # the reference once, each run's policy once
+    references = [json.loads((tmp_path / f"run{s}" / "eval" / "outputs" / "reference.json").read_text())
+                  for s in (0, 1)]
+    assert references[0] == references[1] and references[0][0]["output"] == "t1 t1"
+    assert references[0][0]["generator"] == "sft-tiny"
+    shared = list((tmp_path / "cache" / "reference_outputs").glob("*.json"))
+    assert len(shared) == 1 and json.loads(shared[0].read_text()) == references[0]
+    stage.evaluate(run_cfg(tmp_path, 2, max_new_tokens=5), tmp_path / "run2", sft_dir, final_step=10)
+    assert generated[3:] == ["abc", "model"]  # what the SFT model is asked changed: its own reference
+
+
+def test_another_prompt_set_is_judged_under_its_own_name():
+    """eval.prompts=hh_helpful on real data: win_rate.csv rows, verdicts and outputs named apart from AlpacaEval's
+    (a run judged on both keeps both); the synthetic task has one prompt set and ignores the key."""
+    from po_experiments.evaluation.judges import judge_name
+
+    def cfg(data, prompts):
+        return OmegaConf.create({"data": {"name": data}, "eval": {"prompts": prompts,
+                                                                   "reward_model": {"path": "/models/rm"}}})
+
+    assert judge_name(cfg("paper", "hh_helpful"), "reward_model") == "reward_model-rm@hh_helpful"
+    assert judge_name(cfg("paper", "alpaca_eval"), "reward_model") == "reward_model-rm"
+    assert judge_name(cfg("synthetic", "hh_helpful"), "gold") == "gold"

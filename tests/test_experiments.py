@@ -22,7 +22,8 @@ from omegaconf import OmegaConf
 import po_experiments.config  # noqa: F401  (registers schemas)
 from po_experiments.config import NOT_IDENTITY, _run_name, is_identity_key, validate
 from po_experiments.errors import ConfigError
-from po_experiments.reporting.paper_figures import FIGURES
+from po_experiments.analysis.plots import ADVANTAGE_LOG_KEYS
+from po_experiments.reporting.paper_figures import FIGURES, LEFT_OUT
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
@@ -236,11 +237,15 @@ def check_g_figure(table: pd.DataFrame, runs: list[Path], dprime: str) -> None:
     batches = pd.read_csv(run / "alignment_minibatches.csv")
     history = json.loads((run / "model" / "log_history.json").read_text())
     for row in table.itertuples():
+        if row.series == LEFT_OUT:  # App. A: a checkpoint whose next update raised L on the G sample
+            flagged = alignment.loc[(alignment["step"] == row.step), "loss_increased"]
+            assert flagged.astype(str).str.lower().eq("true").all() and row.n == 1, row
+            continue
         if row.series == "minibatch":
             values = batches.loc[(batches["component"] == "TOT") & (batches["step"] == row.step), "grad_norm"]
-        elif row.series in ("TOP", "MID", "BOT") and row.panel.startswith("mean raw advantage"):
-            values = pd.Series([h[f"adv_raw/{row.series}"] for h in history if h.get("step") == row.step
-                                and f"adv_raw/{row.series}" in h])
+        elif row.panel.startswith("mean raw (signed) advantage"):
+            key = ADVANTAGE_LOG_KEYS[row.series]
+            values = pd.Series([h[key] for h in history if h.get("step") == row.step and key in h])
         else:
             component, group = (row.series, "all") if row.series.isupper() else ("TOT", row.series)
             rows = alignment[(alignment["component"] == component) & (alignment["layer_group"] == group)
@@ -262,10 +267,20 @@ def test_preset_runs_in_fast_mode_and_the_aggregation_draws_it(preset, fast_pool
     summaries = [json.loads((r / "summary.json").read_text()) for r in runs]
     assert all(s["model"] == "tiny" and s["final_step"] > 0 and s["judge"] == "gold" for s in summaries)
 
-    if preset == "table1":
+    if preset == "table1":  # each row: the best of its cases (every case of the sweep is in cases.csv)
+        cases = pd.read_csv(aggregated / "cases.csv").set_index("method")
+        rate = {s["method"]: s["win_rate"] for s in summaries}
+        for method, value in rate.items():
+            assert cases.at[method, "mean"] == pytest.approx(value, abs=1e-3)
         table = pd.read_csv(aggregated / "table1.csv").set_index("method")
-        for s in summaries:
-            assert table.at[s["method"], "mean"] == pytest.approx(s["win_rate"], abs=1e-3)
+        assert list(table.index) == ["DPO", "cDPO", "PPO", "cPPO", "hPPO"]
+        for row, variants in (("cDPO", ("cdpo",)), ("cPPO", ("cppo", "cppo_mid")), ("hPPO", ("hppo",))):
+            candidates = {s["method"]: s["win_rate"] for s in summaries if s["variant"] in variants}
+            # the pool may hold more cases of a row (Fig. 17's tau = 0.5 and t3 = 400 hPPO runs): the best of all
+            assert table.at[row, "n_cases"] >= len(candidates) == 3 * len(variants)
+            assert table.at[row, "mean"] >= max(candidates.values()) - 1e-3
+            assert cases.at[table.at[row, "case"], "mean"] == pytest.approx(table.at[row, "mean"], abs=1e-3)
+        assert "paper" in (aggregated / "table1.md").read_text()
         assert (aggregated / "table1_gold.png").stat().st_size > 10_000
         return
     fig = FIGURES[preset]
@@ -281,6 +296,15 @@ def test_preset_runs_in_fast_mode_and_the_aggregation_draws_it(preset, fast_pool
         table = pd.read_csv(png.with_suffix(".csv"))
         families = {s["family"] for s in summaries}
         assert set(table["family"].str.lower()) == families and len(table) > 0
+        if fig.kind == "no_sft":  # Fig. 8: (a) from the run with SFT, (b) and (c) from the run started from the base
+            by_sft = {s["sft"]: (r, s) for r, s in zip(runs, summaries)}
+            assert set(by_sft) == {True, False} and by_sft[False][1]["reference"] == "base"
+            assert "/base/" in by_sft[False][1]["sft_dir"] and "/sft/" in by_sft[True][1]["sft_dir"]
+            for letter, sft in (("(a)", True), ("(b)", False), ("(c)", False)):
+                panel = table[table["panel"].str.startswith(letter)]
+                assert panel["mean"].notna().sum() >= 2, f"panel {letter} holds no data"
+                check_g_figure(panel, [by_sft[sft][0]], "heldout")
+            families = set()
         for family in families:
             chosen = [r for r, s in zip(runs, summaries) if s["family"] == family]
             check_g_figure(table[table["family"].str.lower() == family], chosen,
@@ -291,32 +315,41 @@ def test_preset_runs_in_fast_mode_and_the_aggregation_draws_it(preset, fast_pool
 # ------------------------------------------------------------------------------------------ the figures, offline
 
 def fake_run(root: Path, model: str, family: str, seed: int, *, dprime: str = "heldout", variant: str = "baseline",
-             method: str | None = None, overrides: list[str] | None = None) -> Path:
-    """A finished run dir as the pipeline leaves it, with G = (seed + 1) x a fixed pattern; `overrides`: the dir is
-    named as Hydra named it before analysis settings stopped naming runs, and records them (.hydra/overrides.yaml)."""
+             method: str | None = None, sft: bool = True, exclude: bool | None = None,
+             increased: tuple[int, ...] = (), overrides: list[str] | None = None) -> Path:
+    """A finished run dir as the pipeline leaves it, with G = (seed + 1) x a fixed pattern (x 100 without SFT);
+    `increased`: steps whose loss check says the next update raised L; `exclude`: analysis.exclude_loss_increase;
+    `overrides`: the dir is named as Hydra named it before analysis settings stopped naming runs, and records them
+    (.hydra/overrides.yaml)."""
+    variant = variant if sft else "no_sft"
     name = re.sub(r"[^A-Za-z0-9=,._+-]", "_", ",".join(sorted(overrides))) if overrides else \
         f"{model}-{family}-{variant}-{seed}-{dprime}"
     run = root / "multirun" / name
     (run / "model").mkdir(parents=True)
     (run / ".hydra").mkdir()
-    (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"analysis": {"dprime": dprime}}))
+    analysis = {"dprime": dprime, **({} if exclude is None else {"exclude_loss_increase": exclude})}
+    (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"analysis": analysis}))
     if overrides:
         (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
     summary = {"algo": family, "model": model, "seed": seed, "method": method or family.upper(), "family": family,
-               "variant": variant, "win_rate": 60.0 + seed, "final_step": 20}
+               "variant": variant, "win_rate": 60.0 + seed, "final_step": 20, "sft": sft,
+               "reference": "sft" if sft else "base"}
     (run / "summary.json").write_text(json.dumps(summary))
     pd.DataFrame({"judge": "gold", "step": [10, 20], "win_rate": [55.0 + seed, 60.0 + seed], "win_rate_se": 1.0,
                   "n": 32}).to_csv(run / "win_rate.csv", index=False)
-    rows = [{"step": step, "component": c, "layer_group": g, "G": (seed + 1) * (i + 1) * step,
-             "G_unfiltered": -(seed + 1) * step, "n_batches": 4, "n_outliers": 1, "grad_norm": seed + 1.0,
-             "loss": 0.5, "loss_increased": False, "algo_family": family, "dprime": dprime}
+    scale = 1 if sft else 100
+    rows = [{"step": step, "component": c, "layer_group": g, "G": scale * (seed + 1) * (i + 1) * step,
+             "G_unfiltered": -(seed + 1) * step, "n_batches": 4, "n_outliers": 1, "grad_norm": scale * (seed + 1.0),
+             "loss": 0.5, "loss_before": 0.5, "loss_after": 0.6 if step in increased else 0.4,
+             "loss_increased": step in increased, "algo_family": family, "dprime": dprime}
             for step in (10, 20) for i, c in enumerate(("TOT", "POS", "NEG", "TOP", "MID", "BOT"))
             for g in ("all", "bottom", "middle", "top")]
     pd.DataFrame(rows).to_csv(run / "alignment.csv", index=False)
     (run / "alignment_settings.json").write_text(json.dumps({"dprime": dprime, "n_pairs": 24}))
     pd.DataFrame([{"step": s, "batch": b, "component": "TOT", "grad_norm": 1.0 + b, "G": 0.1, "outlier": b == 3}
                   for s in (10, 20) for b in range(4)]).to_csv(run / "alignment_minibatches.csv", index=False)
-    history = [{"step": s, "adv_raw/TOP": -s * (seed + 1), "adv_raw/MID": 0.5, "adv_raw/BOT": 0.0} for s in (10, 20)]
+    history = [{"step": s, "adv/TOP": -s * (seed + 1), "adv/MID": 0.5, "adv/BOT": 0.0, "adv_unwhitened/TOP": -s,
+                "adv_unwhitened/MID": 0.25, "adv_unwhitened/BOT": 0.1} for s in (10, 20)]
     (run / "model" / "log_history.json").write_text(json.dumps(history if family == "ppo" else []))
     return run
 
@@ -373,9 +406,67 @@ def test_g_figures_are_the_mean_over_seeds_per_model(tmp_path):
     assert set(unfiltered["family"]) == {"DPO", "PPO"} and (unfiltered["mean"] < 0).all()
     fig3 = pd.read_csv(written["fig3_pythia.csv"])
     assert fig3.loc[(fig3["series"] == "TOP") & (fig3["step"] == 20), "mean"].item() == pytest.approx(-30)
+    assert fig3.loc[(fig3["series"] == "TOP unwhitened") & (fig3["step"] == 20), "mean"].item() == pytest.approx(-20)
+    assert list(dict.fromkeys(fig3["series"]))[:6] == list(ADVANTAGE_LOG_KEYS)  # whitened first, both drawn
     fig5 = pd.read_csv(written["fig5_pythia.csv"])
     batches = fig5[fig5["series"] == "minibatch"]
     assert len(batches) == 2 * 2 * 2 * 4 and batches["outlier"].sum() == 2 * 2 * 2  # both families, seeds, steps
     fig12 = pd.read_csv(written["fig12_pythia_gold.csv"]).set_index(["method", "step"])
     assert fig12.at[("DPO", 20), "mean"] == 60.5 and fig12.at[("cDPO (t1=5, t2=15)", 20), "mean"] == 60.0
     assert fig12.at[("DPO", 20), "n"] == 2  # the dprime=train twin trains the same model: counted once
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_sweep_points_step_settings_lie_inside_its_run(preset, composed):
+    """The plan's run length (the data's known size) holds every t1, t2, t3, ablation window and save interval of
+    every sweep point, in full and fast mode (fast: the tiny cases scaled to the tiny run)."""
+    from po_experiments import plan, run_length
+
+    for mode in MODES:
+        for point in first_seed(sweep_points(preset, mode)):
+            cfg, _ = composed[preset, mode, tuple(point)]
+            if isinstance(cfg, ConfigError):  # the Llama-3 cases the paper does not state (checked above)
+                continue
+            record = run_length.check(cfg, plan.rows(cfg, "preferences"), where=f"{preset} {mode}")
+            assert record["steps"] and all(s["inside"] for s in record["settings"]), (point, record)
+            if mode == "full" and cfg.model.name == "pythia":
+                assert record["steps"] == (7642 if cfg.algo.family == "dpo" else 1433)
+
+
+def test_app_a_filter_leaves_out_checkpoints_whose_update_raised_the_loss(tmp_path):
+    """A checkpoint whose loss check says after > before is left out of the G curves (and listed in the CSV) when
+    analysis.exclude_loss_increase is on (the default), and kept when it is off; gradient norms keep it."""
+    from po_experiments.reporting.paper_figures import LEFT_OUT, draw_paper_figures
+
+    for exclude, folder in ((None, "on"), (False, "off")):
+        root = tmp_path / folder
+        fake_run(root, "pythia", "dpo", 0, exclude=exclude, increased=(10,))
+        fake_run(root, "pythia", "dpo", 1, exclude=exclude)
+        fig1 = pd.read_csv(draw_paper_figures(root, tmp_path / f"out_{folder}", only=["fig1"])["fig1_pythia.csv"])
+        tot = fig1[fig1["series"] == "TOT"].set_index("step")
+        left_out = fig1[fig1["series"] == LEFT_OUT]
+        if exclude is None:
+            assert tot.at[10, "n"] == 1 and tot.at[10, "mean"] == pytest.approx(2 * 10)  # seed 1's value alone
+            assert tot.at[20, "n"] == 2 and set(left_out["step"]) == {10} and (left_out["n"] == 1).all()
+        else:
+            assert tot.at[10, "n"] == 2 and tot.at[10, "mean"] == pytest.approx(1.5 * 10) and left_out.empty
+
+
+def test_fig8_draws_b_and_c_from_the_runs_without_sft_which_no_other_figure_uses(tmp_path):
+    from po_experiments.reporting.paper_figures import draw_paper_figures
+
+    root = tmp_path / "paper"
+    fake_run(root, "pythia", "dpo", 0)
+    fake_run(root, "pythia", "dpo", 0, sft=False)
+    written = draw_paper_figures(root, tmp_path / "out")
+    fig8 = pd.read_csv(written["fig8_pythia.csv"])
+    panels = dict(tuple(fig8.groupby("panel")))
+    assert set(panels) == {"(a) with SFT: POS / NEG mean gradient norm",
+                           "(b) without SFT: POS / NEG mean gradient norm", "(c) without SFT: G"}
+    assert (panels["(a) with SFT: POS / NEG mean gradient norm"]["mean"] == 1.0).all()  # the run with SFT
+    assert (panels["(b) without SFT: POS / NEG mean gradient norm"]["mean"] == 100.0).all()  # the run without
+    c = panels["(c) without SFT: G"].set_index(["series", "step"])["mean"]
+    assert c[("TOT", 20)] == 100 * 20 and c[("POS", 20)] == 100 * 2 * 20 and c[("NEG", 10)] == 100 * 3 * 10
+    for name in ("fig1_pythia.csv", "fig5_pythia.csv", "fig6_pythia.csv", "fig9_pythia.csv"):
+        table = pd.read_csv(written[name])
+        assert table["mean"].abs().max() < 100 * 10, name  # nothing from the run without SFT

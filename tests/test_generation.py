@@ -227,7 +227,8 @@ def spy(cfg, model_dir, prompts, **kwargs):  # what this rank generates itself
 backend.generate_texts = spy
 with initialize_config_dir(version_base="1.3", config_dir=sys.argv[2]):
     cfg = compose("config", overrides=["eval.checkpoints=final", "eval.n_prompts=23", "eval.batch_size=4",
-                                       "analysis.n_dprime=11", f"paths.output_dir={root / 'run'}"])
+                                       "analysis.n_dprime=11", f"paths.output_dir={root / 'run'}",
+                                       f"paths.cache_dir={root / 'cache'}"])
 share_outputs(cfg, root / "run", root / "sft", final_step=5)
 answer_dprime(cfg, root / "run", AutoTokenizer.from_pretrained(root / "sft"))
 dist.destroy_process_group()
@@ -257,6 +258,8 @@ def test_two_ranks_share_the_outputs_and_dprime_like_one_process(tmp_path, tiny_
     for stem in ("reference", "step-5"):
         records = json.loads((tmp_path / "run" / "eval" / "outputs" / f"{stem}.json").read_text())
         assert [r["output"] for r in records] == alone and [r["index"] for r in records] == list(range(23))
+    shared = list((tmp_path / "cache" / "reference_outputs").glob("*.json"))  # the SFT model's, for every run
+    assert len(shared) == 1 and [r["output"] for r in json.loads(shared[0].read_text())] == alone
     dprime = json.loads(next((tmp_path / "run" / "analysis").glob("dprime_heldout_*.json")).read_text())
     questions = dprime_prompts(cfg, tokenizer)
     answers = generate(tiny_model, tokenizer, questions, max_new_tokens=cfg.data.max_new_tokens, batch_size=1)

@@ -17,6 +17,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from omegaconf import OmegaConf
+
 from po_experiments.config import OnInvalid, PaperDataConfig, SourceConfig
 from po_experiments.data.paper import (hh_question, hh_question_text, load_instructions, load_preferences,
                                        load_questions, load_sft)
@@ -499,6 +501,52 @@ def test_bad_local_sources(tmp_path, setup, match):
     assert str(path) in str(err.value) and "sft data" in str(err.value)
 
 
+def jsonl_with_a_bad_line(path: Path, where: str) -> tuple[Path, int]:
+    """Five UltraChat rows as JSON lines (gzip for .gz), one of them broken: the last one cut short (a truncated
+    download) or a middle one that is not JSON. Returns the file and the broken line's number (1-based)."""
+    lines = [json.dumps(ultrachat_row(i)) + "\n" for i in range(5)]
+    bad = 5 if where == "last" else 3
+    lines[bad - 1] = lines[bad - 1][:25] if where == "last" else "{'messages': not json}\n"
+    text = "".join(lines)
+    if path.name.endswith(".gz"):
+        with gzip.open(path, "wt") as f:
+            f.write(text)
+    else:
+        path.write_text(text)
+    return path, bad
+
+
+@pytest.mark.parametrize("name", ["sft.jsonl", "sft.jsonl.gz"])
+@pytest.mark.parametrize("where", ["last", "middle"])
+def test_a_line_that_is_not_json_is_named_or_skipped(tmp_path, caplog, monkeypatch, name, where):
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    path, bad = jsonl_with_a_bad_line(tmp_path / name, where)
+    with pytest.raises(DataError) as err:  # fail (the default): the file and the line, and the way out
+        load_source(SourceConfig(path=str(path)), "sft", OnInvalid.fail)
+    assert f"could not read {path}: 1 line(s) not JSON (line {bad}:" in str(err.value)
+    assert "data.on_invalid=skip" in str(err.value)
+    assert ("cut short" in str(err.value)) == (where == "last")
+    with caplog.at_level(logging.WARNING, logger="po_experiments.data.sources"):
+        rows = load_source(SourceConfig(path=str(path)), "sft", OnInvalid.skip)
+    kept = [f"question {i}" for i in range(5) if i != bad - 1]
+    assert rows["prompt"] == kept  # every other row, in order
+    assert f"skipped lines that are not JSON in {path}: 1 line(s) not JSON (line {bad}:" in caplog.text
+    sft = load_sft(config("skip", sft=path))  # the loaders pass data.on_invalid down
+    assert len(sft) == 4
+    with pytest.raises(DataError, match=f"line {bad}:"):
+        load_sft(config("fail", sft=path))
+
+
+def test_preflight_peeks_past_a_bad_first_line_only_when_skipping(tmp_path):
+    from po_experiments.data.sources import peek_source
+
+    path = tmp_path / "s.jsonl"
+    path.write_text("{broken\n" + json.dumps(ultrachat_row(0)) + "\n")
+    with pytest.raises(DataError, match="line 1 is not JSON"):
+        peek_source(SourceConfig(path=str(path)), "sft", "fail")
+    peek_source(SourceConfig(path=str(path)), "sft", "skip")
+
+
 def test_wrong_schema_names_the_missing_column(tmp_path):
     with pytest.raises(DataError, match=r"no column\(s\) chosen, rejected"):
         load_preferences(config(preferences=write(tmp_path / "p.jsonl", [ultrachat_row(0)])))
@@ -651,6 +699,49 @@ def _paper_cfg(tmp_path, **paths):
     return OmegaConf.create({"data": data, "analysis": {"enabled": True, "dprime": "heldout"}})
 
 
+def test_win_rate_on_the_hh_helpful_questions(tokenizer, tmp_path):
+    """eval.prompts=hh_helpful: data.questions in file order (the first are D', fed the same way), AlpacaEval's
+    record format; the default stays AlpacaEval's instructions."""
+    from po_experiments.analysis.stage import dprime_prompts
+    from po_experiments.evaluation.stage import eval_prompts, outputs_dir, write_outputs
+
+    data = OmegaConf.structured(PaperDataConfig(
+        on_invalid=OnInvalid.fail, num_proc=1, questions=SourceConfig(path=str(_need(HH_SAMPLE)), max_rows=200),
+        instructions=SourceConfig(path=str(_need(ALPACA_SAMPLE)), max_rows=200)))
+    cfg = OmegaConf.create({"data": data, "eval": {"n_prompts": 40, "max_new_tokens": None, "prompts": "hh_helpful"},
+                            "analysis": {"n_dprime": 10, "dprime": "heldout"}})
+    prompts = eval_prompts(cfg, tokenizer)
+    questions = load_questions(data, tokenizer)
+    assert len(prompts.instructions) == 40 and prompts.index == list(range(40))
+    assert prompts.model_inputs[:10] == dprime_prompts(cfg, tokenizer)  # D' is the first 10 of them
+    assert prompts.max_new_tokens == data.max_new_tokens and set(prompts.dataset) == {"hh_rlhf_helpful"}
+    for k in range(40):
+        turns = questions[k]["prompt"]
+        assert prompts.model_inputs[k] == tokenizer.apply_chat_template(turns, tokenize=False,
+                                                                         add_generation_prompt=True)
+        expected = turns[0]["content"] if len(turns) == 1 else questions[k]["text"].strip()
+        assert prompts.instructions[k] == expected
+    assert any(len(questions[k]["prompt"]) > 1 for k in range(40))  # multi-turn questions are read as dialogues
+    single = next(k for k in range(40) if len(questions[k]["prompt"]) == 1)
+    assert prompts.instructions[single] == turns_of(HH_SAMPLE, single)  # the question as the file writes it
+    write_outputs(outputs_dir(cfg, tmp_path) / "step-1.json", prompts, ["an answer"] * 40, "dpo")
+    records = json.loads((tmp_path / "eval" / "outputs@hh_helpful" / "step-1.json").read_text())
+    assert set(records[0]) == {"instruction", "output", "generator", "dataset", "index"}  # AlpacaEval's records
+    cfg.eval.prompts = "alpaca_eval"
+    default = eval_prompts(cfg, tokenizer)
+    assert len(default.instructions) == 40 and default.instructions[0] == json.loads(ALPACA_SAMPLE.read_text())[0][
+        "instruction"] and outputs_dir(cfg, tmp_path) == tmp_path / "eval" / "outputs"
+
+
+def turns_of(path, row):
+    """The first user turn of an HH-RLHF file's row, read here without the loaders."""
+    with gzip.open(path, "rt") as f:
+        for _ in range(row):
+            f.readline()
+        chosen = json.loads(f.readline())["chosen"]
+    return chosen.split("\n\nHuman:")[1].split("\n\nAssistant:")[0].strip()
+
+
 def test_preflight_opens_every_source(tmp_path):
     from po_experiments.data.sources import preflight_sources, sources_in_use
 
@@ -661,6 +752,8 @@ def test_preflight_opens_every_source(tmp_path):
     assert sources_in_use(cfg) == ["sft", "preferences", "questions", "instructions"]
     cfg.analysis.dprime = "train"  # D' from the training prompts: HH-RLHF is not read
     assert sources_in_use(cfg) == ["sft", "preferences", "instructions"]
+    cfg.eval = {"prompts": "hh_helpful"}  # ... unless the win rate asks its questions, and then not AlpacaEval
+    assert sources_in_use(cfg) == ["sft", "preferences", "questions"]
 
 
 def _truncated_gz(d):

@@ -62,6 +62,18 @@ def test_run_dir_follows_the_output_contract(finished):
     assert record["step"] == 8 and isinstance(record["loss"], float)
     state = json.loads((finished / "checkpoints" / "step-8" / "trainer_state.json").read_text())
     assert state["global_step"] == 8
+    # App. A's loss check: every checkpoint but the final one, about the update that follows it
+    checks = {s: (finished / "checkpoints" / f"step-{s}" / "loss_check.json") for s in steps}
+    assert all(checks[s].exists() for s in steps[:-1]) and not checks[steps[-1]].exists()
+    check = json.loads(checks[8].read_text())
+    assert check["step"] == 8 and check["before"] > 0 and check["after"] > 0 and "40 training pairs" in \
+        check["measured_on"]
+    alignment = pd.read_csv(finished / "alignment.csv")
+    row = alignment[alignment["step"] == 8].iloc[0]
+    assert (row["loss_before"], row["loss_after"]) == (check["before"], check["after"])
+    assert bool(row["loss_increased"]) == (check["after"] > check["before"])
+    assert alignment.loc[alignment["step"] == steps[-1], "loss_increased"].isna().all()  # unknown: kept
+    assert summary["sft"] is True and summary["reference"] == "sft"
 
     table = pd.read_csv(finished / "win_rate.csv")  # a win rate at every checkpoint (Fig. 4's curves)
     assert {"judge", "step", "win_rate", "win_rate_se", "n"} <= set(table.columns)
@@ -129,6 +141,9 @@ def test_killed_run_resumes_to_the_same_result(finished, cache_dir, tmp_path):
     a, b = weights(run_dir), weights(finished)
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     assert resumed["win_rate"] == uninterrupted["win_rate"]
+    for check in (finished / "checkpoints").glob("step-*/loss_check.json"):  # the loss check resumes too
+        again = json.loads((run_dir / "checkpoints" / check.parent.name / check.name).read_text())
+        assert again["after"] == pytest.approx(json.loads(check.read_text())["after"], rel=1e-6)
 
 
 @pytest.mark.parametrize("overrides", [
@@ -158,6 +173,26 @@ def test_continuing_from_another_runs_checkpoint(finished, cache_dir, tmp_path):
     assert all(v == 0 for s, v in share.items() if s > 8) and max(share) > 8  # then no positive learning
 
 
+def test_the_run_records_its_length_in_its_step_unit(finished):
+    summary = json.loads((finished / "summary.json").read_text())
+    length = summary["run_length"]
+    assert summary["step_unit"] == length["unit"] == "optimizer step on 16 pairs (32 sequences)"
+    assert length["steps"] == summary["final_step"] and length["rows"] > 0
+    assert {s["key"]: s["inside"] for s in length["settings"]} == {"model.dpo.save_steps": True}
+
+
+def test_po_seeds_share_one_sft_model(finished, cache_dir, tmp_path):
+    """`seed` changes PO training only: every seed starts from (and is judged against) the one SFT model of
+    `sft.seed`; another sft.seed builds another."""
+    proc = run(tmp_path / "seed1", cache_dir, "seed=1", "logger=none")
+    first, second = (json.loads((d / "summary.json").read_text()) for d in (finished, tmp_path / "seed1"))
+    assert second["seed"] == 1 and second["sft_dir"] == first["sft_dir"]
+    assert "SFT done" not in proc.stdout + proc.stderr  # not trained again
+    assert any(not torch.equal(a, b) for a, b in zip(weights(finished).values(), weights(tmp_path / "seed1").values()))
+    run(tmp_path / "sft1", cache_dir, "sft.seed=1", "logger=none", "analysis.enabled=false", "eval.checkpoints=final")
+    assert json.loads((tmp_path / "sft1" / "summary.json").read_text())["sft_dir"] != first["sft_dir"]
+
+
 # ------------------------------------------------------------------------------------------ the PPO family
 PPO_FAST = ["algo=ppo", "model.ppo.batch_size=32", "model.ppo.save_steps=3", "model.ppo.logging_steps=1"]
 
@@ -179,7 +214,7 @@ def test_ppo_run_writes_checkpoints_with_rollouts(finished_ppo):
         assert key in rollout
     history = json.loads((finished_ppo / "model" / "log_history.json").read_text())
     logged = set().union(*history)
-    for key in ("adv_raw/TOP", "adv_raw/MID", "adv_raw/BOT", "tokens/pos_share", "tokens/neg_share", "ppo/policy"):
+    for key in ("adv/TOP", "adv/MID", "adv/BOT", "adv_unwhitened/TOP", "tokens/pos_share", "tokens/neg_share", "ppo/policy"):
         assert key in logged
 
 

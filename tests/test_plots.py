@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from po_experiments.analysis.plots import (advantage_history, choose_linthresh, curve_data, draw_figures,
-                                           excluded_steps, mean_norms, symlog_ticks)
+                                           excluded_steps, load_alignment, mean_norms, symlog_ticks)
 
 COMPONENTS = ("TOT", "POS", "NEG", "TOP", "MID", "BOT")
 LAYER_GROUPS = ("all", "bottom", "middle", "top")
@@ -40,7 +40,8 @@ def _alignment_table(steps, g, loss, family, ppo_norms_only_tot=False, seed=0):
                 norm = np.nan if (ppo_norms_only_tot and comp != "TOT") else float(rng.uniform(0.5, 2.0))
                 rows.append({"step": step, "component": comp, "layer_group": group, "G": value,
                              "G_unfiltered": value * 3 - 1e-3, "n_batches": 12, "n_outliers": i % 3,
-                             "grad_norm": norm, "loss": loss[i], "loss_increased": increased,
+                             "grad_norm": norm, "loss": loss[i], "loss_before": 0.6,
+                             "loss_after": 0.61 if increased else 0.59, "loss_increased": increased,
                              "algo_family": family})
     return pd.DataFrame(rows)
 
@@ -83,8 +84,9 @@ def ppo_run(tmp_path) -> Path:
     _minibatch_table(steps, g, ppo=True).to_csv(run / "alignment_minibatches.csv", index=False)
     history = []
     for s in range(1, 17):
-        history.append({"loss": 0.1, "adv_raw/TOP": -0.5 + 0.02 * s, "adv_raw/MID": 0.1 + 0.01 * s,
-                        "adv_raw/BOT": 0.01 * np.sin(s), "ppo/policy": 0.0, "step": s})
+        history.append({"loss": 0.1, "adv/TOP": -0.5 + 0.02 * s, "adv/MID": 0.1 + 0.01 * s,
+                        "adv/BOT": 0.01 * np.sin(s), "adv_unwhitened/TOP": -0.3 + 0.02 * s,
+                        "adv_unwhitened/MID": 0.2, "adv_unwhitened/BOT": 0.05, "ppo/policy": 0.0, "step": s})
     history.append({"train_runtime": 12.0, "step": 16})  # the trainer's final summary entry has no advantages
     (run / "model" / "log_history.json").write_text(json.dumps(history))
     return run
@@ -147,6 +149,19 @@ def test_exclude_loss_increase_drops_those_steps(dpo_run):
     assert plain.shape != filtered.shape or not np.array_equal(plain, filtered)
 
 
+def test_loss_check_csv_lists_the_excluded_steps_and_old_tables_exclude_nothing(dpo_run):
+    draw_figures(dpo_run, exclude_loss_increase=True)
+    listed = pd.read_csv(dpo_run / "figures" / "loss_check.csv")
+    assert listed.loc[listed["excluded"], "step"].tolist() == [200, 400]
+    assert (listed["loss_after"] > listed["loss_before"]).tolist() == listed["loss_increased"].tolist()
+    draw_figures(dpo_run, exclude_loss_increase=False)
+    assert not pd.read_csv(dpo_run / "figures" / "loss_check.csv")["excluded"].any()
+    # a table from before the measured check: its flag compared logged losses, and is not used
+    old = pd.read_csv(dpo_run / "alignment.csv").drop(columns=["loss_before", "loss_after"])
+    old.to_csv(dpo_run / "alignment.csv", index=False)
+    assert excluded_steps(load_alignment(dpo_run)) == []
+
+
 def test_curve_data_reads_string_booleans_and_empty_loss(tmp_path):
     table = pd.DataFrame({"step": [2, 1, 3], "component": "TOT", "layer_group": "all", "G": [0.2, 0.1, np.nan],
                           "loss_increased": ["True", "False", ""]})
@@ -181,7 +196,12 @@ def test_mean_norms_and_advantages(ppo_run, dpo_run):
     assert from_minibatches["step"].tolist() == DPO_STEPS and (from_minibatches["value"] > 0).all()
 
     history = json.loads((ppo_run / "model" / "log_history.json").read_text())
-    adv = advantage_history(history + [{"step": 3, "adv_raw/TOP": 9.0, "adv_raw/MID": 0, "adv_raw/BOT": 0}])
+    adv = advantage_history(history + [{"step": 3, "adv/TOP": 9.0, "adv/MID": 0, "adv/BOT": 0,
+                                        "adv_unwhitened/TOP": 7.0}])
     assert adv["step"].tolist() == list(range(1, 17))
     assert adv.loc[adv["step"] == 3, "TOP"].item() == 9.0  # a re-logged step keeps its last entry
+    assert adv.loc[adv["step"] == 3, "TOP unwhitened"].item() == 7.0
+    assert adv.loc[adv["step"] == 4, "MID unwhitened"].item() == 0.2
+    legacy = advantage_history([{"step": 1, "adv_raw/TOP": 2.0, "adv_raw/MID": 1.0, "adv_raw/BOT": 0.0}])
+    assert legacy["TOP unwhitened"].item() == 2.0 and legacy["TOP"].isna().all()  # old logs: un-whitened only
     assert advantage_history([{"loss": 1.0, "step": 1}]).empty

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 from pathlib import Path
 
@@ -430,3 +431,229 @@ def test_linear_swapped_by_zero3_init_is_restored_after_ppo(monkeypatch):
     lin = torch.nn.Linear(3, 1, dtype=torch.float64)
     _, tangent = torch.func.jvp(lambda v: lin(v), (x,), (torch.ones_like(x),))
     assert torch.allclose(tangent, (torch.ones_like(x) @ lin.weight.T))
+
+
+# ------------------------------------------------------------------------------------------ Fig. 3 and App. A's record
+
+
+def test_fig3_means_are_signed_whitened_advantages_per_third(ppo):
+    """`adv/<third>`: the mean signed whitened A over the tokens of that |A| third (ranked over the rollout);
+    `adv_unwhitened/<third>`: the GAE before whitening over the same tokens. Recomputed here from plain lists."""
+    trainer = ppo()
+    r = trainer.make_rollout(trainer.batch_for(1))
+    logged = trainer.rollout_metrics(r)
+    tokens = [(a, raw) for row_a, row_raw, row_v in zip(r.advantages.tolist(), r.raw_advantages.tolist(),
+                                                        r.valid.tolist())
+              for a, raw, v in zip(row_a, row_raw, row_v) if v]
+    ranked = sorted(range(len(tokens)), key=lambda i: abs(tokens[i][0]))  # by |A|, stable
+    third = {i: (3 * rank) // len(tokens) for rank, i in enumerate(ranked)}
+    for name, k in (("BOT", 0), ("MID", 1), ("TOP", 2)):
+        members = [tokens[i] for i in third if third[i] == k]
+        assert logged[f"adv/{name}"] == pytest.approx(sum(a for a, _ in members) / len(members), rel=1e-9)
+        assert logged[f"adv_unwhitened/{name}"] == pytest.approx(sum(w for _, w in members) / len(members), rel=1e-9)
+    assert any(abs(logged[f"adv/{n}"] - logged[f"adv_unwhitened/{n}"]) > 1e-3 for n in ("TOP", "MID", "BOT"))
+
+
+def test_loss_check_records_the_objective_before_and_after_each_checkpoints_update(ppo, tmp_path):
+    trainer = ppo(save_steps=1)
+    trainer.args.num_total_batches = 3
+    trainer.train()
+    root = tmp_path / "checkpoints"
+    assert not (root / "step-3" / "loss_check.json").exists()  # the final step: no update follows it
+    for step in (1, 2):
+        check = json.loads((root / f"step-{step}" / "loss_check.json").read_text())
+        assert set(check) == {"before", "after", "measured_on"}
+        fresh = ppo()
+        _, rollout = fresh.restore(root / f"step-{step}")  # theta_N and the rollout of update N+1
+        assert check["before"] == pytest.approx(fresh.policy_objective(rollout, step), rel=1e-9)
+        # at theta_N the ratio is 1: the surrogate is -A (weights 1), its mean per micro-batch of 8, as the update
+        # normalises, averaged over the micro-batches (over the whole batch it would be 0: A is whitened)
+        per_batch = [-(rollout.advantages[i:i + 8][rollout.valid[i:i + 8]]).mean().item() for i in (0, 8)]
+        assert check["before"] == pytest.approx(sum(per_batch) / 2, rel=1e-6, abs=1e-9)
+        if step == 1:  # the fixture's linear schedule reaches lr 0 at the last update
+            assert check["after"] < check["before"] - 1e-6  # the update lowered its own objective
+        fresh.update(rollout, step)  # the same update (same minibatch order: the checkpoint's sampler state)
+        assert check["after"] == pytest.approx(fresh.policy_objective(rollout, step), rel=1e-9)
+
+
+def test_loss_check_is_written_by_a_run_resumed_from_the_checkpoint(ppo, tmp_path):
+    first = ppo(save_steps=1)
+    first.args.num_total_batches = 1  # killed after update 1: step-1 exists, update 2 never ran
+    first.train()
+    assert not (tmp_path / "checkpoints" / "step-1" / "loss_check.json").exists()
+    resumed = ppo(save_steps=1)
+    resumed.args.num_total_batches = 2
+    resumed.train(resume_from=tmp_path / "checkpoints" / "step-1")
+    assert (tmp_path / "checkpoints" / "step-1" / "loss_check.json").exists()
+
+
+# ------------------------------------------------------------------------------------------ PPO G's sample (App. C.2)
+
+
+def sample_config(tmp_path, *overrides):
+    from test_config import make
+
+    return make(["algo=ppo", "reward=gold", "analysis.n_pairs=10", "model.ppo.batch_size=32",
+                 f"paths.output_dir={tmp_path}", *overrides])
+
+
+@pytest.fixture
+def checkpoints(ppo, tiny_model, tokenizer, tmp_path):
+    """step-1 and step-2 of a PPO run on the tiny model (policy, value model, rollout) and its SFT folder."""
+    tiny_model.save_pretrained(tmp_path / "sft")
+    tokenizer.save_pretrained(tmp_path / "sft")
+    trainer = ppo(save_steps=1)
+    trainer.args.num_total_batches = 2
+    trainer.train()
+    return tmp_path / "checkpoints", tmp_path / "sft"
+
+
+def brute_force_advantages(sample, kl_coef, lam):
+    """KL-penalised rewards, GAE (gamma 1) by its definition, whitened over every valid token of the sample."""
+    adv_rows = []
+    for lp, ref, val, valid, score in zip(sample.logprobs.tolist(), sample.ref_logprobs.tolist(),
+                                          sample.values.tolist(), sample.valid.tolist(), sample.scores.tolist()):
+        n = sum(valid)
+        rewards = [-kl_coef * (lp[t] - ref[t]) for t in range(n)]
+        rewards[-1] += score
+        values = val[:n] + [0.0]
+        deltas = [rewards[t] + values[t + 1] - values[t] for t in range(n)]
+        adv_rows.append([sum(lam ** (k - t) * deltas[k] for k in range(t, n)) for t in range(n)])
+    flat = torch.tensor([a for row in adv_rows for a in row], dtype=torch.float64)
+    mean, std = flat.mean(), flat.var(unbiased=True).add(1e-8).sqrt()
+    return [[(a - mean.item()) / std.item() for a in row] for row in adv_rows]
+
+
+def test_ppo_analysis_sample_is_n_pairs_responses_whitened_as_one(checkpoints, tmp_path, monkeypatch):
+    from po_experiments.analysis import ppo_sample
+    from po_experiments.analysis.gradients import ppo_token_coefficients
+
+    root, sft = checkpoints
+    cfg = sample_config(tmp_path)
+    sample = ppo_sample.analysis_sample(cfg, 1, root / "step-1", sft)
+    assert sample.valid.shape[0] == cfg.analysis.n_pairs == 10
+    expected = brute_force_advantages(sample, cfg.algo.kl_coef, cfg.algo.gae_lambda)
+    got = [row[:len(e)] for row, e in zip(sample.advantages.tolist(), expected)]
+    assert got == [pytest.approx(e, rel=1e-5, abs=1e-6) for e in expected]
+    # thirds of |A| over the whole sample: a third of the sample's valid tokens each
+    coef = ppo_token_coefficients(sample, cfg.algo, 1, WEIGHTINGS["ppo"])
+    n_valid = int(sample.valid.sum())
+    for comp in ("TOP", "MID", "BOT"):
+        assert abs(int((coef[comp] != 0).sum()) - n_valid / 3) <= 1
+    top_mask = coef["TOP"] != 0
+    flat = [abs(a) for row, e in zip(sample.advantages.tolist(), expected) for a in row[:len(e)]]
+    cut = sorted(flat)[n_valid - int(top_mask.sum())]
+    assert sample.advantages.abs()[top_mask].min().item() == pytest.approx(cut)
+    # cached: a second call reads the file and generates nothing
+    monkeypatch.setattr(ppo_sample, "generate_share", lambda *a, **k: pytest.fail("generated again"))
+    again = ppo_sample.analysis_sample(cfg, 1, root / "step-1", sft)
+    assert torch.equal(again.query_responses, sample.query_responses)
+    rollout = ppo_sample.analysis_sample(sample_config(tmp_path, "analysis.ppo_sample=rollout"), 1, root / "step-1",
+                                         sft)
+    assert rollout.valid.shape[0] == 16  # the saved rollout batch
+
+
+def test_ppo_analysis_sample_is_generated_by_the_checkpoints_policy(checkpoints, tmp_path):
+    """The responses equal a direct `generate` of theta_t with the sampling seed and the run's sampling settings,
+    and their log-probs its forward at the sampling temperature; another checkpoint gives another sample."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from po_experiments.analysis import ppo_sample
+
+    root, sft = checkpoints
+    cfg = sample_config(tmp_path, "model.ppo.temperature=0.7")
+    sample = ppo_sample.analysis_sample(cfg, 1, root / "step-1", sft)
+    tok = AutoTokenizer.from_pretrained(sft)
+    prompts, _ = ppo_sample.sample_prompts(cfg, tok)
+    queries, mask = ppo_sample.left_padded(prompts, tok.pad_token_id)
+    policy = AutoModelForCausalLM.from_pretrained(root / "step-1", dtype=torch.float32).eval()
+    torch.manual_seed(ppo_sample.sampling_seed(cfg, 0))
+    p = cfg.model.ppo
+    out = policy.generate(input_ids=queries, attention_mask=mask, do_sample=True, top_k=0, top_p=p.top_p,
+                          temperature=p.temperature, max_new_tokens=p.max_new_tokens, pad_token_id=tok.pad_token_id,
+                          eos_token_id=tok.eos_token_id)[:, queries.shape[1]:]
+    for row, valid, direct in zip(sample.responses, sample.valid, out):
+        n = int(valid.sum())
+        assert row[:n].tolist() == direct[:n].tolist()
+        assert n == len(direct) or direct[n - 1] == tok.eos_token_id
+    with torch.no_grad():
+        logits = policy(input_ids=sample.query_responses, attention_mask=sample.attention_mask,
+                        position_ids=(sample.attention_mask.cumsum(1) - 1).clamp(min=0)).logits
+    ctx = sample.context_length
+    direct_lp = torch.log_softmax(logits[:, ctx - 1:-1].double() / 0.7, -1).gather(-1, sample.responses[..., None])[..., 0]
+    assert torch.allclose(sample.logprobs[sample.valid].double(), direct_lp[sample.valid], atol=1e-4)
+    later = ppo_sample.analysis_sample(cfg, 2, root / "step-2", sft)
+    assert not torch.allclose(later.logprobs, sample.logprobs[:, :later.logprobs.shape[1]]) or \
+        not torch.equal(later.query_responses, sample.query_responses)
+
+
+def test_ppo_g_runs_on_the_fresh_sample(checkpoints, tmp_path, task, tokenizer):
+    from po_experiments.analysis.gradients import encode
+    from po_experiments.analysis.stage import PPOSample, minibatch_alignment
+
+    root, sft = checkpoints
+    cfg = sample_config(tmp_path, "analysis.n_pairs=13")
+    prompts = task.heldout_prompts(4)
+    answers = [task.completion_text([int(w[1:]) for w in p.split()[1:-1]]) for p in prompts]
+    mb = minibatch_alignment(cfg, 1, root / "step-1", [encode(tokenizer, prompts, answers)], PPOSample(cfg, sft))
+    assert mb.G.shape == (3, 6, 4) and torch.isfinite(mb.G).all()  # 13 responses in mini-batches of 6
+
+
+@pytest.mark.parametrize("value, ok", [("fresh", True), ("rollout", True), ("saved", False)])
+def test_ppo_sample_key_validates(value, ok):
+    from test_config import make
+
+    from po_experiments.config import validate
+    from po_experiments.errors import ConfigError
+
+    cfg = make(["algo=ppo", f"analysis.ppo_sample={value}"])
+    if ok:
+        validate(cfg)
+    else:
+        with pytest.raises(ConfigError, match=r"analysis\.ppo_sample"):
+            validate(cfg)
+
+
+TWO_RANKS = '''
+import sys
+from pathlib import Path
+import torch, torch.distributed as dist
+torch.set_num_threads(1)
+sys.path.insert(0, sys.argv[2])
+from test_ppo import sample_config
+from po_experiments.analysis.ppo_sample import share_ppo_samples
+dist.init_process_group("gloo")
+root = Path(sys.argv[1])
+share_ppo_samples(sample_config(root), {1: root / "checkpoints" / "step-1"}, root / "sft")
+dist.destroy_process_group()
+'''
+
+
+@pytest.mark.slow  # two processes
+def test_two_ranks_generate_their_shares_and_rank_0_whitens_them_together(checkpoints, tmp_path, monkeypatch):
+    import os
+    import subprocess
+    import sys
+
+    from po_experiments.analysis import ppo_sample
+
+    root, sft = checkpoints
+    script = tmp_path / "two_ranks.py"
+    script.write_text(TWO_RANKS)
+    tests = Path(__file__).resolve().parent
+    env = {**os.environ, "PYTHONPATH": str(tests.parent), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", "29743", str(script), str(tmp_path), str(tests)],
+                          env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    monkeypatch.setenv("WORLD_SIZE", "2")  # the cache is keyed by the job's size
+    cfg = sample_config(tmp_path)
+    cached = Rollout.load(ppo_sample.cache_path(cfg, root / "step-1"))
+    assert cached.valid.shape[0] == 10
+    shares = [ppo_sample.generate_share(cfg, root / "step-1", sft, rank, 2) for rank in (0, 1)]
+    assert [s.valid.shape[0] for s, _ in shares] == [5, 5]
+    alone = ppo_sample.whole_sample(cfg, [s for s, _ in shares], shares[0][1])
+    assert torch.equal(cached.query_responses, alone.query_responses)
+    assert torch.allclose(cached.advantages, alone.advantages, atol=1e-6)
+    # whitened over both shares: rank 0's share alone would have mean 0 over its own tokens instead
+    assert abs(cached.advantages[:5][cached.valid[:5]].mean().item()) > 1e-3

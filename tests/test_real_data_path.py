@@ -70,6 +70,8 @@ def run_real(root: Path, run_dir: Path, *overrides: str) -> subprocess.Completed
             f"data.preferences.path={root / 'ultrafeedback.jsonl'}", f"data.questions.path={root / 'hh.jsonl'}",
             f"data.instructions.path={root / 'alpaca.json'}", "data.max_new_tokens=8", "analysis.n_pairs=16",
             "analysis.n_dprime=8", "logger=none", "runtime.threads=1", f"paths.cache_dir={root / 'cache'}"]
+    if not any(o.startswith("eval.judge=") for o in overrides):
+        args.append("eval.judge=none")  # no judge runs here; only an explicit none runs without one
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "run.py", "model=pythia", *args, *overrides, f"hydra.run.dir={run_dir}"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
@@ -109,6 +111,16 @@ def test_dpo_on_the_paper_data_schemas(local_copies, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_step_setting_past_the_rows_loaded_stops_before_training(local_copies, tmp_path):
+    """Planned from UltraFeedback's 61,135 pairs, cDPO's t1 = 20 fits; the 48-pair local copy gives 12 steps: the
+    run stops when training starts, naming the key, with nothing trained."""
+    run_dir = tmp_path / "cdpo"
+    with pytest.raises(AssertionError, match=r"algo\.t1=20 lies outside the run.*the training data: 12 steps"):
+        run_real(local_copies, run_dir, "algo=cdpo", "algo.t1=20", "algo.t2=22", "model.dpo.batch_size=8")
+    assert not list(run_dir.glob("checkpoints/step-*")) and not (run_dir / "summary.json").exists()
+
+
+@pytest.mark.slow
 def test_ppo_with_a_classifier_reward_model(local_copies, tmp_path):
     run_dir = tmp_path / "ppo"
     proc = run_real(local_copies, run_dir, "algo=ppo", f"reward.path={local_copies / 'rm'}",
@@ -133,7 +145,7 @@ def test_run_stops_at_preflight_on_an_unreadable_data_source(local_copies, tmp_p
     args = [f"model.path={local_copies / 'base'}", f"data.sft.path={local_copies / 'ultrachat.jsonl'}",
             f"data.preferences.path={local_copies / 'ultrafeedback.jsonl'}",
             f"data.questions.path={local_copies / 'hh.jsonl'}", f"data.instructions.path={local_copies / 'alpaca.json'}",
-            override.format(root=tmp_path), "logger=none", f"paths.cache_dir={tmp_path / 'cache'}",
+            override.format(root=tmp_path), "eval.judge=none", "logger=none", f"paths.cache_dir={tmp_path / 'cache'}",
             f"hydra.run.dir={tmp_path / 'run'}"]
     start = time.monotonic()
     proc = subprocess.run([sys.executable, "run.py", "model=pythia", *args], cwd=REPO, capture_output=True, text=True,

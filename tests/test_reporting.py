@@ -19,16 +19,16 @@ FINAL = {("DPO", 0): 80.0, ("DPO", 1): 84.0, ("DPO", 2): 88.0, ("cDPO (t1=30, t2
          ("cDPO (t1=30, t2=80)", 1): 75.0, ("DPO w/o NEG (steps 0-30)", 0): 60.0}
 
 
-def fake_run(root, method, seed, final, *, variant, model="tiny", judge="gold"):
+def fake_run(root, method, seed, final, *, variant, model="tiny", judge="gold", family="dpo"):
     """A run dir as the pipeline leaves it: summary.json, win_rate.csv, a figure, the verdicts."""
-    run = root / "runs" / f"{method}-{seed}".replace(" ", "_")
+    run = root / "runs" / f"{method}-{model}-{seed}".replace(" ", "_")
     (run / "figures").mkdir(parents=True)
     steps = [20, 40, 60]
     rates = [50.0, (50.0 + final) / 2, final]
     pd.DataFrame({"judge": judge, "step": steps, "win_rate": rates, "win_rate_se": 2.0, "n": 500}).to_csv(
         run / "win_rate.csv", index=False)
-    summary = {"algo": "cdpo" if variant == "cdpo" else "dpo", "model": model, "seed": seed, "method": method,
-               "family": "dpo", "variant": variant, "win_rate": final, "win_rate_se": 2.0, "judge": judge,
+    summary = {"algo": family if variant in ("baseline", "ablation") else variant, "model": model, "seed": seed,
+               "method": method, "family": family, "variant": variant, "win_rate": final, "win_rate_se": 2.0, "judge": judge,
                "final_step": 60, "wall_time_s": 1.0}
     (run / "summary.json").write_text(json.dumps(summary))
     fig = Figure(figsize=(2, 2))
@@ -49,9 +49,9 @@ def sweep(tmp_path):
     return root
 
 
-def test_table1_is_mean_and_std_over_seeds(sweep, tmp_path):
+def test_every_case_is_mean_and_std_over_seeds(sweep, tmp_path):
     written = agg.aggregate(sweep, tmp_path / "agg")
-    table = pd.read_csv(written["table1.csv"]).set_index("method")
+    table = pd.read_csv(written["cases.csv"]).set_index("method")
     assert list(table.index) == ["DPO", "cDPO (t1=30, t2=80)", "DPO w/o NEG (steps 0-30)"]  # the paper's order
     assert table.at["DPO", "mean"] == pytest.approx(84.0)
     assert table.at["DPO", "std"] == pytest.approx(statistics.stdev([80, 84, 88]))  # ddof 1, as over seeds
@@ -61,6 +61,55 @@ def test_table1_is_mean_and_std_over_seeds(sweep, tmp_path):
     assert "| DPO w/o NEG (steps 0-30) | 60.0 (1 seed) |" in md
     for name in ("table1_gold.png", "fig4_tiny_gold.png", "curves.csv"):
         assert written[name].stat().st_size > 1000 or name.endswith(".csv")
+
+
+# (method label, variant, family) -> {seed: final win rate}: three cDPO cases, cPPO-top and cPPO-mid cases
+CASES = {("DPO", "baseline", "dpo"): {0: 70.0, 1: 72.0},
+         ("cDPO (t1=10, t2=50)", "cdpo", "dpo"): {0: 74.0, 1: 76.0, 2: 78.0},  # mean 76
+         ("cDPO (t1=20, t2=60)", "cdpo", "dpo"): {0: 90.0, 1: 70.0},  # mean 80: the best by mean
+         ("cDPO (t1=30, t2=80)", "cdpo", "dpo"): {0: 79.0},  # the best single value, not the best mean
+         ("PPO", "baseline", "ppo"): {0: 55.0, 1: 57.0},
+         ("cPPO-top (lam=0.3)", "cppo", "ppo"): {0: 58.0, 1: 60.0},  # mean 59
+         ("cPPO-mid (lam=0.7)", "cppo_mid", "ppo"): {0: 61.0, 1: 62.0},  # mean 61.5: cPPO's best of top and mid
+         ("PPO w/o TOP", "ablation", "ppo"): {0: 99.0}}  # an ablation is no Table 1 row, however high
+
+
+def case_sweep(root, models=("pythia", "qwen3")):
+    for model in models:
+        for (method, variant, family), finals in CASES.items():
+            for seed, final in finals.items():
+                fake_run(root, method, seed, final, variant=variant, family=family, model=model)
+    return root
+
+
+def test_table1_shows_each_rows_best_case_beside_the_paper(tmp_path):
+    written = agg.aggregate(case_sweep(tmp_path / "sweep"), tmp_path / "agg")
+    table = pd.read_csv(written["table1.csv"])
+    pythia = table[table["model"] == "pythia"].set_index("method")
+    assert list(pythia.index) == ["DPO", "cDPO", "PPO", "cPPO"]  # the paper's rows, no ablation
+    assert pythia.at["cDPO", "case"] == "cDPO (t1=20, t2=60)" and pythia.at["cDPO", "mean"] == pytest.approx(80.0)
+    assert pythia.at["cDPO", "n_seeds"] == 2 and pythia.at["cDPO", "n_cases"] == 3
+    assert pythia.at["cDPO", "std"] == pytest.approx(statistics.stdev([90, 70]), abs=1e-3)  # csv: 3 decimals
+    assert pythia.at["cPPO", "case"] == "cPPO-mid (lam=0.7)" and pythia.at["cPPO", "n_cases"] == 2
+    assert (pythia.at["cDPO", "paper_mean"], pythia.at["cDPO", "paper_std"]) == (79.88, 0.13)
+    qwen = table[table["model"] == "qwen3"].set_index("method")
+    assert (qwen.at["PPO", "paper_mean"], qwen.at["cPPO", "paper_mean"]) == (57.10, 61.77)
+    md = written["table1.md"].read_text()
+    assert "| Method | pythia ours | pythia paper | qwen3 ours | qwen3 paper |" in md
+    assert "| cDPO | 80.0 ± 14.1<br>cDPO (t1=20, t2=60), 2 seed(s), best of 3 | 79.88 ± 0.13 |" in md
+    assert "llama3" not in md  # no Llama-3 run supplied, no Llama-3 column
+    assert "| PPO w/o TOP | 99.0 (1 seed) | 99.0 (1 seed) |" in md  # every case is still listed below
+
+
+def test_table1_llama_column_when_its_runs_are_supplied_and_no_paper_value_for_tiny(tmp_path):
+    written = agg.aggregate(case_sweep(tmp_path / "sweep", models=("tiny", "pythia", "llama3")), tmp_path / "agg")
+    md = written["table1.md"].read_text()
+    assert ("| Method | tiny ours | tiny paper | pythia ours | pythia paper | llama3 ours | llama3 paper |"
+            in md)
+    dpo = next(line for line in md.splitlines() if line.startswith("| DPO |"))
+    assert dpo.split(" | ")[2] == "—" and dpo.endswith("| 67.71 ± 0.27 |")  # tiny: no paper value; Llama's
+    table = pd.read_csv(written["table1.csv"])
+    assert table[table["model"] == "tiny"]["paper_mean"].isna().all()
 
 
 def test_curves_and_panels_follow_fig4(sweep):
@@ -85,7 +134,8 @@ def test_method_labels_come_from_the_config():
 
 def test_a_beta_sweep_gives_a_table1_row_per_beta(tmp_path):
     """Every algorithm parameter that differs from its schema default is in the label (the method's own t1, t2,
-    lam, t3, tau always): a beta sweep is two rows of Table 1, not one row averaging both; algo_params holds all."""
+    lam, t3, tau always): a beta sweep is two cases, Table 1's DPO row the best of them (not one row averaging
+    both); algo_params holds every parameter."""
     from hydra import compose, initialize_config_dir
 
     from conftest import REPO
@@ -104,9 +154,12 @@ def test_a_beta_sweep_gives_a_table1_row_per_beta(tmp_path):
         ppo = describe(compose("config", overrides=["algo=ppo", "algo.kl_coef=0.1"]))
     assert cdpo["method"] == "cDPO (t1=30, t2=80, beta=0.2)" and ppo["method"] == "PPO (kl_coef=0.1)"
     assert ppo["algo_params"]["cliprange"] == 0.2 and len(ppo["algo_params"]) == 9  # every PPO parameter
-    table = agg.table1(agg.final_rates(agg.checkpoint_rates(agg.find_runs(root)))).set_index("method")
-    assert list(table.index) == ["DPO", "DPO (beta=0.2)"]
-    assert table.at["DPO", "mean"] == pytest.approx(81.0) and table.at["DPO (beta=0.2)", "mean"] == pytest.approx(62.0)
+    methods = agg.method_table(agg.final_rates(agg.checkpoint_rates(agg.find_runs(root)))).set_index("method")
+    assert list(methods.index) == ["DPO", "DPO (beta=0.2)"]  # each beta a case of its own, never averaged together
+    assert methods.at["DPO", "mean"] == pytest.approx(81.0)
+    assert methods.at["DPO (beta=0.2)", "mean"] == pytest.approx(62.0)
+    row = agg.table1(methods.reset_index()).set_index("method").loc["DPO"]
+    assert row["case"] == "DPO" and row["n_cases"] == 2 and "DPO (beta=0.2): 62.00 (n=2)" in row["cases"]
 
 
 def test_no_judged_run_is_a_clear_error(tmp_path):
@@ -134,3 +187,21 @@ def test_html_report_loads_every_image_in_chromium(sweep, tmp_path):
     shutil.copytree(page.parent, moved)
     (moved / "table1_gold.png").unlink()  # and a missing image is seen as missing
     assert open_page(moved / "index.html") == {"loaded": len(FINAL) + 1, "total": len(FINAL) + 2}
+
+
+def test_stored_paper_values_are_the_papers_table1():
+    """po_experiments/reporting/paper_values.py against the paper's text, where the shared copy is present."""
+    import re
+    from pathlib import Path
+
+    from po_experiments.reporting.paper_values import TABLE1
+
+    paper = Path(__file__).resolve().parents[2] / "shared" / "papers" / "what-is-po-doing.txt"
+    if not paper.exists():
+        pytest.skip(f"{paper} not present (no ../shared checkout)")
+    text = paper.read_text()
+    header = text.index("PO Method\tPythia-2.8B\tQwen3-1.7B\tLlama-3-8B")
+    for row, values in TABLE1.items():
+        line = re.search(rf"^{row}\t(.*)$", text[header:], re.M).group(1)
+        cells = [tuple(float(x) for x in c.split(r" \pm ")) for c in line.split("\t")]
+        assert cells == [values["pythia"], values["qwen3"], values["llama3"]], row

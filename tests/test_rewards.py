@@ -221,6 +221,20 @@ def test_reward_model_dir_trains_once_per_key(tmp_path, monkeypatch):
     assert same_rm == first and len(calls) == 2  # the scoring batch does not change the model
 
 
+def test_learned_reward_model_without_sft_is_the_tasks_one(tmp_path, monkeypatch):
+    """sft.enabled=false: PPO starts from the base model, but the task's learned RM is trained from its SFT model
+    (the same RM, cache entry and all, as with SFT)."""
+    from po_experiments.stages import sft as sft_stage
+
+    sources = []
+    monkeypatch.setattr(rewards, "train_reward_model",
+                        lambda cfg, sft_dir, out_dir: sources.append(sft_dir) or (Path(out_dir) / "x").touch())
+    monkeypatch.setattr(sft_stage, "sft_model_dir", lambda cfg: tmp_path / "sft")
+    without = rewards.reward_model_dir(make_cfg(tmp_path, ["reward=learned", "sft.enabled=false"]), tmp_path / "base")
+    assert sources == [tmp_path / "sft"]
+    assert rewards.reward_model_dir(make_cfg(tmp_path, ["reward=learned"]), tmp_path / "sft") == without
+
+
 # --------------------------------------------------------------------------------------------- builder
 
 

@@ -22,7 +22,7 @@ and add up to `all` exactly.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch.func import functional_call, grad, vmap
@@ -111,7 +111,8 @@ def sequence_logps(model, input_ids, attention_mask, completion_mask) -> torch.T
 
 
 def dprime_gradient(model, batches) -> dict[str, torch.Tensor]:
-    """g' = E_D'[-grad log pi(y'|x')] (sequence log-likelihood, mean over D' sequences), per parameter.
+    """g' = E_D'[-grad log pi(y'|x')] (sequence log-likelihood, mean over D' sequences), per parameter. The
+    model's own log pi, no sampling temperature (unlike PPO's loss, whose log-probs divide the logits by it).
     Accumulated in the parameters' .grad by autograd (one gradient of memory, no second copy), then taken."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     for _, p in named:
@@ -277,7 +278,8 @@ def ppo_token_coefficients(rollout, algo, step: int, weighting) -> dict[str, tor
 
 
 def _response_logps(model, params, rollout, idx, temperature: float):
-    """Log-probs of the response tokens (temperature-scaled, as PPO trains), float64 for the dot products."""
+    """Log-probs of the response tokens, float64 for the dot products: logits / the sampling temperature, as the
+    PPO loss computes them (TRL's convention), so G is that of the loss actually trained; D' has no temperature."""
     ids, mask = rollout.query_responses[idx], rollout.attention_mask[idx]
     pos = (mask.cumsum(1) - 1).clamp(min=0)
     out = functional_call(model, params, (), {"input_ids": ids, "attention_mask": mask, "position_ids": pos,
@@ -315,6 +317,22 @@ def _weighted_gradient_stats(model, groups, dprime, logps_fn, weights: torch.Ten
     return dots.sum(0), gram.sum()
 
 
+def trimmed_rows(rollout, idx):
+    """Rows `idx` of a rollout without the columns that are padding in all of them (a sample of 500 responses is
+    padded to its longest prompt and response; a mini-batch of 6 needs only its own), and the response width kept."""
+    from ..trainers.ppo import Rollout
+
+    ctx = rollout.context_length
+    attended = rollout.attention_mask[idx, :ctx].any(0).nonzero()
+    start = int(attended[0]) if len(attended) else ctx - 1
+    width = max(int(rollout.valid[idx].sum(1).max()), 1)
+    cut = {f: getattr(rollout, f)[idx] for f in ("query_responses", "attention_mask")}
+    cut = {f: torch.cat([t[:, start:ctx], t[:, ctx:ctx + width]], 1) for f, t in cut.items()}
+    rest = {f.name: getattr(rollout, f.name)[idx, :width] for f in fields(Rollout)
+            if f.name not in ("query_responses", "attention_mask", "context_length", "scores")}
+    return Rollout(context_length=ctx - start, scores=rollout.scores[idx], **cut, **rest), width
+
+
 def ppo_alignment(model, rollout, dprime: dict[str, torch.Tensor], coefficients: dict, temperature: float = 1.0,
                   batch_size: int = 6, progress=None, all_norms: bool = False) -> MinibatchAlignment:
     """G for every PPO component and layer group on mini-batches of `batch_size` responses of a saved rollout.
@@ -333,11 +351,12 @@ def ppo_alignment(model, rollout, dprime: dict[str, torch.Tensor], coefficients:
     starts = range(0, n, batch_size)
     for s in (progress(starts) if progress else starts):
         idx = torch.arange(s, min(s + batch_size, n), device=device)
-        valid = rollout.valid[idx]
-        C = torch.stack([coefficients[c][idx] for c in PPO_COMPONENTS]).double() / valid.sum().clamp(min=1)
+        rows, width = trimmed_rows(rollout, idx)
+        valid = rows.valid
+        C = torch.stack([coefficients[c][idx, :width] for c in PPO_COMPONENTS]).double() / valid.sum().clamp(min=1)
 
-        def logps(p, idx=idx, valid=valid):
-            return _response_logps(model, p, rollout, idx, temperature).masked_fill(~valid, 0.0)
+        def logps(p, rows=rows, valid=valid):
+            return _response_logps(model, p, rows, slice(None), temperature).masked_fill(~valid, 0.0)
 
         dlp = group_directional_derivatives(model, logps, dprime, groups)  # 3 x b x T
         g3 = torch.einsum("cbt,kbt->ck", C, dlp.double())

@@ -7,7 +7,8 @@
 - ``G_filtering.png``   Fig. 6: TOT G with and without IQR outlier filtering, plus the outlier counts.
 - ``G_layers.png``      Fig. 9: TOT G restricted to all / bottom / middle / top layers.
 - ``grad_norms.png``    Fig. 5 / 7a: per-mini-batch TOT gradient norms (outliers in red); POS / NEG mean norms.
-- ``ppo_advantages.png`` Fig. 3 (PPO only): mean raw advantage of the TOP / MID / BOT |A| thirds per update.
+- ``ppo_advantages.png`` Fig. 3 (PPO only): mean signed whitened advantage of the TOP / MID / BOT |A| thirds per
+  update (the paper's "raw" = signed), and dashed the same tokens' mean advantage before whitening.
 
 G spans several orders of magnitude and changes sign, so its axes use a symmetric log scale whose linear range
 (shaded grey) is chosen from the data by `choose_linthresh`. The data selection is done by small pure functions
@@ -45,7 +46,17 @@ LAYER_STYLE = {
 NORMAL_COLOR, OUTLIER_COLOR = "#1f77b4", "#d62728"
 COMPONENT_PANELS = (("(a) overall", ("TOT",)), ("(b) positive / negative", ("POS", "NEG")),
                     ("(c) loss reweighting", ("TOP", "MID", "BOT")))
-ADVANTAGE_KEYS = ("TOP", "MID", "BOT")
+# Fig. 3's series (main first): the mean signed whitened A of each |A| third (the paper's "raw", i.e. signed,
+# advantage of the A its loss uses), then the mean GAE before whitening over the same tokens (an extra series)
+ADVANTAGE_KEYS = ("TOP", "MID", "BOT", "TOP unwhitened", "MID unwhitened", "BOT unwhitened")
+ADVANTAGE_LOG_KEYS = {k: f"adv_unwhitened/{k.split()[0]}" if " " in k else f"adv/{k}" for k in ADVANTAGE_KEYS}
+LEGACY_ADVANTAGE_KEYS = {f"{t} unwhitened": f"adv_raw/{t}" for t in ("TOP", "MID", "BOT")}  # logs before the split
+
+
+def advantage_style(key: str) -> tuple[str, str]:
+    """The third's color; the un-whitened series marked with crosses (and dashed where lines can be)."""
+    color, marker = COMPONENT_STYLE[key.split()[0]]
+    return (color, "x") if " " in key else (color, marker)
 
 
 # ============================================================================================ loading
@@ -63,7 +74,10 @@ def load_alignment(run_dir: Path) -> pd.DataFrame | None:
     if not path.exists():
         return None
     df = pd.read_csv(path)
-    df["loss_increased"] = _as_bool(df["loss_increased"]) if "loss_increased" in df else False
+    # App. A's flag comes from the measured loss check (loss_before / loss_after); tables written before it existed
+    # hold a flag from logged losses 1000 steps apart, which does not say what the update did: not used
+    measured = "loss_before" in df
+    df["loss_increased"] = _as_bool(df["loss_increased"]) if measured and "loss_increased" in df else False
     return df
 
 
@@ -106,6 +120,14 @@ def curve_data(alignment: pd.DataFrame, component: str = "TOT", *, layer_group: 
     return out.sort_values("step").reset_index(drop=True)
 
 
+def loss_check_table(alignment: pd.DataFrame, exclude_loss_increase: bool) -> pd.DataFrame:
+    """Per checkpoint: L on the G sample before / after its next update, whether it rose, and whether the G figures
+    leave it out (App. A)."""
+    columns = [c for c in ("loss_before", "loss_after") if c in alignment]
+    table = alignment.groupby("step", as_index=False).agg({**{c: "first" for c in columns}, "loss_increased": "any"})
+    return table.assign(excluded=table["loss_increased"] & exclude_loss_increase)
+
+
 def excluded_steps(alignment: pd.DataFrame) -> list[int]:
     """Checkpoint steps that `exclude_loss_increase` removes."""
     return sorted(int(s) for s in alignment.loc[_as_bool(alignment["loss_increased"]), "step"].unique())
@@ -142,10 +164,15 @@ def mean_norms(alignment: pd.DataFrame | None, minibatches: pd.DataFrame, compon
 
 
 def advantage_history(log_history: list[dict]) -> pd.DataFrame:
-    """Fig. 3's data: columns `step`, TOP, MID, BOT from the log entries that carry `adv_raw/TOP` (the last
-    entry wins if a resumed run logged a step twice)."""
-    rows = [{"step": e["step"], **{k: e[f"adv_raw/{k}"] for k in ADVANTAGE_KEYS}}
-            for e in log_history if "adv_raw/TOP" in e]
+    """Fig. 3's data: columns `step` and ADVANTAGE_KEYS from the log entries that carry any of them (NaN where an
+    entry lacks one; logs written before the whitened series existed have `adv_raw/*`, the un-whitened means).
+    The last entry wins if a resumed run logged a step twice."""
+    def value(e: dict, k: str):
+        return e.get(ADVANTAGE_LOG_KEYS[k], e.get(LEGACY_ADVANTAGE_KEYS.get(k), float("nan")))
+
+    logged = set(ADVANTAGE_LOG_KEYS.values()) | set(LEGACY_ADVANTAGE_KEYS.values())
+    rows = [{"step": e["step"], **{k: value(e, k) for k in ADVANTAGE_KEYS}}
+            for e in log_history if logged & set(e)]
     if not rows:
         return pd.DataFrame(columns=["step", *ADVANTAGE_KEYS])
     df = pd.DataFrame(rows).drop_duplicates("step", keep="last")
@@ -282,7 +309,7 @@ def _mark_excluded(ax, alignment: pd.DataFrame, exclude_loss_increase: bool) -> 
         pad = 0.04 * max(steps.max() - steps.min(), 1)
         ax.set_xlim(steps.min() - pad, steps.max() + pad)
     for i, s in enumerate(excluded_steps(alignment)):
-        ax.axvline(s, color="0.55", ls=":", lw=1.2, zorder=0, label="left out (loss rose)" if i == 0 else None)
+        ax.axvline(s, color="0.55", ls=":", lw=1.2, zorder=0, label="left out (L rose)" if i == 0 else None)
 
 
 def _titles(fig, title: str, family: str, *notes: str | None) -> None:
@@ -309,7 +336,7 @@ def _loss_note(alignment: pd.DataFrame, exclude_loss_increase: bool) -> str | No
         listed = "steps " + ", ".join(map(str, steps)) + " (dotted)"
     else:
         listed = f"{len(steps)} checkpoints (dotted lines)"
-    return f"left out, training loss increased (App. A): {listed}"
+    return f"left out, the next update increased L on the G sample (App. A): {listed}"
 
 
 def _g_axes_labels(ax, alignment: pd.DataFrame) -> None:
@@ -433,17 +460,20 @@ def plot_grad_norms(minibatches: pd.DataFrame, alignment: pd.DataFrame | None, p
 
 
 def plot_advantages(history: pd.DataFrame, path: Path) -> Path:
-    """Fig. 3: mean raw advantage of each |A| third per PPO update."""
+    """Fig. 3: mean signed (whitened) advantage of each |A| third per PPO update; dashed: before whitening."""
     fig, (ax,) = _panels(1, width_scale=1.5)
     ax.axhline(0.0, color="0.3", lw=0.8, zorder=1)
     many = len(history) > 40
     for k in ADVANTAGE_KEYS:
-        color, marker = COMPONENT_STYLE[k]
-        ax.plot(history["step"], history[k], color=color, marker=None if many else marker, ms=4, lw=1.3,
-                label=f"{k} |A| third")
+        if history[k].isna().all():
+            continue
+        color, marker = advantage_style(k)
+        dashed = " " in k
+        ax.plot(history["step"], history[k], color=color, marker=None if many else marker, ms=4, lw=1.0 if dashed
+                else 1.3, ls="--" if dashed else "-", label=f"{k} (before whitening)" if dashed else f"{k} |A| third")
     ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
     ax.set_xlabel("PPO update")
-    ax.set_ylabel("mean raw advantage")
+    ax.set_ylabel("mean advantage (signed)")
     ax.grid(True, color="0.9", lw=0.5)
     _panel_title(ax, "tokens ranked by |advantage| into thirds")
     _legend(ax)
@@ -462,6 +492,7 @@ def draw_figures(run_dir: Path, *, exclude_loss_increase: bool = False) -> list[
     history = load_log_history(run_dir)
     written: list[Path] = []
     if alignment is not None:
+        loss_check_table(alignment, exclude_loss_increase).to_csv(out_dir / "loss_check.csv", index=False)
         for name, draw in (("G_components.png", plot_components), ("G_filtering.png", plot_filtering),
                            ("G_layers.png", plot_layers)):
             written.append(draw(alignment, out_dir / name, exclude_loss_increase=exclude_loss_increase))

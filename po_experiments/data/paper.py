@@ -94,7 +94,7 @@ def _load_valid(cfg: PaperDataConfig, what: str, check: Callable[[Mapping[str, A
     if tokenizer is not None and not getattr(tokenizer, "chat_template", None):
         raise DataError(f"{what} data: the tokenizer has no chat_template, so lengths cannot be checked; "
                         "use a chat model's tokenizer or set one")
-    ds = load_source(src, what)
+    ds = load_source(src, what, cfg.on_invalid)
     missing = [c for c in COLUMNS[what] if c not in ds.column_names]
     if missing:
         raise DataError(f"{what} data {describe(src)}: no column(s) {', '.join(missing)} (found: "

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import hashlib
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -56,16 +58,18 @@ def describe(src: SourceConfig) -> str:
     return f"{src.hub_id} ({where})"
 
 
-def load_source(src: SourceConfig, what: str) -> datasets.Dataset:
+def load_source(src: SourceConfig, what: str, on_invalid: str = "fail") -> datasets.Dataset:
     """The rows of one source as a `datasets.Dataset`, truncated to `max_rows`.
 
     `what` is the key under `data.` (sft, preferences, questions, instructions); errors name
     `data.<what>.path` so the user knows which setting to change. Local files are one split: `split`
-    and `data_dir` only apply to the hub.
+    and `data_dir` only apply to the hub. A JSON-lines line that is not JSON (a truncated download) is named
+    with its file and line number: `on_invalid=fail` stops there, `skip` drops the line and logs it.
     """
     if src.max_rows is not None and src.max_rows <= 0:
         raise DataError(f"data.{what}.max_rows must be > 0 (or null for all rows), got {src.max_rows}")
-    ds = _load_local(Path(src.path).expanduser(), what) if src.path else _load_hub(src, what)
+    on_invalid = getattr(on_invalid, "value", on_invalid)
+    ds = _load_local(Path(src.path).expanduser(), what, on_invalid) if src.path else _load_hub(src, what)
     known = getattr(src, "rows", None)
     if known is not None and len(ds) != known:  # the dry-run plan counted steps from `rows`
         log.warning("data.%s: %s has %d rows, data.%s.rows says %d: the plan's step counts used %d (set "
@@ -104,13 +108,99 @@ def _data_files(path: Path, what: str) -> tuple[str, list[str]]:
     return builders.pop(), [str(f) for f in files]
 
 
-def _load_local(path: Path, what: str) -> datasets.Dataset:
+def _load_local(path: Path, what: str, on_invalid: str = "fail") -> datasets.Dataset:
     builder, files = _data_files(path, what)
     try:
         # The json builder also reads a top-level JSON list (AlpacaEval's file) and gzip-compressed files.
         return datasets.load_dataset(builder, data_files=files, split="train")
-    except Exception as e:  # a parse error deep in pyarrow: say which file, keep the cause
-        raise DataError(f"{what} data: could not read {path} ({type(e).__name__}: {e})") from e
+    except Exception as e:  # a parse error deep in pyarrow: find the line, or say which file and keep the cause
+        bad = {f: lines for f in files if builder == "json" and (lines := _bad_lines_or_none(Path(f)))}
+        if not bad:
+            raise DataError(f"{what} data: could not read {path} ({type(e).__name__}: {e})") from e
+        if on_invalid != "skip":
+            raise DataError(_bad_lines_message(what, bad, "could not read") + "\nFix or download the file again, "
+                            "or set data.on_invalid=skip to drop these lines") from e
+        log.warning("%s (data.on_invalid=skip)", _bad_lines_message(what, bad, "skipped lines that are not JSON in"))
+        files = [str(_without_lines(Path(f), bad[f])) if f in bad else f for f in files]
+        try:
+            return datasets.load_dataset(builder, data_files=files, split="train")
+        except Exception as e2:
+            raise DataError(f"{what} data: could not read {path} after dropping the lines that are not JSON "
+                            f"({type(e2).__name__}: {e2})") from e2
+
+
+BadLine = tuple[int, str]  # (1-based line number, why it is not JSON)
+N_LINES_SHOWN = 5
+
+
+def _open_text(path: Path):
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    return opener(path, "rt", encoding="utf-8")
+
+
+def _bad_lines_or_none(path: Path) -> list[BadLine]:
+    """`bad_json_lines`, or none where the file cannot even be read as text (a cut gzip stream, not UTF-8):
+    then the loader's own error says what is wrong."""
+    try:
+        return bad_json_lines(path)
+    except (OSError, EOFError, UnicodeError):
+        return []
+
+
+def bad_json_lines(path: Path) -> list[BadLine]:
+    """The lines of a JSON-lines file that are not a JSON object (blank lines are allowed). A top-level JSON list
+    is one document: its first error, with the line the parser stopped at."""
+    with _open_text(path) as f:
+        first = f.read(1 << 16).lstrip()[:1]
+    if first == "[":
+        try:
+            with _open_text(path) as f:
+                json.load(f)
+            return []
+        except json.JSONDecodeError as e:
+            return [(e.lineno, f"the JSON list is not valid JSON: {e.msg} (column {e.colno})")]
+    bad = []
+    with _open_text(path) as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                truncated = "" if line.endswith("\n") else "; the file's last line, cut short?"
+                bad.append((number, f"{e.msg} at column {e.colno}{truncated}"))
+                continue
+            if not isinstance(row, dict):
+                bad.append((number, f"a JSON {type(row).__name__}, not an object"))
+    return bad
+
+
+def _bad_lines_message(what: str, bad: dict[str, list[BadLine]], verb: str) -> str:
+    parts = []
+    for file, lines in bad.items():
+        shown = "; ".join(f"line {n}: {why}" for n, why in lines[:N_LINES_SHOWN])
+        more = f"; and {len(lines) - N_LINES_SHOWN} more" if len(lines) > N_LINES_SHOWN else ""
+        parts.append(f"{what} data: {verb} {file}: {len(lines)} line(s) not JSON ({shown}{more})")
+    return "\n".join(parts)
+
+
+def _without_lines(path: Path, bad: list[BadLine]) -> Path:
+    """A copy of a JSON-lines file without its bad lines, in the datasets cache under a name that depends on the
+    file's path, size and modification time (so the next load reuses the copy and its Arrow cache)."""
+    stat = path.stat()
+    digest = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = Path(datasets.config.HF_DATASETS_CACHE) / "po_experiments_valid_lines" / f"{digest}.jsonl"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    skip = {n for n, _ in bad}
+    tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+    with _open_text(path) as src, open(tmp, "w", encoding="utf-8") as out:
+        for number, line in enumerate(src, start=1):
+            if number not in skip:
+                out.write(line if line.endswith("\n") else line + "\n")
+    os.replace(tmp, target)
+    return target
 
 
 # --------------------------------------------------------------------------------------------- the hub
@@ -168,26 +258,29 @@ def _load_hub(src: SourceConfig, what: str) -> datasets.Dataset:
 
 
 def sources_in_use(cfg) -> list[str]:
-    """The `data.<what>` keys this run reads: SFT, the pairs and AlpacaEval always; HH-RLHF for D' (heldout)."""
+    """The `data.<what>` keys this run reads: SFT and the pairs always; HH-RLHF for D' (heldout) and for the
+    win rate with eval.prompts=hh_helpful; AlpacaEval's instructions for the win rate otherwise."""
     if cfg.data.name != "paper":
         return []
     analysis = cfg.get("analysis")
     heldout = analysis is None or (analysis.enabled and analysis.dprime == "heldout")
-    return ["sft", "preferences", *(["questions"] if heldout else []), "instructions"]
+    hh_prompts = cfg.get("eval") is not None and cfg.eval.get("prompts", "alpaca_eval") == "hh_helpful"
+    return ["sft", "preferences", *(["questions"] if heldout or hh_prompts else []),
+            *([] if hh_prompts else ["instructions"])]
 
 
 def preflight_sources(cfg) -> None:
     """Open every data source the run will use (its schema or first row), in seconds; fail naming key and file."""
     for what in sources_in_use(cfg):
-        peek_source(cfg.data[what], what)
+        peek_source(cfg.data[what], what, getattr(cfg.data.on_invalid, "value", cfg.data.on_invalid))
 
 
-def peek_source(src: SourceConfig, what: str) -> None:
+def peek_source(src: SourceConfig, what: str, on_invalid: str = "fail") -> None:
     """The source can be opened and its first row (or schema) has the columns `what` needs."""
     if src.path:
         builder, files = _data_files(Path(src.path).expanduser(), what)
         for f in files:
-            _require_columns(_local_columns(Path(f), builder, what), what, f)
+            _require_columns(_local_columns(Path(f), builder, what, on_invalid), what, f)
         return
     if not src.hub_id:
         raise DataError(f"{what} data: set data.{what}.path (a local file) or data.{what}.hub_id")
@@ -218,8 +311,22 @@ def _require_columns(found: list[str], what: str, where) -> None:
                         f"data.{what}.path must hold the schema of DESIGN 2")
 
 
-def _local_columns(path: Path, builder: str, what: str) -> list[str]:
-    """Column names from a parquet schema, or from the first row of a JSON lines file / JSON list."""
+def _first_json_line(head: str, on_invalid: str):
+    lines = head.splitlines(keepends=True)
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            return json.loads(line)
+        except json.JSONDecodeError as e:
+            if on_invalid != "skip" or number == len(lines):
+                raise ValueError(f"line {number} is not JSON ({e.msg} at column {e.colno})") from e
+    raise ValueError("the file is empty")
+
+
+def _local_columns(path: Path, builder: str, what: str, on_invalid: str = "fail") -> list[str]:
+    """Column names from a parquet schema, or from the first row of a JSON lines file / JSON list (with
+    `on_invalid=skip`, the first line that is JSON)."""
     try:
         if builder == "parquet":
             import pyarrow.parquet as pq
@@ -237,7 +344,7 @@ def _local_columns(path: Path, builder: str, what: str) -> list[str]:
                 raise ValueError("an empty JSON list")
             first, _ = json.JSONDecoder().raw_decode(body)
         else:
-            first = json.loads(text.splitlines()[0])
+            first = _first_json_line(head, on_invalid)
         if not isinstance(first, dict):
             raise ValueError(f"the first row is a {type(first).__name__}, not an object")
         return list(first)

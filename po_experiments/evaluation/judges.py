@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 
 from ..data.synthetic import DictionaryTask
+from ..errors import ConfigError
 from ..registry import registry
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ class RewardModelJudge:
         self.reward = ClassifierReward(source, trust_remote_code=rm.trust_remote_code, dtype=rm.dtype,
                                        batch_size=rm.batch_size, key="eval.reward_model.path")
         self.chat = cfg.data.name != "synthetic"
-        self.name = judge_name(cfg, "reward_model")
+        self.name = base_judge_name(cfg, "reward_model")
 
     def judge(self, pairs: list[dict]) -> list[dict]:
         from ..rewards import synthetic_user_turn
@@ -114,10 +115,15 @@ class AlpacaEvalJudge:
         return verdicts
 
 
+def requested_judge(cfg) -> str:
+    return cfg.eval.judge.value if hasattr(cfg.eval.judge, "value") else str(cfg.eval.judge)
+
+
 def resolve_judge(cfg) -> str:
     """`eval.judge`, with auto made concrete: gold on the synthetic task; on real data alpaca_eval when its
-    annotator can run here (a local judge model, or an API key), else none (outputs are kept for later)."""
-    judge = cfg.eval.judge.value if hasattr(cfg.eval.judge, "value") else str(cfg.eval.judge)
+    annotator can run here (a local judge model, or an API key), else none. A new run stops in `preflight`
+    before it gets there (`no_judge_error`): only an explicit eval.judge=none runs without a judge."""
+    judge = requested_judge(cfg)
     if judge != "auto":
         return judge
     if cfg.data.name == "synthetic":
@@ -125,13 +131,36 @@ def resolve_judge(cfg) -> str:
     ae = cfg.eval.alpaca_eval
     if ae.annotator == "local" or os.environ.get("OPENAI_API_KEY"):
         return "alpaca_eval"
-    log.warning("eval.judge=auto: no OPENAI_API_KEY and eval.alpaca_eval.annotator is not local, so no judge runs; "
-                "outputs are kept in eval/outputs/, judge them later with eval.judge=alpaca_eval on this run dir")
     return "none"
+
+
+def no_judge_error(cfg) -> ConfigError:
+    """Real data, eval.judge=auto and no annotator that can run here: what to set, one choice per line."""
+    ae = cfg.eval.alpaca_eval
+    return ConfigError(
+        f"eval.judge=auto found no judge that can run here for data.name={cfg.data.name}: "
+        f"eval.alpaca_eval.annotator={ae.annotator} needs OPENAI_API_KEY, which is not set. A run without a "
+        f"judge has no win rate, so choose one:\n"
+        f"  export OPENAI_API_KEY=...                       (the alpaca_eval annotator {ae.annotator})\n"
+        f"  eval.alpaca_eval.annotator=local eval.alpaca_eval.local_model=<judge LLM, hub id or folder>\n"
+        f"  eval.judge=reward_model eval.reward_model.path=<sequence-classifier RM, hub id or folder>\n"
+        f"  eval.judge=none                                  (outputs only; judge the run dir later)")
+
+
+def prompts_suffix(cfg) -> str:
+    """What tells apart the verdicts, win_rate.csv rows and outputs of another prompt set than the default
+    (AlpacaEval's instructions on real data, the held-out prompts of the synthetic task): `@<eval.prompts>`."""
+    prompts = str(cfg.eval.get("prompts", "alpaca_eval"))
+    return "" if cfg.data.name == "synthetic" or prompts == "alpaca_eval" else f"@{prompts}"
 
 
 def judge_name(cfg, judge: str) -> str:
     """The name a judge's verdicts and win_rate.csv rows go under (without building the judge)."""
+    return base_judge_name(cfg, judge) + prompts_suffix(cfg)
+
+
+def base_judge_name(cfg, judge: str) -> str:
+    """The judge's own name (its annotation cache, the verdicts' `annotator`), whatever the prompts."""
     if judge == "reward_model":
         return f"reward_model-{short_name(cfg.eval.reward_model.path)}"
     if judge == "alpaca_eval":
@@ -142,10 +171,13 @@ def judge_name(cfg, judge: str) -> str:
 
 def preflight(cfg) -> None:
     """Fail in seconds, not after training: a missing reward model, judge model or API key, or a judge model that
-    cannot be built here (its config.json is read: unknown architecture, remote code not allowed; no weights)."""
+    cannot be built here (its config.json is read: unknown architecture, remote code not allowed; no weights), or
+    real data with eval.judge=auto and no judge at all (only an explicit eval.judge=none runs without one)."""
     from ..reward_models.architecture import check_causal_lm, check_reward_model
 
     judge = resolve_judge(cfg)
+    if judge == "none" and requested_judge(cfg) == "auto":
+        raise no_judge_error(cfg)
     if judge == "reward_model":
         from ..hub import resolve_pretrained
 
@@ -169,7 +201,5 @@ def build_judge(cfg, workdir: Path, name: str | None = None):
     if name == "none":
         return None
     if name not in JUDGES:
-        from ..errors import ConfigError
-
         raise ConfigError(f"eval.judge: unknown judge {name!r}; registered: {', '.join(sorted(JUDGES))}, none")
     return JUDGES[name](cfg, workdir)

@@ -1,9 +1,9 @@
 """Which alpaca_eval annotator judges, and the local judge for clusters without API access.
 
-`eval.alpaca_eval.annotator` names any evaluator config of the alpaca_eval package (the paper's
-`weighted_alpaca_eval_gpt4_turbo` by default, which needs OPENAI_API_KEY) or a folder with a `configs.yaml` of
-one's own. `annotator=local` runs the judge LLM `eval.alpaca_eval.local_model` on this machine: alpaca_eval's
-own classifier prompt (`alpaca_eval_clf_gpt4_turbo`, answer "m" or "M"), rendered through the judge's chat
+`eval.alpaca_eval.annotator` names any evaluator config of the alpaca_eval package (by default AlpacaEval 2's
+`weighted_alpaca_eval_gpt4_turbo`, which needs OPENAI_API_KEY; the paper names no judge) or a folder with a
+`configs.yaml` of one's own. `annotator=local` runs the judge LLM `eval.alpaca_eval.local_model` on this
+machine: alpaca_eval's own classifier prompt (`alpaca_eval_clf_gpt4_turbo`, answer "m" or "M"), rendered through the judge's chat
 template, decoded greedily, parsed by alpaca_eval's regex parser; alpaca_eval still shuffles the two outputs
 and caches the annotations. The local judge answers with one identifier, so its verdicts are binary (like
 `alpaca_eval_clf_gpt4_turbo`), not logprob-weighted.

@@ -1,12 +1,19 @@
 """The evaluation stage: the win rate against the SFT model at every checkpoint (paper App. C.3, Fig. 4).
 
-Greedy outputs on held-out prompts (the synthetic task) or AlpacaEval's instructions (real data) are generated
-once per checkpoint and kept in AlpacaEval's format (`eval/outputs/reference.json`, `eval/outputs/step-<N>.json`);
-each judge's verdicts go to `eval/<judge>/step-<N>.json`. So a second judge reuses every output, a killed
-evaluation continues at the next checkpoint, and `win_rate.csv` holds one row per (judge, step).
+Greedy outputs on held-out prompts (the synthetic task) or, on real data, AlpacaEval's instructions (default) or
+the HH-RLHF helpful questions (`eval.prompts=hh_helpful`) are generated once per checkpoint and kept in
+AlpacaEval's format (`eval/outputs/reference.json`, `eval/outputs/step-<N>.json`); each judge's verdicts go to
+`eval/<judge>/step-<N>.json`. So a second judge reuses every output, a killed evaluation continues at the next
+checkpoint, and `win_rate.csv` holds one row per (judge, step). Another prompt set than the default goes under
+names ending in `@<eval.prompts>` (`eval/outputs@hh_helpful/`, judge `gold@hh_helpful`), beside the default's.
+
+The reference (the SFT model's greedy outputs) is generated once per SFT model, prompt set and max_new_tokens,
+in `<paths.cache_dir>/reference_outputs/<hash>.json`, and copied into each run: every PO seed of a sweep shares
+one SFT model (`sft.seed`), so they are judged against the same reference, generated once.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -15,15 +22,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+from filelock import FileLock
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from .. import distributed
+from ..cache import config_hash
 from ..checkpoints import step_dirs
 from ..data.synthetic import DictionaryTask
 from ..generation.backend import generate_texts, shared_generate_texts
 from ..models import chat_template_text
-from .judges import build_judge
+from .judges import build_judge, prompts_suffix
 from .winrate import win_rate
 
 log = logging.getLogger(__name__)
@@ -43,10 +52,13 @@ class EvalPrompts:
 
 def eval_prompts(cfg, tokenizer) -> EvalPrompts:
     n = cfg.eval.n_prompts
+    max_new_tokens = cfg.eval.max_new_tokens or cfg.data.max_new_tokens
     if cfg.data.name == "synthetic":
         prompts = DictionaryTask.from_config(cfg.data).heldout_prompts(cfg.data.n_heldout)[:n]
         return EvalPrompts(prompts, prompts, ["synthetic-heldout"] * len(prompts), list(range(len(prompts))),
-                           cfg.eval.max_new_tokens or cfg.data.max_new_tokens)
+                           max_new_tokens)
+    if cfg.eval.get("prompts", "alpaca_eval") == "hh_helpful":
+        return hh_helpful_prompts(cfg, tokenizer, n, max_new_tokens)
     from ..data.paper import load_instructions
 
     rows = load_instructions(cfg.data, tokenizer)
@@ -54,7 +66,27 @@ def eval_prompts(cfg, tokenizer) -> EvalPrompts:
     inputs = [chat_template_text(tokenizer, [{"role": "user", "content": i}], add_generation_prompt=True)
               for i in rows["instruction"]]
     return EvalPrompts(list(rows["instruction"]), inputs, list(rows["dataset"]), list(range(len(rows))),
-                       cfg.eval.max_new_tokens or cfg.data.max_new_tokens)
+                       max_new_tokens)
+
+
+def hh_helpful_prompts(cfg, tokenizer, n: int | None, max_new_tokens: int) -> EvalPrompts:
+    """The HH-RLHF helpful questions of `data.questions`, in file order from the first row (the first
+    `analysis.n_dprime` of them are D': both only ask, neither trains), fed as D' feeds them: the question's
+    turns through the chat template. `instruction` (what the judge reads) is the question of a one-turn
+    dialogue, else the dialogue so far as HH-RLHF writes it (`Human: ... Assistant: ... Human: ...`)."""
+    from ..data.paper import load_questions
+
+    rows = load_questions(cfg.data, tokenizer)
+    rows = rows.select(range(min(n, len(rows)))) if n else rows
+    turns, texts = rows["prompt"], rows["text"]
+    instructions = [t[0]["content"] if len(t) == 1 else text.strip() for t, text in zip(turns, texts)]
+    inputs = [chat_template_text(tokenizer, t, add_generation_prompt=True) for t in turns]
+    return EvalPrompts(instructions, inputs, ["hh_rlhf_helpful"] * len(turns), list(range(len(turns))),
+                       max_new_tokens)
+
+
+def outputs_dir(cfg, run_dir: Path) -> Path:
+    return run_dir / "eval" / f"outputs{prompts_suffix(cfg)}"
 
 
 def models_to_evaluate(cfg, run_dir: Path, final_step: int) -> dict[int, Path]:
@@ -100,8 +132,32 @@ def greedy_outputs(path: Path, model_dir: Path, prompts: EvalPrompts, cfg, gener
     return outputs
 
 
+def reference_cache(cfg, sft_dir: Path, prompts: EvalPrompts) -> Path:
+    """The SFT model's greedy outputs, shared by every run on that SFT model: keyed by the model folder, what it is
+    fed (the prompts after the chat template) and max_new_tokens."""
+    inputs = hashlib.sha256(json.dumps([prompts.instructions, prompts.model_inputs]).encode()).hexdigest()
+    key = {"sft_dir": str(Path(sft_dir).resolve()), "inputs": inputs, "max_new_tokens": prompts.max_new_tokens}
+    return Path(cfg.paths.cache_dir) / "reference_outputs" / f"{config_hash(key)}.json"
+
+
+def reference_outputs(cfg, run_dir: Path, sft_dir: Path, prompts: EvalPrompts, generator: str) -> list[str]:
+    """The run's `reference.json`: its own copy if there (a resumed run), else the shared one, generated under a
+    file lock if no run on this SFT model has generated it yet (concurrent jobs of a sweep wait, then reuse)."""
+    path = outputs_dir(cfg, run_dir) / "reference.json"
+    outputs = cached_outputs(path, prompts)
+    if outputs is not None:
+        return outputs
+    shared = reference_cache(cfg, sft_dir, prompts)
+    shared.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(shared) + ".lock"):
+        outputs = greedy_outputs(shared, sft_dir, prompts, cfg, generator)
+    write_outputs(path, prompts, outputs, generator)
+    return outputs
+
+
 def generator_names(cfg) -> tuple[str, str]:
-    return f"sft-{cfg.model.name}", f"{cfg.algo.name}-{cfg.model.name}-seed{cfg.seed}"
+    reference = "sft" if cfg.sft.enabled else "base"  # sft.enabled=false: the win rate is against the base model
+    return f"{reference}-{cfg.model.name}", f"{cfg.algo.name}-{cfg.model.name}-seed{cfg.seed}"
 
 
 def models_to_generate(cfg, run_dir: Path, sft_dir: Path, final_step: int) -> dict[str, tuple[Path, str]]:
@@ -117,16 +173,24 @@ def share_outputs(cfg, run_dir: Path, sft_dir: Path, final_step: int) -> None:
     if distributed.world() == 1:
         return
     prompts = eval_prompts(cfg, AutoTokenizer.from_pretrained(sft_dir))
-    out_dir = run_dir / "eval" / "outputs"
+    out_dir = outputs_dir(cfg, run_dir)
     models = models_to_generate(cfg, run_dir, sft_dir, final_step)
-    todo = distributed.broadcast([stem for stem in models if cached_outputs(out_dir / f"{stem}.json", prompts) is None]
+    # the reference goes to the shared cache (evaluate copies it into the run); two multi-process jobs starting
+    # together may both generate it: the same outputs, written atomically
+    paths = {stem: reference_cache(cfg, sft_dir, prompts) if stem == "reference" else out_dir / f"{stem}.json"
+             for stem in models}
+    if cached_outputs(out_dir / "reference.json", prompts) is not None:
+        paths.pop("reference")
+    todo = distributed.broadcast([stem for stem, path in paths.items() if cached_outputs(path, prompts) is None]
                                  if distributed.is_main() else None)
     for stem in todo:
         folder, generator = models[stem]
         outputs = shared_generate_texts(cfg, folder, prompts.model_inputs, max_new_tokens=prompts.max_new_tokens,
                                         desc=f"greedy outputs: {stem} (rank {distributed.rank()}'s share)")
         if distributed.is_main():
-            write_outputs(out_dir / f"{stem}.json", prompts, outputs, generator)
+            write_outputs(paths[stem], prompts, outputs, generator)
+            if stem == "reference":  # and the run's copy
+                write_outputs(out_dir / "reference.json", prompts, outputs, generator)
 
 
 def pairs(prompts: EvalPrompts, reference: list[str], candidate: list[str], names: tuple[str, str]) -> list[dict]:
@@ -152,10 +216,10 @@ def length_controlled(verdicts: list[dict]) -> tuple[float | None, float | None]
     return float(lc["length_controlled_winrate"]), float(lc["lc_standard_error"])
 
 
-def judged_row(judge, step: int, verdicts: list[dict], lc_enabled: bool) -> dict:
+def judged_row(judge: str, step: int, verdicts: list[dict], lc_enabled: bool) -> dict:
     wr = win_rate(v["preference"] for v in verdicts)
     lc, lc_se = length_controlled(verdicts) if lc_enabled else (None, None)
-    return {"judge": judge.name, "step": step, "win_rate": wr.win_rate, "win_rate_se": wr.standard_error,
+    return {"judge": judge, "step": step, "win_rate": wr.win_rate, "win_rate_se": wr.standard_error,
             "n": wr.n, "n_wins": wr.n_wins, "n_draws": wr.n_draws, "n_dropped": wr.n_dropped,
             "lc_win_rate": lc, "lc_win_rate_se": lc_se}
 
@@ -186,25 +250,26 @@ def evaluate(cfg, run_dir: Path, sft_dir: Path, final_step: int, wandb_run=None)
     """Win rate at every checkpoint with `eval.judge`; returns the final checkpoint's (summary.json keys)."""
     prompts = eval_prompts(cfg, AutoTokenizer.from_pretrained(sft_dir))
     names = generator_names(cfg)
-    out_dir = run_dir / "eval" / "outputs"
-    reference = greedy_outputs(out_dir / "reference.json", sft_dir, prompts, cfg, names[0])
+    out_dir = outputs_dir(cfg, run_dir)
+    reference = reference_outputs(cfg, run_dir, sft_dir, prompts, names[0])
     judge = build_judge(cfg, run_dir / "eval")
-    lc_enabled = getattr(judge, "length_controlled", False)
+    label = None if judge is None else judge.name + prompts_suffix(cfg)  # win_rate.csv's judge, the verdicts' folder
+    lc_enabled = getattr(judge, "length_controlled", False) and prompts_suffix(cfg) == ""  # LC: AlpacaEval's 805
     rows, samples = [], []
     for step, folder in tqdm(models_to_evaluate(cfg, run_dir, final_step).items(), desc="win rate per checkpoint"):
         candidate = greedy_outputs(out_dir / f"step-{step}.json", folder, prompts, cfg, names[1])
         if judge is None:
             continue
-        path = run_dir / "eval" / judge.name / f"step-{step}.json"
+        path = run_dir / "eval" / label / f"step-{step}.json"
         if path.exists():
             verdicts = json.loads(path.read_text())
         else:
             verdicts = judge.judge(pairs(prompts, reference, candidate, names))
             write_json_atomic(path, verdicts)
-        rows.append(judged_row(judge, step, verdicts, lc_enabled))
+        rows.append(judged_row(label, step, verdicts, lc_enabled))
         samples += [{"step": step, **v} for v in verdicts[:cfg.eval.n_samples]]
         log.info("win rate at step %d: %.2f ± %.2f (n=%d, %s)", step, rows[-1]["win_rate"], rows[-1]["win_rate_se"],
-                 rows[-1]["n"], judge.name)
+                 rows[-1]["n"], label)
     if judge is None:
         log.info("eval.judge=none: outputs in %s, no win rate", out_dir)
         return {"win_rate": None, "win_rate_se": None, "n": len(prompts.instructions), "judge": "none"}

@@ -1,8 +1,14 @@
-"""A sweep's run dirs -> Table 1 (mean ± std over seeds per method and model) and the Fig. 4 panels.
+"""A sweep's run dirs -> Table 1 (the best case of each method, beside the paper's) and the Fig. 4 panels.
 
 Reads only the output contract: each run's `summary.json` (method, model, seed) and `win_rate.csv` (one row per
-judge and checkpoint). Writes `table1.csv`, `table1.md`, `table1_<judge>.png`, `curves.csv` and
-`fig4_<model>_<judge>.png` into the output folder.
+judge and checkpoint). Writes `table1.csv`, `table1.md`, `table1_<judge>.png`, `cases.csv` (every method and
+case, ablations included: mean ± std over seeds), `curves.csv` and `fig4_<model>_<judge>.png`.
+
+Table 1 (the paper: "five runs with different random seeds using the best-performing hyperparameters"): each
+row's runs are grouped into cases by their method label (which carries the case's parameters), and the case with
+the highest mean final win rate over its seeds is shown, per judge and model, with its label and seed count.
+cPPO is the best of the top- and the middle-weighted cases together: the paper's Table 1 row is "cPPO" and the
+text only calls top "more promising", so the row shows whichever wins here, and its label says which.
 """
 from __future__ import annotations
 
@@ -18,10 +24,14 @@ from omegaconf import OmegaConf
 from ..config import _run_name
 from .figures import panels_figure, table_figure
 from .methods import LABELS, PANELS
+from .paper_values import TABLE1, TABLE1_SEEDS, paper_value
 
 log = logging.getLogger(__name__)
 VARIANT_ORDER = ("baseline", "cdpo", "cppo", "cppo_mid", "hppo", "ablation")
 MODEL_ORDER = ("tiny", "pythia", "qwen3", "llama3")
+# (family, variant) -> Table 1's row; other variants (ablations) are in cases.csv only
+TABLE1_ROWS = {("dpo", "baseline"): "DPO", ("dpo", "cdpo"): "cDPO", ("ppo", "baseline"): "PPO",
+               ("ppo", "cppo"): "cPPO", ("ppo", "cppo_mid"): "cPPO", ("ppo", "hppo"): "hPPO"}
 
 
 @dataclass
@@ -96,8 +106,8 @@ def final_rates(rates: pd.DataFrame) -> pd.DataFrame:
     return rates.loc[rates.groupby(["run", "judge"])["step"].idxmax()].reset_index(drop=True)
 
 
-def table1(final: pd.DataFrame) -> pd.DataFrame:
-    """mean ± std (ddof 1) over seeds of the final win rate, per judge, model and method."""
+def method_table(final: pd.DataFrame) -> pd.DataFrame:
+    """mean ± std (ddof 1) over seeds of the final win rate, per judge, model and method (each case its own)."""
     dup = final.duplicated(["judge", "model", "method", "seed"], keep=False)
     if dup.any():
         log.warning("several runs share a method, model and seed (counted each): %s",
@@ -106,6 +116,33 @@ def table1(final: pd.DataFrame) -> pd.DataFrame:
     table = grouped.agg(n_seeds=("win_rate", "size"), mean=("win_rate", "mean"), std=("win_rate", "std"),
                         seeds=("seed", lambda s: " ".join(str(x) for x in sorted(s)))).reset_index()
     return _order(table)
+
+
+def table1(methods: pd.DataFrame) -> pd.DataFrame:
+    """Table 1: per judge, model and Table 1 row, the case with the highest mean final win rate (more seeds
+    first on a tie), its label (`case`), every case it was chosen from (`cases`) and the paper's value."""
+    rows = methods.assign(row=[TABLE1_ROWS.get((f, v)) for f, v in zip(methods["family"], methods["variant"])])
+    rows = rows.dropna(subset=["row", "mean"])
+    chosen = []
+    for (judge, model, row), group in rows.groupby(["judge", "model", "row"], sort=False):
+        group = group.sort_values(["mean", "n_seeds"], ascending=False)
+        best = group.iloc[0]
+        if best["n_seeds"] < group["n_seeds"].max():
+            log.warning("Table 1 %s / %s / %s: the best case %r has %d seed(s), others have up to %d",
+                        judge, model, row, best["method"], best["n_seeds"], group["n_seeds"].max())
+        paper = paper_value(row, model)
+        chosen.append({"judge": judge, "model": model, "method": row, "case": best["method"],
+                       "family": best["family"], "variant": best["variant"], "n_seeds": best["n_seeds"],
+                       "mean": best["mean"], "std": best["std"], "seeds": best["seeds"], "n_cases": len(group),
+                       "cases": "; ".join(f"{m}: {x:.2f} (n={n})" for m, x, n in
+                                          zip(group["method"], group["mean"], group["n_seeds"])),
+                       "paper_mean": paper[0] if paper else None, "paper_std": paper[1] if paper else None})
+    columns = ["judge", "model", "method", "case", "family", "variant", "n_seeds", "mean", "std", "seeds", "n_cases",
+               "cases", "paper_mean", "paper_std"]
+    table = pd.DataFrame(chosen, columns=columns)
+    order = {"method": {r: i for i, r in enumerate(TABLE1)}, "model": {m: i for i, m in enumerate(MODEL_ORDER)}}
+    return table.sort_values(["judge", "method", "model"], key=lambda s: s.map(order[s.name]).fillna(99)
+                             if s.name in order else s).reset_index(drop=True)
 
 
 def curves(rates: pd.DataFrame) -> pd.DataFrame:
@@ -120,13 +157,46 @@ def cell(mean: float, std: float, n: int) -> str:
     return f"{mean:.1f} ± {std:.1f}" if n > 1 and not math.isnan(std) else f"{mean:.1f} (1 seed)"
 
 
+def paper_cell(row: str, model: str) -> str:
+    value = paper_value(row, model)
+    return "—" if value is None else f"{value[0]:.2f} ± {value[1]:.2f}"
+
+
+def table1_markdown(table: pd.DataFrame) -> str:
+    """Table 1 per judge: the rows as the paper's, an "ours" (best case; its label and seeds) and a "paper"
+    column per model; a model's columns appear only where its runs were supplied."""
+    parts = []
+    for judge, rows in table.groupby("judge", sort=False):
+        models = sorted(dict.fromkeys(rows["model"]), key=lambda m: MODEL_ORDER.index(m) if m in MODEL_ORDER else 99)
+        parts.append(f"### Table 1: final win rate vs SFT (%), judge: {judge}\n")
+        parts.append(f"ours: mean ± std over seeds of each row's best case (its label and seeds below the value); "
+                     f"paper: its Table 1 ({TABLE1_SEEDS} seeds, its best hyper-parameters, an unnamed judge).\n")
+        parts.append("| Method | " + " | ".join(f"{m} ours | {m} paper" for m in models) + " |")
+        parts.append("|---|" + "---:|---:|" * len(models))
+        for method, m in rows.groupby("method", sort=False):
+            by_model = m.set_index("model")
+            cells = []
+            for x in models:
+                if x in by_model.index:
+                    r = by_model.loc[x]
+                    cells.append(f"{cell(r['mean'], r['std'], r['n_seeds'])}<br>{r['case']}, {r['n_seeds']} "
+                                 f"seed(s), best of {r['n_cases']}")
+                else:
+                    cells.append("—")
+                cells.append(paper_cell(method, x))
+            parts.append(f"| {method} | " + " | ".join(cells) + " |")
+        parts.append("")
+    return "\n".join(parts)
+
+
 def markdown(table: pd.DataFrame) -> str:
-    """Table 1 per judge: methods as rows, models as columns, "mean ± std" over seeds."""
+    """Every method and case per judge: methods as rows, models as columns, "mean ± std" over seeds."""
     parts = []
     for judge, rows in table.groupby("judge", sort=False):
         models = list(dict.fromkeys(rows["model"]))
         seeds = sorted(set(rows["n_seeds"]))
-        parts.append(f"### Win rate vs SFT (%), judge: {judge}; mean ± std over {'/'.join(map(str, seeds))} seeds\n")
+        parts.append(f"### Every case: win rate vs SFT (%), judge: {judge}; mean ± std over "
+                     f"{'/'.join(map(str, seeds))} seeds\n")
         parts.append("| Method | " + " | ".join(models) + " |")
         parts.append("|---|" + "---:|" * len(models))
         for method, m in rows.groupby("method", sort=False):
@@ -159,17 +229,20 @@ def aggregate(root: Path, out: Path) -> dict[str, Path]:
     runs = find_runs(root)
     log.info("%d finished runs under %s", len(runs), root)
     rates = checkpoint_rates(training_runs(runs))
-    table, curve = table1(final_rates(rates)), curves(rates)
+    methods, curve = method_table(final_rates(rates)), curves(rates)
+    table = table1(methods)
     out.mkdir(parents=True, exist_ok=True)
-    written = {"table1.csv": out / "table1.csv", "table1.md": out / "table1.md", "curves.csv": out / "curves.csv"}
+    written = {name: out / name for name in ("table1.csv", "table1.md", "cases.csv", "curves.csv")}
     table.to_csv(written["table1.csv"], index=False, float_format="%.3f")
-    written["table1.md"].write_text(markdown(table))
+    methods.to_csv(written["cases.csv"], index=False, float_format="%.3f")
+    written["table1.md"].write_text(table1_markdown(table) + "\n" + markdown(methods))
     curve.to_csv(written["curves.csv"], index=False, float_format="%.3f")
     for judge, rows in table.groupby("judge", sort=False):
         path = out / f"table1_{judge}.png"
         table_figure(rows, title=f"Table 1: final win rate vs SFT (judge: {judge})").savefig(
             path, dpi=110, bbox_inches="tight")
         written[path.name] = path
+    for judge, rows in methods.groupby("judge", sort=False):
         for model in dict.fromkeys(rows["model"]):
             path = out / f"fig4_{model}_{judge}.png"
             fig = panels_figure(panels(curve, judge, model), title=f"{model}: win rate over training\n"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .aggregate import aggregate, cell, find_runs
+from .aggregate import aggregate, cell, find_runs, paper_cell
 
 RUN_FIGURES = ("win_rate", "G_components", "G_layers", "G_filtering", "grad_norms", "ppo_advantages")
 STYLE = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222}
@@ -41,13 +41,21 @@ def table1_html(table: pd.DataFrame) -> str:
     for judge, rows in table.groupby("judge", sort=False):
         models = list(dict.fromkeys(rows["model"]))
         parts.append(f"<h3>Judge: {html.escape(str(judge))}</h3><table><tr><th>Method</th>"
-                     + "".join(f"<th>{html.escape(m)}</th>" for m in models) + "</tr>")
+                     + "".join(f"<th>{html.escape(m)} ours</th><th>{html.escape(m)} paper</th>" for m in models)
+                     + "</tr>")
         for method, m in rows.groupby("method", sort=False):
             by_model = m.set_index("model")
-            cells = [cell(by_model.at[x, "mean"], by_model.at[x, "std"], by_model.at[x, "n_seeds"])
-                     if x in by_model.index else "—" for x in models]
+            cells = []
+            for x in models:
+                if x in by_model.index:
+                    r = by_model.loc[x]
+                    cells.append(html.escape(cell(r["mean"], r["std"], r["n_seeds"]))
+                                 + f"<br><small>{html.escape(str(r['case']))}, {r['n_seeds']} seed(s)</small>")
+                else:
+                    cells.append("—")
+                cells.append(html.escape(paper_cell(method, x)))
             parts.append(f"<tr><td>{html.escape(method)}</td>"
-                         + "".join(f'<td class="num">{html.escape(c)}</td>' for c in cells) + "</tr>")
+                         + "".join(f'<td class="num">{c}</td>' for c in cells) + "</tr>")
         parts.append("</table>")
     return "\n".join(parts)
 
@@ -95,7 +103,8 @@ def build_report(root: Path, out: Path, *, title: str | None = None, n_samples: 
     body = [f"<h1>{html.escape(title or root.name)}</h1>",
             f"<p class=meta>{len(runs)} runs under {html.escape(str(root))}; built "
             f"{datetime.datetime.now():%Y-%m-%d %H:%M}; <span id=image-status>images loading</span></p>",
-            "<h2>Table 1: final win rate vs SFT (mean ± std over seeds)</h2>", table1_html(table),
+            "<h2>Table 1: final win rate vs SFT (mean ± std over seeds of the best case), beside the paper's</h2>",
+            table1_html(table),
             "<h2>Figures</h2>", f"<div>{figures}</div>",
             "<h2>Runs</h2>", *(run_section(r, root, out, n_samples, expanded=i == 0) for i, r in enumerate(runs))]
     page = out / "index.html"

@@ -60,5 +60,8 @@ def describe(cfg) -> dict:
             window = f" (steps {ab.start_step}-{'end' if ab.stop_step is None else ab.stop_step})"
         label += " w/o " + "+".join(ab.drop) + window
         variant = "ablation"
+    if not OmegaConf.select(cfg, "sft.enabled", default=True):  # Fig. 8: from the base model, win rate vs it
+        label += " [no SFT, vs base]"
+        variant = "no_sft"
     return {"method": label, "family": algo.family, "variant": variant,
             "algo_params": OmegaConf.to_container(OmegaConf.create(params)) if params else {}}

@@ -13,6 +13,7 @@ the per-run figures of `analysis/plots.py` draw the same quantities for one run.
 """
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from omegaconf import OmegaConf
 
 from ..analysis import plots, variants
 from .aggregate import Run, checkpoint_rates, curves, find_runs, identity_name, panels, training_runs
@@ -28,7 +30,7 @@ from .figures import panels_figure
 log = logging.getLogger(__name__)
 PAPER_MODELS = ("pythia", "qwen3", "llama3")
 FAMILY_LABEL = {"dpo": "DPO", "ppo": "PPO"}
-NOT_SUPPORTED = "not drawn: needs DPO runs without SFT,\nwhich the pipeline cannot do yet"
+LEFT_OUT = "left out (App. A)"  # CSV rows: checkpoints whose next update increased L, per step: how many runs
 
 
 @dataclass(frozen=True)
@@ -99,15 +101,19 @@ def analysed_runs(runs: list[Run]) -> list[Analysed]:
     return found
 
 
-def select(tables: list[Analysed], model: str, family: str, dprime: str = "heldout") -> list[Analysed]:
-    """The plain (baseline) runs of a model and family whose G used this D', one table per run (no run counted
-    twice): the run's own table if it used this D'; else the one analysed with the own table's settings but this D'
-    (Fig. 7 on Fig. 1's runs); else the first by folder name."""
+def select(tables: list[Analysed], model: str, family: str, dprime: str = "heldout", *,
+           sft: bool = True) -> list[Analysed]:
+    """The plain (baseline) runs of a model and family whose G used this D' (`sft=False`: the runs without SFT
+    instead, Fig. 8 b, c, which no other figure uses), one table per run (no run counted twice): the run's own
+    table if it used this D'; else the one analysed with the own table's settings but this D' (Fig. 7 on Fig. 1's
+    runs); else the first by folder name."""
+    variant = "baseline" if sft else "no_sft"
     candidates: dict[tuple, list[Analysed]] = {}  # per trained model: a dir named before by its analysis settings
     own = {a.run.dir: a.settings for a in tables if a.own}  # (aggregate.training_runs) is its twin's model
     for a in tables:
         s = a.run.summary
-        if (s["model"], s["family"], s["variant"], a.dprime) == (model, family, "baseline", dprime):
+        if (s["model"], s["family"], s["variant"], s.get("sft", True), a.dprime) == \
+                (model, family, variant, sft, dprime):
             candidates.setdefault((a.run.dir.parent, identity_name(a.run.dir)), []).append(a)
 
     def rank(a: Analysed) -> tuple:
@@ -117,6 +123,15 @@ def select(tables: list[Analysed], model: str, family: str, dprime: str = "heldo
         return not a.own, not same_but_dprime, str(a.folder)
 
     return [min(found, key=rank) for found in candidates.values()]
+
+
+@functools.lru_cache(maxsize=None)
+def excludes_loss_increase(run_dir: Path) -> bool:
+    """The run's `analysis.exclude_loss_increase` (App. A; default on, as the paper applied it)."""
+    path = run_dir / ".hydra" / "config.yaml"
+    if not path.exists():
+        return True
+    return bool(OmegaConf.select(OmegaConf.load(path), "analysis.exclude_loss_increase", default=True))
 
 
 def mean_series(frames: list[pd.DataFrame]) -> pd.DataFrame:
@@ -129,14 +144,29 @@ def mean_series(frames: list[pd.DataFrame]) -> pd.DataFrame:
 
 
 def g_series(tables: list[Analysed], component: str, *, layer_group: str = "all", column: str = "G") -> pd.DataFrame:
-    return mean_series([plots.curve_data(a.alignment, component, layer_group=layer_group, column=column)
+    """mean ± std over the runs; G (not gradient norms: App. A filters "when computing G") without the checkpoints
+    App. A's filter leaves out in each run where it is on."""
+    return mean_series([plots.curve_data(a.alignment, component, layer_group=layer_group, column=column,
+                                         exclude_loss_increase=is_g(column) and excludes_loss_increase(a.run.dir))
                         for a in tables])
 
 
+def is_g(column: str) -> bool:
+    return column in ("G", "G_unfiltered")
+
+
+def left_out_steps(tables: list[Analysed]) -> pd.DataFrame:
+    """step, n: how many of the runs App. A's filter left out at each step (steps none left out are absent)."""
+    steps = [s for a in tables if excludes_loss_increase(a.run.dir) for s in plots.excluded_steps(a.alignment)]
+    return pd.Series(steps, dtype=int).value_counts().rename_axis("step").reset_index(name="n").sort_values("step")
+
+
 def advantage_series(runs: list[Run]) -> dict[str, pd.DataFrame]:
+    """Fig. 3: per series of `plots.ADVANTAGE_KEYS` (whitened thirds first, then un-whitened), the mean over runs."""
     histories = [plots.advantage_history(h) for h in (plots.load_log_history(r.dir) for r in runs) if h]
-    return {k: mean_series([h[["step", k]].rename(columns={k: "value"}) for h in histories])
-            for k in plots.ADVANTAGE_KEYS}
+    series = {k: mean_series([h[["step", k]].dropna().rename(columns={k: "value"}) for h in histories])
+              for k in plots.ADVANTAGE_KEYS}
+    return {k: v for k, v in series.items() if not v.empty}
 
 
 # ============================================================================================ panels
@@ -151,6 +181,7 @@ class Panel:
     points: pd.DataFrame | None = None  # scatter: step, grad_norm, outlier
     ylabel: str = "gradient alignment G"
     note: str = ""
+    left_out: pd.DataFrame | None = None  # G panels: step, n runs whose checkpoint App. A's filter left out
 
     @property
     def empty(self) -> bool:
@@ -163,7 +194,8 @@ def curve_panel(tables, title: str, keys, *, column: str = "G", layer_groups: bo
     series = {k: g_series(tables, "TOT", layer_group=k, column=column) if layer_groups else
               g_series(tables, k, column=column) for k in keys}
     styles = plots.LAYER_STYLE if layer_groups else plots.COMPONENT_STYLE
-    return Panel(title, axis, series, {k: styles[k] for k in keys}, ylabel=ylabel)
+    return Panel(title, axis, series, {k: styles[k] for k in keys}, ylabel=ylabel,
+                 left_out=left_out_steps(tables) if is_g(column) else None)
 
 
 def norm_panel(tables, title: str = "POS / NEG mean gradient norm") -> Panel:
@@ -189,8 +221,8 @@ def rows_for(fig: PaperFigure, model: str, tables: list[Analysed], runs: list[Ru
             chosen = [r for r in runs if r.summary["model"] == model and r.summary["family"] == family
                       and r.summary["variant"] == "baseline"]
             series = advantage_series(chosen)
-            panel = Panel("mean raw advantage per |A| third", "linear", series,
-                          {k: plots.COMPONENT_STYLE[k] for k in series}, ylabel="mean raw advantage")
+            panel = Panel("mean raw (signed) advantage per |A| third", "linear", series,
+                          {k: plots.advantage_style(k) for k in series}, ylabel="mean signed advantage")
             rows.append((_head(label, chosen), [panel]))
             continue
         chosen = select(tables, model, family, "train" if fig.kind == "in_distribution" else "heldout")
@@ -207,10 +239,13 @@ def rows_for(fig: PaperFigure, model: str, tables: list[Analysed], runs: list[Ru
                          ylabel="gradient norm of a mini-batch"), norm_panel(chosen)]
         elif fig.kind == "in_distribution":  # Fig. 7
             row = [norm_panel(chosen), curve_panel(chosen, "G, D' from training prompts", tot_pos_neg)]
-        elif fig.kind == "no_sft":  # Fig. 8: only (a) exists
+        elif fig.kind == "no_sft":  # Fig. 8: (a) the runs with SFT, (b, c) the runs started from the base model
+            without = select(tables, model, family, sft=False)
             row = [norm_panel(chosen, "(a) with SFT: POS / NEG mean gradient norm"),
-                   Panel("(b) without SFT: gradient norms", "note", note=NOT_SUPPORTED),
-                   Panel("(c) without SFT: G", "note", note=NOT_SUPPORTED)]
+                   norm_panel(without, "(b) without SFT: POS / NEG mean gradient norm"),
+                   curve_panel(without, "(c) without SFT: G", tot_pos_neg)]
+            rows.append((f"{label} ({len(chosen)} with SFT, {len(without)} without)", row))
+            continue
         else:
             raise ValueError(f"unknown figure kind {fig.kind!r}")
         rows.append((_head(label, chosen), row))
@@ -261,7 +296,11 @@ def _draw_panel(ax, panel: Panel, linthresh: float | None) -> None:
             ax.axhline(0.0, color="0.3", lw=0.8)
             ax.grid(True, color="0.9", lw=0.5)
         steps = pd.concat([s["step"] for s in panel.series.values()]) if panel.series else []
-        plots._step_axis(ax, steps, "PPO update" if panel.axis == "linear" else "training step")
+        left_out = panel.left_out["step"] if panel.left_out is not None else pd.Series(dtype=float)
+        for i, step in enumerate(left_out):  # App. A: dotted where a run's checkpoint was left out
+            ax.axvline(step, color="0.55", ls=":", lw=1.2, zorder=0, label="left out (L rose)" if i == 0 else None)
+        plots._step_axis(ax, pd.concat([pd.Series(steps, dtype=float), left_out.astype(float)]),
+                         "PPO update" if panel.axis == "linear" else "training step")
     ax.set_ylabel(panel.ylabel)
     plots._panel_title(ax, panel.title)
     plots._legend(ax, max_cols=4)
@@ -284,6 +323,10 @@ def g_figure(title: str, rows: list[tuple[str, list[Panel]]]) -> Figure:
             if c == 0:
                 ax.set_ylabel(f"{label}\n{ax.get_ylabel()}")
     note = "mean ± std over runs (seeds)"
+    left_out = sorted({int(s) for _, row in rows for p in row if p.left_out is not None for s in p.left_out["step"]})
+    if left_out:
+        note += f"; G leaves out step(s) {', '.join(map(str, left_out))} of some run(s): their next update raised L " \
+                "(App. A)"
     if any(p.axis == "symlog" for _, row in rows for p in row):
         note += "; G on a symmetric log axis, grey band = its linear range"
     fig.suptitle(f"{title}\n({note})", fontsize=11)
@@ -306,6 +349,10 @@ def panels_table(fig_id: str, model: str, rows: list[tuple[str, list[Panel]]]) -
                     records.append({"figure": fig_id, "model": model, "family": family, "panel": panel.title,
                                     "series": "minibatch", "step": rec["step"], "mean": rec["grad_norm"],
                                     "std": np.nan, "n": 1, "outlier": bool(rec["outlier"])})
+            for rec in (panel.left_out.to_dict("records") if panel.left_out is not None else []):
+                records.append({"figure": fig_id, "model": model, "family": family, "panel": panel.title,
+                                "series": LEFT_OUT, "step": rec["step"], "mean": np.nan, "std": np.nan,
+                                "n": rec["n"]})
     return pd.DataFrame(records)
 
 

@@ -1,4 +1,7 @@
-"""Preference pairs: two SFT samples per prompt labelled by the gold reward (synthetic, cached), or UltraFeedback."""
+"""Preference pairs: two SFT samples per prompt labelled by the gold reward (synthetic, cached), or UltraFeedback.
+
+The synthetic pairs come from the SFT model even in a run without SFT (`sft.task_sft_dir`): they are the task's data
+set, as UltraFeedback is for real models."""
 from __future__ import annotations
 
 import json
@@ -13,7 +16,7 @@ from ..data.synthetic import DictionaryTask
 from ..models import load_for_inference
 from .common import generate
 from ..config import DATA_SCHEMAS, schema_of, stage_settings
-from .sft import sft_key
+from .sft import sft_key, task_sft_dir
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +49,10 @@ def pair_key(cfg) -> dict:
 
 
 def preference_data(cfg, sft_dir: Path, tokenizer) -> Dataset:
+    """The training pairs; `sft_dir` is the model the run starts from (the SFT model, or the base model)."""
     if cfg.data.name == "synthetic":
-        folder = cached(cfg.paths.cache_dir, "pairs", pair_key(cfg), lambda out: sample_pairs(cfg, sft_dir, out))
+        source = task_sft_dir(cfg, sft_dir)
+        folder = cached(cfg.paths.cache_dir, "pairs", pair_key(cfg), lambda out: sample_pairs(cfg, source, out))
         return load_from_disk(str(folder / "pairs")).select_columns(["prompt", "chosen", "rejected"])
     from ..data.paper import load_preferences
 

@@ -16,11 +16,13 @@ from pathlib import Path
 from transformers import AutoTokenizer
 from trl import DPOConfig
 
-from .. import distributed
+from .. import distributed, run_length
 from ..checkpoints import STEP_DIR, StepCheckpoints, debug_callbacks, last_checkpoint
 from ..errors import ConfigError
 from ..models import load_model
+from ..analysis.sample import select_pair_sample
 from ..trainers.dpo import ComponentDPOTrainer
+from ..trainers.loss_check import LOSS_CHECK, LossCheck
 from .common import trainer_kwargs
 
 log = logging.getLogger(__name__)
@@ -42,6 +44,7 @@ def _seed_from_other_run(init_from: str, checkpoint_root: Path) -> Path:
     target = checkpoint_root / source.name
     checkpoint_root.mkdir(parents=True, exist_ok=True)
     shutil.copytree(source, target.with_name(target.name + ".copying"), dirs_exist_ok=True)
+    (target.with_name(target.name + ".copying") / LOSS_CHECK).unlink(missing_ok=True)  # the other run's next update
     os.replace(target.with_name(target.name + ".copying"), target)
     return target
 
@@ -85,6 +88,17 @@ def write_final_policy(run_dir: Path, save, tokenizer, state, resume: Path | Non
     return TrainedPolicy(model_dir, info["final_step"], info["final_loss"], info["resumed_from"])
 
 
+def loss_check(cfg, checkpoint_root: Path, args) -> LossCheck | None:
+    """App. A's loss check at every checkpoint, on the G sample (it feeds G's filter). Measured while training even
+    when G is off (analysis.enabled=false): G may be asked for later without training again (analysis.variants),
+    and the check can only be measured during training."""
+    if cfg.analysis.n_pairs < 1:
+        return None
+    measured_on = (f"the G sample: {cfg.analysis.n_pairs} training pairs (analysis.n_pairs, seed {cfg.seed}); "
+                   f"{cfg.algo.name} loss with its schedule at step N; eval mode")
+    return LossCheck(checkpoint_root, args.per_device_train_batch_size, measured_on)
+
+
 def train_policy(cfg, sft_dir: Path, train_data, run_dir: Path, report_to: list[str]) -> TrainedPolicy:
     done = finished_policy(run_dir)
     if done is not None:
@@ -107,12 +121,20 @@ def train_policy(cfg, sft_dir: Path, train_data, run_dir: Path, report_to: list[
         run_name=run_dir.name,
     )
     model = load_model(sft_dir, cfg.model)  # after the arguments: under ZeRO-3 it loads partitioned
+    check = loss_check(cfg, checkpoint_root, args)
     trainer = ComponentDPOTrainer(
         model=model, args=args, train_dataset=train_data, processing_class=tokenizer,
+        eval_dataset=select_pair_sample(cfg, train_data) if check else None,  # TRL adds its reference log-probs
         algo=cfg.algo, ablation=cfg.ablation,
-        callbacks=[StepCheckpoints(checkpoint_root), *debug_callbacks(cfg)],
+        callbacks=[StepCheckpoints(checkpoint_root), *debug_callbacks(cfg), *([check] if check else [])],
     )
+    # on the pairs TRL kept (a prompt alone filling max_length is dropped); every rank, so all stop together
+    run_length.check_training(cfg, len(trainer.train_dataset), run_dir)
+    if check:
+        check.bind(trainer)
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    if check:
+        log.info("loss check (App. A): %.1f s of this job's training", check.seconds)
 
     return write_final_policy(run_dir, lambda folder: trainer.save_model(str(folder)), tokenizer, trainer.state,
                               resume)

@@ -12,7 +12,7 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, set_seed
 from trl.experimental.ppo import PPOConfig
 
-from .. import distributed
+from .. import distributed, run_length
 from ..checkpoints import debug_callbacks, last_checkpoint
 from ..data.synthetic import DictionaryTask
 from ..models import DTYPES, chat_template_ids, load_model, placement
@@ -80,6 +80,7 @@ def train_ppo_policy(cfg, sft_dir: Path, run_dir: Path, report_to: list[str]) ->
     tokenizer = AutoTokenizer.from_pretrained(sft_dir)
     tokenizer.padding_side = "left"
     prompts, user_turns = prompt_dataset(cfg, tokenizer)
+    run_length.check_training(cfg, len(prompts), run_dir)  # every rank, so that all stop together
     # Every rank scores text with a whole reward model outside DeepSpeed: loaded before PPOConfig exists, since
     # under ZeRO-3 from_pretrained partitions whatever it loads while that config is registered
     reward = build_reward(cfg, sft_dir, messages=user_turns or None)

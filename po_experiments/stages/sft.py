@@ -102,5 +102,53 @@ def _train_sft(cfg, out_dir: Path, metrics_file: Path) -> None:
 
 
 def sft_model_dir(cfg) -> Path:
+    """The trained SFT model (cached): what PO starts from unless `sft.enabled=false`."""
     return cached(cfg.paths.cache_dir, "sft", sft_key(cfg), lambda out: train_sft(cfg, out), collective=True,
                   resumable=True)
+
+
+def save_base_model(cfg, out_dir: Path) -> None:
+    """The base model with the tokenizer every later stage reads (chat template fixed, pad token set), saved as
+    they read an SFT folder. The tiny model: freshly built, untrained (the weights SFT would start from). A real
+    model: its weights as published (their own dtype), so the folder's tokenizer carries the run's chat format."""
+    tokenizer = base_tokenizer(cfg)
+    if cfg.model.path is None:
+        model = build_tiny_model(cfg.model.arch, tokenizer, cfg.sft.seed)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(resolve_model_source(cfg.model), dtype="auto",
+                                                     trust_remote_code=cfg.model.trust_remote_code)
+    model.save_pretrained(str(out_dir))
+    tokenizer.save_pretrained(str(out_dir))
+
+
+def base_model_dir(cfg) -> Path:
+    """The base model as a folder (cached, stage `base`, keyed like SFT): policy start and reference of a run
+    without SFT (Fig. 8 b, c)."""
+    return cached(cfg.paths.cache_dir, "base", sft_key(cfg), lambda out: save_base_model(cfg, out))
+
+
+def start_model_dir(cfg) -> Path:
+    """The model PO starts from and measures against (reference log-probs, KL, the win rate's reference): the SFT
+    model, or with `sft.enabled=false` the base model. Call on every rank (SFT is a collective build)."""
+    if cfg.sft.enabled:
+        return sft_model_dir(cfg)
+    log.info("sft.enabled=false: the base model is policy start and reference (no SFT)")
+    return base_model_dir(cfg)
+
+
+def reference_kind(cfg) -> str:
+    """What the run's reference (and its win rate's opponent) is: `sft` or `base`."""
+    return "sft" if cfg.sft.enabled else "base"
+
+
+def task_sft_dir(cfg, start_dir: Path) -> Path:
+    """The SFT model the embedded task's data come from (its preference pairs, its learned reward model).
+
+    Decision (Fig. 8 without SFT): those data are the task's fixed data set, the role UltraFeedback and the reward
+    model play for real models, which do not change when PO starts from the base model. So a run without SFT
+    trains on the same pairs, sampled from the SFT model, as its twin with SFT: only the starting point differs.
+    Sampling them from the untrained tiny model would give pairs of random words, a different task. Call on every
+    rank first (pipeline) when SFT may still have to be trained; afterwards the cached folder comes back at once."""
+    return start_dir if cfg.sft.enabled else sft_model_dir(cfg)

@@ -45,6 +45,13 @@ class ComponentDPOTrainer(ExactResumeMixin, DPOTrainer):
             ref_chosen, ref_rejected = self.compute_ref_log_probs(self.ref_model or model, inputs)
         return PairTerms(chosen, rejected, ref_chosen.detach(), ref_rejected.detach(), step=self.state.global_step)
 
+    def pair_losses(self, model, inputs, step: int) -> torch.Tensor:
+        """Per-pair value of the algorithm's own loss with its schedule at optimizer step `step` (cDPO's λ): the L
+        of App. A's loss check (`loss_check.LossCheck`)."""
+        terms = self.pair_terms(model, inputs)
+        terms.step = step
+        return self.algorithm(terms, self.algo).loss
+
     def _compute_loss(self, model, inputs, return_outputs):
         terms = self.pair_terms(model, inputs)
         decomposition = self.algorithm(terms, self.algo)

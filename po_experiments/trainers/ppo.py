@@ -106,6 +106,140 @@ class PolicyValueModel(trl_ppo.PolicyAndValueWrapper):
         logits = self.policy(**kwargs, logits_to_keep=response_length + 1).logits[:, :-1]
         return logits, values
 
+# ============================================================================================ the rollout stages
+# Module functions, not trainer methods: the trainer's rollouts and the G analysis's sample (analysis/ppo_sample.py)
+# are made by the same code.
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How a rollout samples and evaluates its responses (the trainer's PPOConfig / `model.ppo` settings)."""
+
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    pad_token_id: int
+    stop_token_id: int | None
+    generation_batch_size: int | None = None  # prompts per generate() call; None: all at once
+    forward_batch_size: int | None = None  # rows per estimate forward; None: all at once
+
+
+def sample_responses(policy, queries: torch.Tensor, query_mask: torch.Tensor, s: Sampling) -> torch.Tensor:
+    """Sampled response tokens [B, <= max_new_tokens]: temperature, nucleus top_p, no top-k, stop at the stop token."""
+    generation = GenerationConfig(max_new_tokens=s.max_new_tokens, do_sample=True, top_k=0, top_p=s.top_p,
+                                  temperature=s.temperature, pad_token_id=s.pad_token_id, eos_token_id=s.stop_token_id,
+                                  use_cache=True)
+    sequences = policy.generate(input_ids=queries, attention_mask=query_mask, generation_config=generation)
+    return sequences[:, queries.shape[1]:]
+
+
+def response_mask(responses: torch.Tensor, stop_token_id: int | None) -> torch.Tensor:
+    """True for response tokens up to and including the first stop token."""
+    if stop_token_id is None:
+        return torch.ones_like(responses, dtype=torch.bool)
+    is_stop = (responses == stop_token_id).long()
+    stops_before = is_stop.cumsum(1) - is_stop  # stop tokens strictly before this position
+    return stops_before == 0
+
+
+def sequence_logprobs(model, query_responses, attention_mask, context: int, temperature: float) -> torch.Tensor:
+    response_length = query_responses.shape[1] - context
+    out = model(input_ids=query_responses, attention_mask=attention_mask, use_cache=False,
+                position_ids=position_ids(attention_mask), return_dict=True, logits_to_keep=response_length + 1)
+    return response_logprobs(out.logits[:, :-1], query_responses[:, context:], temperature)
+
+
+def forward_estimates(wrapper, ref_model, query_responses, attention_mask, response_length: int, s: Sampling):
+    """Behaviour log-probs (raw logits / temperature: the policy's own distribution, as the update's forward
+    computes it), reference log-probs and values, [B, Lr] each, in micro-batches. `wrapper`: a `PolicyValueModel`."""
+    step = s.forward_batch_size or len(query_responses)
+    parts = []
+    for i in range(0, len(query_responses), step):
+        ids, att = query_responses[i:i + step], attention_mask[i:i + step]
+        logits, values = wrapper(ids, att, response_length)
+        logprobs = response_logprobs(logits, ids[:, -response_length:], s.temperature)
+        del logits
+        ref = sequence_logprobs(ref_model, ids, att, ids.shape[1] - response_length, s.temperature)
+        parts.append((logprobs, ref, upcast(values)))
+    return tuple(torch.cat(p) for p in zip(*parts))
+
+
+@torch.no_grad()
+def rollout_of(sample, wrapper, ref_model, queries: torch.Tensor, query_mask: torch.Tensor, s: Sampling) -> Rollout:
+    """A rollout before scoring: `sample(queries, mask)` per chunk of `generation_batch_size` prompts, responses
+    cut after their stop token, then `forward_estimates`. Scores, rewards and advantages are zeros here."""
+    pad, device = s.pad_token_id, queries.device
+    chunk = s.generation_batch_size or len(queries)
+    parts = [sample(queries[i:i + chunk], query_mask[i:i + chunk]) for i in range(0, len(queries), chunk)]
+    width = max(p.shape[1] for p in parts)  # chunks may stop at different lengths (padding is past a stop)
+    responses = torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1]), value=pad) for p in parts])
+    valid = response_mask(responses, s.stop_token_id)
+    responses = responses.masked_fill(~valid, pad)
+    query_responses = torch.cat([queries, responses], 1)
+    attention_mask = torch.cat([query_mask, valid.long()], 1)
+    logprobs, ref_logprobs, values = forward_estimates(wrapper, ref_model, query_responses, attention_mask, width, s)
+    zero = torch.zeros_like(logprobs)
+    return Rollout(query_responses, attention_mask, queries.shape[1],
+                   logprobs.masked_fill(~valid, 0.0), ref_logprobs.masked_fill(~valid, 0.0),
+                   values.masked_fill(~valid, 0.0), valid,
+                   scores=torch.zeros(len(queries), device=device, dtype=logprobs.dtype),
+                   rewards=zero, raw_advantages=zero, advantages=zero, returns=zero)
+
+
+@torch.no_grad()
+def score_rollout(r: Rollout, tokenizer, reward) -> Rollout:
+    """Each response's score by the run's reward (text level: `RewardFunction.score(prompts, responses)`)."""
+    ctx = r.context_length
+    # The prompt exactly as fed (padding dropped by the mask: for Pythia the pad token *is* EOS)
+    prompts = [tokenizer.decode(q[m.bool()]) for q, m in zip(r.query_responses[:, :ctx], r.attention_mask[:, :ctx])]
+    responses = tokenizer.batch_decode(r.responses, skip_special_tokens=True)
+    r.scores = reward.score(prompts, responses).to(r.logprobs.device, r.logprobs.dtype)
+    return r
+
+
+@torch.no_grad()
+def with_advantages(r: Rollout, *, kl_coef: float, kl_estimator: str, gamma: float, lam: float,
+                    whiten_rewards: bool) -> Rollout:
+    """Per-token reward = -beta KL(pi || ref) + the score on the last valid token; GAE; whitening over every valid
+    token of `r` (the trainer's rollout: this process's batch; the G analysis: its whole sample)."""
+    log_ratio = r.ref_logprobs - r.logprobs
+    kl = -log_ratio if kl_estimator == "k1" else log_ratio.exp() - 1 - log_ratio
+    rewards = (-kl_coef * kl).masked_fill(~r.valid, 0.0)
+    last = r.valid.long().sum(1).clamp(min=1) - 1
+    rewards[torch.arange(len(last)), last] += r.scores
+    if whiten_rewards:
+        rewards = whiten(rewards, r.valid, shift_mean=False).masked_fill(~r.valid, 0.0)
+    r.rewards = rewards
+    r.raw_advantages = gae(rewards, r.values, gamma, lam).masked_fill(~r.valid, 0.0)
+    r.returns = r.raw_advantages + r.values
+    r.advantages = whiten(r.raw_advantages, r.valid).masked_fill(~r.valid, 0.0)
+    return r
+
+
+def concat_rollouts(parts: list[Rollout], pad_token_id: int) -> Rollout:
+    """One rollout from several (e.g. every rank's share): queries left-padded and responses right-padded to common
+    widths (masked out, `valid` False), rows in the order given."""
+    ctx = max(p.context_length for p in parts)
+    width = max(p.valid.shape[1] for p in parts)
+    pad = torch.nn.functional.pad
+
+    def widen(p: Rollout) -> dict:
+        left, right = ctx - p.context_length, width - p.valid.shape[1]
+        q, qm = p.query_responses[:, :p.context_length], p.attention_mask[:, :p.context_length]
+        out = {"query_responses": torch.cat([pad(q, (left, 0), value=pad_token_id),
+                                             pad(p.responses, (0, right), value=pad_token_id)], 1),
+               "attention_mask": torch.cat([pad(qm, (left, 0)), pad(p.attention_mask[:, p.context_length:],
+                                                                   (0, right))], 1),
+               "scores": p.scores, "valid": pad(p.valid, (0, right), value=False)}
+        for f in fields(Rollout):
+            if f.name not in out and f.name != "context_length":
+                out[f.name] = pad(getattr(p, f.name), (0, right))
+        return out
+
+    rows = [widen(p) for p in parts]
+    return Rollout(context_length=ctx, **{k: torch.cat([r[k] for r in rows]) for k in rows[0]})
+
+
 
 @contextlib.contextmanager
 def mixed_precision_for_accelerator(args, pure_low_precision: bool):
@@ -188,6 +322,20 @@ def deepspeed_for_accelerator(args, max_grad_norm: float | None):
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
 
 
+def advantage_third_means(r: Rollout) -> dict[str, float]:
+    """Fig. 3, "average (raw) advantages (instead of absolute advantages)" of the TOP / MID / BOT thirds of |A|:
+    "raw" is signed as opposed to absolute, and the A of the paper's loss (and of its thirds and G) is the whitened
+    one, so `adv/<third>` is the mean signed *whitened* A of the third; `adv_unwhitened/<third>`, the mean GAE
+    before whitening over the same tokens, is an extra series (whitening shifts means, so signs can differ)."""
+    thirds = token_thirds(r.advantages, r.valid)
+    m = {}
+    for name, k in (("TOP", 2), ("MID", 1), ("BOT", 0)):
+        sel = thirds == k
+        m[f"adv/{name}"] = r.advantages[sel].mean().item() if sel.any() else 0.0
+        m[f"adv_unwhitened/{name}"] = r.raw_advantages[sel].mean().item() if sel.any() else 0.0
+    return m
+
+
 class ComponentPPOTrainer(PPOTrainer):
     def __init__(self, *args, reward, algo, ablation, top_p: float = 1.0, max_grad_norm: float | None = 1.0,
                  checkpoint_root: Path | None = None, save_steps: int = 0, generation_batch_size: int | None = None,
@@ -226,101 +374,55 @@ class ComponentPPOTrainer(PPOTrainer):
         return self.data_collator([{"input_ids": r["input_ids"]} for r in rows])
 
     # ========================================================================================= 1. rollout
+    @property
+    def sampling(self) -> "Sampling":
+        args = self.args
+        return Sampling(max_new_tokens=args.response_length, temperature=args.temperature, top_p=self.top_p,
+                        pad_token_id=self.processing_class.pad_token_id, stop_token_id=self.stop_token_id,
+                        generation_batch_size=self.generation_batch_size,
+                        forward_batch_size=args.local_rollout_forward_batch_size)
+
     @torch.no_grad()
     def rollout(self, batch: dict) -> Rollout:
         """Sample responses in chunks of `generation_batch_size` prompts (tokens only), then behaviour, reference
         and value estimates of every response token with forward passes in micro-batches of
-        `local_rollout_forward_batch_size` (memory at billion-parameter scale)."""
-        device, pad = self.accelerator.device, self.processing_class.pad_token_id
-        queries, query_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        `local_rollout_forward_batch_size` (memory at billion-parameter scale): `rollout_of`, which the G
+        analysis's sample goes through too."""
+        device = self.accelerator.device
         self.model.eval()  # under activation checkpointing a module in train mode refuses generate's KV cache
         with self.accelerator.autocast():
-            chunk = self.generation_batch_size or len(queries)
-            parts = [self.sample(queries[i:i + chunk], query_mask[i:i + chunk]) for i in range(0, len(queries), chunk)]
-            width = max(p.shape[1] for p in parts)  # chunks may stop at different lengths (padding is past a stop)
-            responses = torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1]), value=pad) for p in parts])
-            valid = self.response_mask(responses)
-            responses = responses.masked_fill(~valid, pad)
-            query_responses = torch.cat([queries, responses], 1)
-            attention_mask = torch.cat([query_mask, valid.long()], 1)
-            logprobs, ref_logprobs, values = self.forward_estimates(query_responses, attention_mask, width)
-        zero = torch.zeros_like(logprobs)
-        return Rollout(query_responses, attention_mask, queries.shape[1],
-                       logprobs.masked_fill(~valid, 0.0), ref_logprobs.masked_fill(~valid, 0.0),
-                       values.masked_fill(~valid, 0.0), valid, scores=torch.zeros(len(queries), device=device,
-                                                                                  dtype=logprobs.dtype),
-                       rewards=zero, raw_advantages=zero, advantages=zero, returns=zero)
+            return rollout_of(self.sample, self.accelerator.unwrap_model(self.model), self.ref_model,
+                              batch["input_ids"].to(device), batch["attention_mask"].to(device), self.sampling)
 
     def sample(self, queries: torch.Tensor, query_mask: torch.Tensor) -> torch.Tensor:
         """Sampled response tokens [B, <= response_length] (generate keeps no logits: those come from a forward).
         Under ZeRO-3 the policy's parameters are gathered for the call (`ds3_gather_for_generation`), or else
         generate runs with the ranks in lockstep (transformers' synced_gpus)."""
-        args = self.args
-        generation = GenerationConfig(max_new_tokens=args.response_length, do_sample=True, top_k=0, top_p=self.top_p,
-                                      temperature=args.temperature, pad_token_id=self.processing_class.pad_token_id,
-                                      eos_token_id=self.stop_token_id, use_cache=True)
         with unwrap_model_for_generation(self.model, self.accelerator,
-                                         gather_deepspeed3_params=args.ds3_gather_for_generation) as wrapper:
-            sequences = wrapper.policy.generate(input_ids=queries, attention_mask=query_mask,
-                                                generation_config=generation)
-        return sequences[:, queries.shape[1]:]
+                                         gather_deepspeed3_params=self.args.ds3_gather_for_generation) as wrapper:
+            return sample_responses(wrapper.policy, queries, query_mask, self.sampling)
 
     def forward_estimates(self, query_responses, attention_mask, response_length: int):
-        """Behaviour log-probs (raw logits / temperature: the policy's own distribution, as the update's forward
-        computes it), reference log-probs and values, [B, Lr] each, in micro-batches."""
-        wrapper = self.accelerator.unwrap_model(self.model)
-        step = self.args.local_rollout_forward_batch_size or len(query_responses)
-        parts = []
-        for i in range(0, len(query_responses), step):
-            ids, att = query_responses[i:i + step], attention_mask[i:i + step]
-            logits, values = wrapper(ids, att, response_length)
-            logprobs = response_logprobs(logits, ids[:, -response_length:], self.args.temperature)
-            del logits
-            ref = self.sequence_logprobs(self.ref_model, ids, att, ids.shape[1] - response_length)
-            parts.append((logprobs, ref, upcast(values)))
-        return tuple(torch.cat(p) for p in zip(*parts))
+        return forward_estimates(self.accelerator.unwrap_model(self.model), self.ref_model, query_responses,
+                                 attention_mask, response_length, self.sampling)
 
     def response_mask(self, responses: torch.Tensor) -> torch.Tensor:
-        """True for response tokens up to and including the first stop token."""
-        if self.stop_token_id is None:
-            return torch.ones_like(responses, dtype=torch.bool)
-        is_stop = (responses == self.stop_token_id).long()
-        stops_before = is_stop.cumsum(1) - is_stop  # stop tokens strictly before this position
-        return stops_before == 0
+        return response_mask(responses, self.stop_token_id)
 
     def sequence_logprobs(self, model, query_responses, attention_mask, context) -> torch.Tensor:
-        response_length = query_responses.shape[1] - context
-        out = model(input_ids=query_responses, attention_mask=attention_mask, use_cache=False,
-                    position_ids=position_ids(attention_mask), return_dict=True, logits_to_keep=response_length + 1)
-        return response_logprobs(out.logits[:, :-1], query_responses[:, context:], self.args.temperature)
+        return sequence_logprobs(model, query_responses, attention_mask, context, self.args.temperature)
 
     # ========================================================================================= 2. score
     @torch.no_grad()
     def score(self, r: Rollout) -> Rollout:
-        tok, ctx = self.processing_class, r.context_length
-        # The prompt exactly as fed (padding dropped by the mask: for Pythia the pad token *is* EOS)
-        prompts = [tok.decode(q[m.bool()]) for q, m in zip(r.query_responses[:, :ctx], r.attention_mask[:, :ctx])]
-        responses = tok.batch_decode(r.responses, skip_special_tokens=True)
-        r.scores = self.reward.score(prompts, responses).to(r.logprobs.device, r.logprobs.dtype)
-        return r
+        return score_rollout(r, self.processing_class, self.reward)
 
     # ========================================================================================= 3. advantages
     @torch.no_grad()
     def advantages(self, r: Rollout) -> Rollout:
-        """Per-token reward = -beta KL(pi || ref) + the score on the last valid token; GAE; whitening."""
         args = self.args
-        log_ratio = r.ref_logprobs - r.logprobs
-        kl = -log_ratio if args.kl_estimator == "k1" else log_ratio.exp() - 1 - log_ratio
-        rewards = (-args.kl_coef * kl).masked_fill(~r.valid, 0.0)
-        last = r.valid.long().sum(1).clamp(min=1) - 1
-        rewards[torch.arange(len(last)), last] += r.scores
-        if args.whiten_rewards:
-            rewards = whiten(rewards, r.valid, shift_mean=False).masked_fill(~r.valid, 0.0)
-        r.rewards = rewards
-        r.raw_advantages = gae(rewards, r.values, args.gamma, args.lam).masked_fill(~r.valid, 0.0)
-        r.returns = r.raw_advantages + r.values
-        r.advantages = whiten(r.raw_advantages, r.valid).masked_fill(~r.valid, 0.0)
-        return r
+        return with_advantages(r, kl_coef=args.kl_coef, kl_estimator=args.kl_estimator, gamma=args.gamma,
+                               lam=args.lam, whiten_rewards=args.whiten_rewards)
 
     def make_rollout(self, batch: dict) -> Rollout:
         return self.advantages(self.score(self.rollout(batch)))
@@ -384,17 +486,44 @@ class ComponentPPOTrainer(PPOTrainer):
         return {**{f"ppo/{k}": v / count for k, v in sums.items()}, **scalars}
 
     def rollout_metrics(self, r: Rollout) -> dict[str, float]:
-        """Fig. 3's mean raw advantage per |A| third, and the share of tokens in POS / NEG."""
-        thirds = token_thirds(r.advantages, r.valid)
+        """Fig. 3's series and the share of tokens in POS / NEG (`advantage_third_means`)."""
         m = {"objective/scores": r.scores.mean().item(),
              "objective/kl": ((r.logprobs - r.ref_logprobs) * r.valid).sum(1).mean().item(),
              "objective/response_length": r.valid.float().sum(1).mean().item(),
              "tokens/pos_share": (r.valid & (r.advantages >= 0)).sum().item() / max(r.valid.sum().item(), 1),
              "tokens/neg_share": (r.valid & (r.advantages < 0)).sum().item() / max(r.valid.sum().item(), 1)}
-        for name, k in (("BOT", 0), ("MID", 1), ("TOP", 2)):
-            sel = thirds == k
-            m[f"adv_raw/{name}"] = r.raw_advantages[sel].mean().item() if sel.any() else 0.0
-        return m
+        return {**m, **advantage_third_means(r)}
+
+    # ========================================================================================= App. A's loss record
+    def checks_loss(self, step: int) -> bool:
+        """Update step+1 follows checkpoint step-`step`: record the loss before and after it (the same decision on
+        every rank: the forwards are collective under DeepSpeed)."""
+        return self.checkpoint_root is not None and bool(self.save_every) and step > 0 and step % self.save_every == 0
+
+    @torch.no_grad()
+    def policy_objective(self, r: Rollout, step: int) -> float:
+        """The training objective on rollout `r` at the current weights: the weighted clipped-surrogate policy loss
+        with update step+1's weights and mask, the mean over this process's micro-batches (in index order) and over
+        the processes. At the rollout's own policy the ratio is 1: the loss the update's first pass computes."""
+        weights, mask, _ = self.token_weights(r, step)
+        self.model.eval()
+        n, size = r.valid.shape[0], self.args.per_device_train_batch_size
+        losses = [self.micro_batch_losses(r, torch.arange(i, min(i + size, n), device=r.valid.device), weights,
+                                          mask)["policy"] for i in range(0, n, size)]
+        return self.accelerator.reduce(torch.stack(losses).mean(), "mean").item()
+
+    def write_loss_check(self, step: int, before: float, after: float) -> None:
+        """checkpoints/step-N/loss_check.json (App. A's filter): the objective on update N+1's rollout at theta_N and,
+        after that update's PPO epochs, at theta_N+1. Written atomically by rank 0."""
+        folder = self.checkpoint_root / f"step-{step}"
+        if not self.accelerator.is_main_process or not folder.is_dir():
+            return
+        record = {"before": before, "after": after,
+                  "measured_on": f"PPO policy loss on the rollout of update {step + 1} ({self.args.batch_size} "
+                                 "responses), before and after that update"}
+        tmp = folder / "loss_check.json.tmp"
+        tmp.write_text(json.dumps(record, indent=2))
+        os.replace(tmp, folder / "loss_check.json")
 
     # ========================================================================================= loop
     def train(self, resume_from: Path | None = None) -> None:
@@ -412,7 +541,11 @@ class ComponentPPOTrainer(PPOTrainer):
             if pending is None and self.save_every and step > 0 and step % self.save_every == 0:
                 self.save_step(step, rollout)
             pending = None
+            checked = self.checks_loss(step)
+            before = self.policy_objective(rollout, step) if checked else None
             metrics = {**self.rollout_metrics(rollout), **self.update(rollout, step)}
+            if checked:
+                self.write_loss_check(step, before, self.policy_objective(rollout, step))
             self.state.global_step = update
             self.state.episode = update * args.batch_size
             self.state.epoch = self.state.episode / len(self.train_dataset)

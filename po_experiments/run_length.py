@@ -1,0 +1,136 @@
+"""A PO run's length in its own step unit, and the check that every step-valued setting falls inside it.
+
+The paper's step numbers are taken literally, in the unit the trainers count (README "Paper presets"):
+- DPO family: one optimizer step = `model.dpo.batch_size` pairs (Pythia: 16 pairs = the paper's "batch size 32"
+  read as sequences, so its 2 epochs are 7,642 steps and every step number of the paper lies inside them);
+- PPO family: one update = a rollout of `model.ppo.batch_size` prompts followed by the PPO epochs on it (TRL's step).
+
+`check(cfg, rows)` runs twice: at validation with the data's known size (`data.<source>.rows`, the dry-run plan's
+numbers) and again when training starts with the rows actually loaded (the embedded task's pair count is known only
+once sampled; real data may lose a few rows to validation).
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass
+
+from .errors import ConfigError
+
+# cDPO's ramp may end after the run does, as the paper's Pythia case 3 does ((3000, 8000) in a 7,642-step run:
+# UltraFeedback's 63,967 prompts at 16 pairs per step would give 7,996): lambda must still reach this by the end.
+MIN_FINAL_LAMBDA = 0.9
+
+
+@dataclass
+class StepSetting:
+    key: str
+    value: float
+    inside: bool
+    rule: str
+
+
+def stage(cfg) -> str:
+    return "ppo" if cfg.algo.family == "ppo" else "dpo"
+
+
+def optimizer_steps(hp, rows: int | None) -> int | None:
+    """transformers' Trainer: ceil(epochs x steps per epoch), a last partial batch being a step."""
+    if hp.max_steps > 0:
+        return hp.max_steps
+    return None if rows is None else max(1, math.ceil(hp.epochs * math.ceil(rows / hp.batch_size)))
+
+
+def ppo_updates(hp, rows: int | None) -> int | None:
+    """TRL's PPOTrainer: episodes = int(epochs x prompts), updates = ceil(episodes / batch)."""
+    if hp.max_steps > 0:
+        return hp.max_steps
+    return None if rows is None else max(1, math.ceil(int(hp.epochs * rows) / hp.batch_size))
+
+
+def total_steps(cfg, rows: int | None) -> int | None:
+    """The PO run's optimizer steps (DPO family) or updates (PPO family), or None when the rows are unknown."""
+    count = ppo_updates if stage(cfg) == "ppo" else optimizer_steps
+    return count(cfg.model[stage(cfg)], rows)
+
+
+def unit(cfg) -> str:
+    hp = cfg.model[stage(cfg)]
+    if stage(cfg) == "ppo":
+        return (f"PPO update: a rollout of {hp.batch_size} prompts, then {cfg.algo.num_ppo_epochs} PPO epoch(s) of "
+                f"{cfg.algo.num_mini_batches} mini-batch(es) on it")
+    return f"optimizer step on {hp.batch_size} pairs ({2 * hp.batch_size} sequences)"
+
+
+def _init_from_step(path: str | None) -> int | None:
+    match = re.search(r"step-(\d+)/?$", str(path)) if path else None
+    return int(match.group(1)) if match else None
+
+
+def step_settings(cfg, total: int) -> list[StepSetting]:
+    """Every step-valued setting of the run with whether it lies inside a run of `total` steps."""
+    out: list[StepSetting] = []
+
+    def add(key, value, inside, rule):
+        if value is not None:
+            out.append(StepSetting(key, value, bool(inside), rule))
+
+    hp = cfg.model[stage(cfg)]
+    if hp.save_steps:
+        add(f"model.{stage(cfg)}.save_steps", hp.save_steps, hp.save_steps < total,
+            "a checkpoint before the end (G and win-rate curves need more than the final model)")
+    a = cfg.algo
+    if "t1" in a and a.t1 is not None:
+        add("algo.t1", a.t1, a.t1 < total, "negative learning starts inside the run")
+        if a.t2 is not None:
+            final = min(1.0, (total - a.t1) / (a.t2 - a.t1)) if a.t2 > a.t1 else 1.0
+            add("algo.t2", a.t2, final >= MIN_FINAL_LAMBDA,
+                f"lambda reaches {MIN_FINAL_LAMBDA} by the end (here {final:.2f})")
+    if a.get("weighting") == "hppo" and a.get("t3") is not None:
+        add("algo.t3", a.t3, a.t3 < total, "the first down-weighted half period (from update t3) starts inside the run")
+    ab = cfg.ablation
+    if ab.name != "none":
+        add("ablation.start_step", ab.start_step, ab.start_step < total, "the ablation starts inside the run")
+        add("ablation.stop_step", ab.stop_step, ab.stop_step is None or ab.stop_step <= total,
+            "the ablation window ends inside the run")
+        add("ablation.init_from", _init_from_step(ab.init_from), (_init_from_step(ab.init_from) or 0) < total,
+            "the checkpoint continued from is before the run's end")
+    return out
+
+
+def check_training(cfg, rows: int, run_dir) -> dict:
+    """The check on the rows a PO stage actually trains on, written to `run_length.json` for summary.json."""
+    import json
+    from pathlib import Path
+
+    from . import distributed
+
+    record = check(cfg, rows, where="the training data")
+    if not distributed.is_main():
+        return record
+    path = Path(run_dir) / "run_length.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    tmp.replace(path)
+    return record
+
+
+def check(cfg, rows: int | None, *, where: str) -> dict:
+    """The run's length and step settings (for plan.json / summary.json); a ConfigError naming every key outside
+    the run (unless plan.check_steps=false: then a warning)."""
+    total = total_steps(cfg, rows)
+    record = {"stage": stage(cfg), "unit": unit(cfg), "steps": total, "rows": rows, "settings": []}
+    if total is None:
+        return record
+    settings = step_settings(cfg, total)
+    record["settings"] = [asdict(s) for s in settings]
+    outside = [s for s in settings if not s.inside]
+    if outside:
+        message = "; ".join(f"{s.key}={s.value:g} lies outside the run: {s.rule}" for s in outside) + (
+            f" [{where}: {total} steps of {record['unit']}, from {rows} rows; plan.check_steps=false runs anyway]")
+        if cfg.plan.get("check_steps", True):
+            raise ConfigError(message)
+        import logging
+
+        logging.getLogger(__name__).warning(message)
+    return record
