@@ -188,8 +188,8 @@ class ModelConfig:
     arch: Optional[TinyArch] = None
     dtype: str = "float32"  # compute precision: float32 | bfloat16 | float16 (autocast over float32 master weights)
     pure_low_precision: bool = False  # weights and optimizer states in `dtype` too (no fp32 master copy: warned)
-    activation_checkpointing: Optional[bool] = how(default=None)  # recompute activations in the backward; None = on for real
-                                                     # models (model.path set), off for the tiny one
+    # recompute activations in the backward; None = on for real models (model.path set), off for the tiny one
+    activation_checkpointing: Optional[bool] = how(default=None)
     shape: Optional[ModelShape] = None  # the real model's architecture, for the dry-run plan (offline)
     trust_remote_code: bool = False
     max_length: int = 64  # tokens of prompt + response in training
@@ -345,7 +345,7 @@ class PaperDataConfig:
     on_invalid: OnInvalid = OnInvalid.skip
     max_length: int = 1024  # tokens after the chat template: longer training rows are truncated (as TRL does)
     max_new_tokens: int = read_by("eval", "analysis", default=512)  # AlpacaEval protocol
-    num_proc: Optional[int] = how(default=None)  # processes validating rows (None: min(8, cores)); rank 0 alone validates
+    num_proc: Optional[int] = how(default=None)  # processes validating rows (None: min(8, cores)); rank 0 alone
 
 
 DATA_SCHEMAS = (SyntheticDataConfig, PaperDataConfig)  # a data section's schema, by its `name`

@@ -3,11 +3,11 @@
     python scripts/analyse_run.py outputs/default/runs/default
     python scripts/analyse_run.py outputs/default/runs/default analysis.dprime=train analysis.n_pairs=200
 
-Overrides use Hydra's key=value syntax on the run's `.hydra/config.yaml`, whose analysis section is the run's own
-(`alignment_settings.json`: the last command that asked for the run may have had others). It does what `run.py` does for a finished
-run asked for G (pipeline.analyse_finished): G with the run's own analysis settings goes to its `alignment.csv`,
-with any other settings (another D', sample or batch size, dtype) to `<run dir>/analysis_<key>/`
-(`analysis.variants`), each folder skipping only the checkpoints it has analysed already.
+Overrides use Hydra's key=value syntax on the run's `.hydra/config.yaml`, whose analysis section is the run's
+own (`alignment_settings.json`: the last command that asked for the run may have had others). It does what
+`run.py` does for a finished run asked for G (pipeline.analyse_finished): G with the run's own analysis settings
+goes to its `alignment.csv`, with any other settings (another D', sample or batch size, dtype) to
+`<run dir>/analysis_<key>/` (`analysis.variants`), each folder skipping only the checkpoints it has analysed.
 """
 from __future__ import annotations
 
