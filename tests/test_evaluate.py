@@ -226,7 +226,7 @@ def test_win_rate_table_keeps_one_row_per_judge_and_step(tmp_path):
 def run_cfg(tmp_path, seed: int, **eval_keys):
     return OmegaConf.create({
         "data": OmegaConf.structured(SyntheticDataConfig), "seed": seed, "model": {"name": "tiny"},
-        "algo": {"name": "dpo"}, "paths": {"cache_dir": str(tmp_path / "cache")},
+        "algo": {"name": "dpo"}, "sft": {"enabled": True, "seed": 0}, "paths": {"cache_dir": str(tmp_path / "cache")},
         "eval": {"judge": "gold", "prompts": "alpaca_eval", "n_prompts": 6, "max_new_tokens": 4,
                  "checkpoints": "final", "n_samples": 2, **eval_keys}})
 
