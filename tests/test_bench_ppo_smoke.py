@@ -7,14 +7,15 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
 from conftest import load_script
-
 
 
 def load_bench():
     return load_script("bench_ppo_update")
 
 
+@pytest.mark.slow
 def test_ppo_bench_runs_and_reports_both_trainers(tmp_path):
     out = tmp_path / "bench.json"
     argv = ["--model", "tiny", "--batch", "8", "--updates", "2", "--warmup", "1", "--repeats", "2",

@@ -126,12 +126,14 @@ def _run(args, env_extra=None, timeout=120):
     return proc, time.time() - start
 
 
+@pytest.mark.slow
 def test_run_py_reports_a_bad_value_in_one_line(tmp_path):
     proc, _ = _run(["algo=cdpo", "algo.t1=10", "algo.t2=5", f"hydra.run.dir={tmp_path}"])
     assert proc.returncode == 2
     assert "algo.t2" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_offline_real_model_fails_fast_with_a_hint(tmp_path):
     proc, seconds = _run(["model=pythia", f"hydra.run.dir={tmp_path}", f"paths.cache_dir={tmp_path}/cache"])
     assert proc.returncode == 2, proc.stderr[-2000:]
@@ -141,6 +143,7 @@ def test_offline_real_model_fails_fast_with_a_hint(tmp_path):
     assert not (tmp_path / "cache" / "sft").exists()  # nothing was started
 
 
+@pytest.mark.slow
 def test_missing_reward_model_path_names_it(tmp_path):
     proc, seconds = _run(["algo=ppo", "reward=armorm", f"reward.path={tmp_path}/no_rm", f"hydra.run.dir={tmp_path}/r",
                           f"paths.cache_dir={tmp_path}/cache"])
@@ -148,18 +151,21 @@ def test_missing_reward_model_path_names_it(tmp_path):
     assert "Traceback" not in proc.stderr and seconds < 60 and not (tmp_path / "cache" / "sft").exists()
 
 
+@pytest.mark.slow
 def test_api_judge_without_a_key_fails_before_training(tmp_path):
     proc, seconds = _run(["eval.judge=alpaca_eval", f"hydra.run.dir={tmp_path}/run"], {"OPENAI_API_KEY": ""})
     assert proc.returncode == 2 and "OPENAI_API_KEY" in proc.stderr and "annotator=local" in proc.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_offline_reward_hub_id_fails_fast(tmp_path):
     proc, seconds = _run(["algo=ppo", "reward=armorm", f"hydra.run.dir={tmp_path}/r", f"paths.cache_dir={tmp_path}/c"])
     assert proc.returncode == 2 and "RLHFlow/ArmoRM-Llama3-8B-v0.1" in proc.stderr and "reward.path" in proc.stderr
     assert "Traceback" not in proc.stderr and seconds < 60
 
 
+@pytest.mark.slow
 def test_missing_local_model_path_names_it(tmp_path):
     proc, _ = _run(["model=pythia", f"model.path={tmp_path}/nowhere", f"hydra.run.dir={tmp_path}/run"])
     assert proc.returncode == 2 and f"{tmp_path}/nowhere" in proc.stderr and "Traceback" not in proc.stderr

@@ -83,6 +83,7 @@ def test_paper_data_sources_are_in_the_keys_of_their_readers_only():
     assert dprime_cache(train, Path("/r")) != dprime_cache(make("model=pythia", "analysis.dprime=train"), Path("/r"))
 
 
+@pytest.mark.slow
 def test_every_model_and_data_setting_sft_reads_is_in_its_key():
     """Exhaustive: each leaf of the model and data sections changes the SFT key unless its field (or a field above
     it) is marked `how` or read by other stages only."""
