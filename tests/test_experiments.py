@@ -470,3 +470,18 @@ def test_fig8_draws_b_and_c_from_the_runs_without_sft_which_no_other_figure_uses
     for name in ("fig1_pythia.csv", "fig5_pythia.csv", "fig6_pythia.csv", "fig9_pythia.csv"):
         table = pd.read_csv(written[name])
         assert table["mean"].abs().max() < 100 * 10, name  # nothing from the run without SFT
+
+
+def test_g_figures_average_only_runs_of_one_setting(tmp_path, caplog):
+    """A beta sweep's runs are not seeds of one curve: the runs of the default parameters are drawn, the others
+    named in a warning."""
+    from po_experiments.reporting.paper_figures import draw_paper_figures
+
+    root = tmp_path / "paper"
+    for seed in (0, 1):
+        fake_run(root, "pythia", "dpo", seed)
+    fake_run(root, "pythia", "dpo", 2, method="DPO (beta=0.2)")
+    fig1 = pd.read_csv(draw_paper_figures(root, tmp_path / "out", only=["fig1"])["fig1_pythia.csv"])
+    tot = fig1[fig1["series"] == "TOT"].set_index("step")
+    assert tot.at[20, "n"] == 2 and tot.at[20, "mean"] == pytest.approx(1.5 * 20)
+    assert "DPO (beta=0.2)" in caplog.text

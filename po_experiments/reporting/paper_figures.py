@@ -122,7 +122,21 @@ def select(tables: list[Analysed], model: str, family: str, dprime: str = "heldo
             {k: v for k, v in ref.items() if k != "dprime"}
         return not a.own, not same_but_dprime, str(a.folder)
 
-    return [min(found, key=rank) for found in candidates.values()]
+    chosen = [min(found, key=rank) for found in candidates.values()]
+    return one_setting(chosen, f"{model} {family}")
+
+
+def one_setting(tables: list[Analysed], what: str) -> list[Analysed]:
+    """Runs averaged as seeds must share their algorithm parameters: with several (a beta sweep), the runs of the
+    schema's defaults (label "DPO" / "PPO"), else of the most common label; the others are named and left out."""
+    labels = [a.run.summary.get("method") for a in tables]
+    if len(set(labels)) <= 1:
+        return tables
+    plain = {FAMILY_LABEL.get(a.run.summary["family"]) for a in tables}
+    keep = next((label for label in labels if label in plain), max(set(labels), key=labels.count))
+    log.warning("%s: runs with other parameters than %r left out of the G figures: %s", what, keep,
+                sorted({label for label in labels if label != keep}))
+    return [a for a, label in zip(tables, labels) if label == keep]
 
 
 @functools.lru_cache(maxsize=None)
