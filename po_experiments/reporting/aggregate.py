@@ -162,6 +162,21 @@ def paper_cell(row: str, model: str) -> str:
     return "—" if value is None else f"{value[0]:.2f} ± {value[1]:.2f}"
 
 
+def table1_cells(rows: pd.DataFrame, models: list[str]) -> list[tuple[str, list[tuple[str, str, str]]]]:
+    """Table 1's rows of one judge: (row, per model (ours, its case, the paper's)); "—" where a model has none."""
+    out = []
+    for method, m in rows.groupby("method", sort=False):
+        by_model = m.set_index("model")
+        cells = []
+        for x in models:
+            r = by_model.loc[x] if x in by_model.index else None
+            ours = "—" if r is None else cell(r["mean"], r["std"], r["n_seeds"])
+            case = "" if r is None else f"{r['case']}, {r['n_seeds']} seed(s), best of {r['n_cases']}"
+            cells.append((ours, case, paper_cell(method, x)))
+        out.append((method, cells))
+    return out
+
+
 def table1_markdown(table: pd.DataFrame) -> str:
     """Table 1 per judge: the rows as the paper's, an "ours" (best case; its label and seeds) and a "paper"
     column per model; a model's columns appear only where its runs were supplied."""
@@ -173,18 +188,9 @@ def table1_markdown(table: pd.DataFrame) -> str:
                      f"paper: its Table 1 ({TABLE1_SEEDS} seeds, its best hyper-parameters, an unnamed judge).\n")
         parts.append("| Method | " + " | ".join(f"{m} ours | {m} paper" for m in models) + " |")
         parts.append("|---|" + "---:|---:|" * len(models))
-        for method, m in rows.groupby("method", sort=False):
-            by_model = m.set_index("model")
-            cells = []
-            for x in models:
-                if x in by_model.index:
-                    r = by_model.loc[x]
-                    cells.append(f"{cell(r['mean'], r['std'], r['n_seeds'])}<br>{r['case']}, {r['n_seeds']} "
-                                 f"seed(s), best of {r['n_cases']}")
-                else:
-                    cells.append("—")
-                cells.append(paper_cell(method, x))
-            parts.append(f"| {method} | " + " | ".join(cells) + " |")
+        for method, cells in table1_cells(rows, models):
+            parts.append(f"| {method} | " + " | ".join(f"{ours}<br>{case} | {paper}" if case else f"{ours} | {paper}"
+                                                       for ours, case, paper in cells) + " |")
         parts.append("")
     return "\n".join(parts)
 

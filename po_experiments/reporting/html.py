@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .aggregate import aggregate, cell, find_runs, paper_cell
+from .aggregate import aggregate, find_runs, table1_cells
 
 RUN_FIGURES = ("win_rate", "G_components", "G_layers", "G_filtering", "grad_norms", "ppo_advantages")
 STYLE = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222}
@@ -43,17 +43,11 @@ def table1_html(table: pd.DataFrame) -> str:
         parts.append(f"<h3>Judge: {html.escape(str(judge))}</h3><table><tr><th>Method</th>"
                      + "".join(f"<th>{html.escape(m)} ours</th><th>{html.escape(m)} paper</th>" for m in models)
                      + "</tr>")
-        for method, m in rows.groupby("method", sort=False):
-            by_model = m.set_index("model")
+        for method, row in table1_cells(rows, models):
             cells = []
-            for x in models:
-                if x in by_model.index:
-                    r = by_model.loc[x]
-                    cells.append(html.escape(cell(r["mean"], r["std"], r["n_seeds"]))
-                                 + f"<br><small>{html.escape(str(r['case']))}, {r['n_seeds']} seed(s)</small>")
-                else:
-                    cells.append("—")
-                cells.append(html.escape(paper_cell(method, x)))
+            for ours, case, paper in row:
+                cells.append(html.escape(ours) + (f"<br><small>{html.escape(case)}</small>" if case else ""))
+                cells.append(html.escape(paper))
             parts.append(f"<tr><td>{html.escape(method)}</td>"
                          + "".join(f'<td class="num">{c}</td>' for c in cells) + "</tr>")
         parts.append("</table>")
