@@ -485,3 +485,19 @@ def test_g_figures_average_only_runs_of_one_setting(tmp_path, caplog):
     tot = fig1[fig1["series"] == "TOT"].set_index("step")
     assert tot.at[20, "n"] == 2 and tot.at[20, "mean"] == pytest.approx(1.5 * 20)
     assert "DPO (beta=0.2)" in caplog.text
+
+
+def test_a_win_rate_figure_draws_its_presets_cases_only(tmp_path):
+    """Fig. 4f draws hPPO cases 1-3; Fig. 17's extra hPPO runs in the same pool are drawn by Fig. 17 alone."""
+    from po_experiments.reporting.paper_figures import draw_paper_figures
+
+    root = tmp_path / "paper"
+    for method, label, variant in (("ppo", "PPO", "baseline"), ("hppo_case1", "hPPO (t3=2, tau=0.08)", "hppo"),
+                                   ("hppo_t3_large", "hPPO (t3=400, tau=0.08)", "hppo")):
+        fake_run(root, "pythia", "ppo", 0, variant=variant, method=label,
+                 overrides=[f"experiment/method={method}", "experiment/model=pythia", "seed=0"])
+    written = draw_paper_figures(root, tmp_path / "out", only=["fig4", "fig17"])
+    fig4 = pd.read_csv(written["fig4_pythia_gold.csv"])
+    fig17 = pd.read_csv(written["fig17_pythia_gold.csv"])
+    assert set(fig4["method"]) == {"PPO", "hPPO (t3=2, tau=0.08)"}
+    assert set(fig17["method"]) == {"PPO", "hPPO (t3=2, tau=0.08)", "hPPO (t3=400, tau=0.08)"}

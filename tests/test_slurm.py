@@ -21,6 +21,7 @@ NAME = "sweep"
 # Small but real: SFT 40 steps, ~280 pairs, DPO 6 steps of 16 pairs, checkpoints (and win rates) at 2, 4, 6.
 FAST = ["data.n_sft=2000", "model.sft.max_steps=40", "data.n_pref_prompts=300", "data.n_heldout=60",
         "model.dpo.batch_size=16", "model.dpo.max_steps=6", "model.dpo.save_steps=2", "model.dpo.logging_steps=1",
+        "model.cdpo.t1=2", "model.cdpo.t2=5",  # cDPO's (t1, t2) inside the 6 steps (checked at validation)
         "analysis.n_pairs=40", "analysis.n_dprime=24", "runtime.threads=1", "logger=none"]
 KILL_BOUND_S = 120   # a sweep with a job that SIGKILLs itself must fail within this (it must never hang)
 

@@ -386,13 +386,13 @@ def draw_paper_figures(root: Path, out: Path, only: list[str] | None = None) -> 
     present = list(dict.fromkeys(r.summary["model"] for r in every))
     out.mkdir(parents=True, exist_ok=True)
     rates = checkpoint_rates(runs) if any(not r.win_rates.empty for r in runs) else None
-    curve = curves(rates) if rates is not None else None
     written: dict[str, Path] = {}
     for fig in FIGURES.values():
         if only and fig.id not in only:
             continue
         for model in figure_models(fig, present):
             if fig.kind == "win_rate":
+                curve = curves(of_preset(rates, fig.id)) if rates is not None else None
                 written.update(_win_rate_figure(fig, model, curve, out))
                 continue
             rows = rows_for(fig, model, tables, runs)
@@ -405,6 +405,37 @@ def draw_paper_figures(root: Path, out: Path, only: list[str] | None = None) -> 
             written[path.name] = path
             written[path.with_suffix(".csv").name] = path.with_suffix(".csv")
     return written
+
+
+PRESETS = Path(__file__).resolve().parents[2] / "conf" / "experiment"
+
+
+@functools.lru_cache(maxsize=None)
+def preset_methods(fig_id: str) -> frozenset[str] | None:
+    """The `experiment/method` values a figure's preset sweeps (conf/experiment/<id>.yaml), None without one."""
+    path = PRESETS / f"{fig_id}.yaml"
+    if not path.exists():
+        return None
+    value = OmegaConf.select(OmegaConf.load(path), "hydra.sweeper.params", default={}).get("experiment/method")
+    return frozenset(m.strip() for m in str(value).split(",")) if value else None
+
+
+@functools.lru_cache(maxsize=None)
+def sweep_method(run: str) -> str | None:
+    """The `experiment/method` a run dir was launched with (its .hydra/overrides.yaml), None for other runs."""
+    path = Path(run) / ".hydra" / "overrides.yaml"
+    overrides = OmegaConf.load(path) if path.exists() else []
+    return next((str(o).split("=", 1)[1] for o in overrides if str(o).startswith("experiment/method=")), None)
+
+
+def of_preset(rates: pd.DataFrame, fig_id: str) -> pd.DataFrame:
+    """A win-rate figure draws its preset's cases (Fig. 4f: hPPO cases 1-3), not every run of a variant the pool
+    holds (Fig. 17's tau = 0.5 / t3 = 400 hPPO runs); runs launched without a preset are all drawn."""
+    allowed = preset_methods(fig_id)
+    if allowed is None:
+        return rates
+    keep = rates["run"].map(lambda run: sweep_method(run) in allowed if sweep_method(run) else True)
+    return rates[keep]
 
 
 def _win_rate_figure(fig: PaperFigure, model: str, curve: pd.DataFrame | None, out: Path) -> dict[str, Path]:
