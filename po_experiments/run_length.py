@@ -11,11 +11,16 @@ once sampled; real data may lose a few rows to validation).
 """
 from __future__ import annotations
 
+import json
+import logging
 import math
 import re
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from .errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 # cDPO's ramp may end after the run does, as the paper's Pythia case 3 does ((3000, 8000) in a 7,642-step run:
 # UltraFeedback's 63,967 prompts at 16 pairs per step would give 7,996): lambda must still reach this by the end.
@@ -93,17 +98,14 @@ def step_settings(cfg, total: int) -> list[StepSetting]:
         add("ablation.start_step", ab.start_step, ab.start_step < total, "the ablation starts inside the run")
         add("ablation.stop_step", ab.stop_step, ab.stop_step is None or ab.stop_step <= total,
             "the ablation window ends inside the run")
-        add("ablation.init_from", _init_from_step(ab.init_from), (_init_from_step(ab.init_from) or 0) < total,
-            "the checkpoint continued from is before the run's end")
+        start = _init_from_step(ab.init_from)
+        add("ablation.init_from", start, (start or 0) < total, "the checkpoint continued from is before the run's end")
     return out
 
 
 def check_training(cfg, rows: int, run_dir) -> dict:
     """The check on the rows a PO stage actually trains on, written to `run_length.json` for summary.json."""
-    import json
-    from pathlib import Path
-
-    from . import distributed
+    from . import distributed  # imported here: the plan (and so the config's validation) imports this module
 
     record = check(cfg, rows, where="the training data")
     if not distributed.is_main():
@@ -130,7 +132,5 @@ def check(cfg, rows: int | None, *, where: str) -> dict:
             f" [{where}: {total} steps of {record['unit']}, from {rows} rows; plan.check_steps=false runs anyway]")
         if cfg.plan.get("check_steps", True):
             raise ConfigError(message)
-        import logging
-
-        logging.getLogger(__name__).warning(message)
+        log.warning(message)
     return record
