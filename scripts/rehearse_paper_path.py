@@ -58,9 +58,10 @@ def build(root: Path, rows: int) -> None:
     with open(root / "ultrafeedback.jsonl", "w") as f:
         for d in data:
             chosen, rejected = turns(d["chosen"]), turns(d["rejected"])
-            if chosen[-1]["role"] != "assistant" or chosen[:-1] != rejected[:-1] or chosen == rejected:
+            if len(chosen) < 2 or chosen[-1]["role"] != "assistant" or chosen[:-1] != rejected[:-1] \
+                    or chosen == rejected or not chosen[-1]["content"] or not rejected[-1]["content"]:
                 continue
-            f.write(json.dumps({"prompt": chosen[0]["content"], "chosen": chosen, "rejected": rejected,
+            f.write(json.dumps({"prompt": chosen[-2]["content"], "chosen": chosen, "rejected": rejected,
                                 "score_chosen": 8.0, "score_rejected": 2.0}) + "\n")
 
 
