@@ -18,6 +18,10 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from .errors import ConfigError
+from .objectives import OBJECTIVES, components_of, objective_of
+from .objectives.pairwise import PairwiseConfig as DPOAlgoConfig
+from .objectives.pairwise_losses import CDPOConfig as CDPOAlgoConfig
+from .objectives.policy_gradient import PPOAlgoConfig
 
 # --------------------------------------------------------------------------------------------- enums
 
@@ -203,52 +207,8 @@ class ModelConfig:
 
 
 # --------------------------------------------------------------------------------------------- algorithms
-
-
-@dataclass
-class DPOAlgoConfig:
-    """Sigmoid DPO (Eq. 4). `components` is the training objective: a union of TOT/POS/NEG/TOP/MID/BOT."""
-
-    name: str = "dpo"
-    family: str = "dpo"
-    beta: float = 0.1
-    components: list[str] = field(default_factory=lambda: ["TOT"])
-
-
-@dataclass
-class CDPOAlgoConfig(DPOAlgoConfig):
-    """Controlled DPO (Eq. 32): lambda = clip((t - t1) / (t2 - t1), 0, 1) moves weight from y+ to y-.
-
-    Not conservative (label-smoothed) DPO, which other code bases also call cDPO."""
-
-    name: str = "cdpo"
-    t1: int = MISSING
-    t2: int = MISSING
-
-
-@dataclass
-class PPOAlgoConfig:
-    """PPO (Eq. 11) with per-token weights from a registered weighting (ppo, cppo_top, cppo_mid, hppo).
-
-    `components` is the training objective over tokens (TOT, POS: A >= 0, NEG: A < 0, TOP/MID/BOT: thirds of |A|
-    by rank over the rollout batch)."""
-
-    name: str = "ppo"
-    family: str = "ppo"
-    weighting: str = "ppo"
-    components: list[str] = field(default_factory=lambda: ["TOT"])
-    lam: Optional[float] = None  # cPPO's weight on the top (Eq. 33) or middle (Eq. 34) third, in [0, 1]
-    t3: Optional[float] = None  # hPPO's half period in optimizer steps (Eq. 35)
-    tau: Optional[float] = None  # hPPO's largest downweighting of A < 0 tokens (Eq. 35)
-    kl_coef: float = 0.05  # KL(pi || ref) penalty in the per-token reward
-    cliprange: float = 0.2
-    cliprange_value: float = 0.2
-    vf_coef: float = 0.1
-    gamma: float = 1.0
-    gae_lambda: float = 0.95
-    num_ppo_epochs: int = 4
-    num_mini_batches: int = 1
-    whiten_rewards: bool = False
+# Each objective's schema lives next to it (po_experiments/objectives/) and is registered under `algo/<name>_schema`
+# by `register_configs` from the registry (DPOAlgoConfig, CDPOAlgoConfig, PPOAlgoConfig stay importable from here).
 
 
 # --------------------------------------------------------------------------------------------- rewards
@@ -525,9 +485,8 @@ class Config:
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
-    cs.store(group="algo", name="dpo_schema", node=DPOAlgoConfig)
-    cs.store(group="algo", name="cdpo_schema", node=CDPOAlgoConfig)
-    cs.store(group="algo", name="ppo_schema", node=PPOAlgoConfig)
+    for name, spec in OBJECTIVES.items():  # `defaults: [<name>_schema, _self_]` in conf/algo/<name>.yaml
+        cs.store(group="algo", name=f"{name}_schema", node=spec.schema)
     cs.store(group="reward", name="reward_schema", node=RewardConfig)
     cs.store(group="ablation", name="ablation_schema", node=AblationConfig)
     cs.store(group="data", name="synthetic_schema", node=SyntheticDataConfig)
@@ -573,9 +532,6 @@ register_configs()
 
 # --------------------------------------------------------------------------------------------- validation
 
-COMPONENTS = ("TOT", "POS", "NEG", "TOP", "MID", "BOT")
-
-
 def _require(ok: bool, key: str, msg: str) -> None:
     if not ok:
         raise ConfigError(f"{key}: {msg}")
@@ -599,9 +555,10 @@ def _check_stage(cfg: DictConfig, key: str) -> None:
                  f"must divide {key}.batch_size={s.batch_size}, got {pd}")
 
 
-def _check_components(values, key: str) -> None:
+def _check_components(values, key: str, algo) -> None:
+    known = components_of(algo)
     for c in values:
-        _require(c in COMPONENTS, key, f"unknown component {c!r}; choose from {', '.join(COMPONENTS)}")
+        _require(c in known, key, f"unknown component {c!r}; choose from {', '.join(known)}")
 
 
 def validate(cfg: DictConfig) -> None:
@@ -615,15 +572,18 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"{key}: {str(err).splitlines()[0]}") from None
 
 
-def _validate_dpo(cfg: DictConfig) -> None:
-    from .trainers.objectives import ALGORITHMS  # registry, imported late to keep config import light
+def _validate_algo(cfg: DictConfig) -> None:
+    """The objective is registered, of the family its section says, and its schema's range checks pass."""
+    _require(cfg.algo.name in OBJECTIVES, "algo.name",
+             f"unknown objective {cfg.algo.name!r}; registered: {', '.join(sorted(OBJECTIVES))}")
+    spec = objective_of(cfg.algo)
+    _require(cfg.algo.family == spec.family, "algo.family",
+             f"objective {spec.name!r} is of family {spec.family!r}, got {cfg.algo.family!r}")
+    for key, message in spec.schema.problems(cfg.algo):
+        _require(False, f"algo.{key}", message)
 
-    _require(cfg.algo.name in ALGORITHMS, "algo.name",
-             f"unknown algorithm {cfg.algo.name!r}; registered: {', '.join(sorted(ALGORITHMS))}")
-    _require(cfg.algo.beta > 0, "algo.beta", f"must be > 0, got {cfg.algo.beta}")
-    if "t1" in cfg.algo:
-        _require(cfg.algo.t1 >= 0, "algo.t1", f"must be >= 0, got {cfg.algo.t1}")
-        _require(cfg.algo.t2 > cfg.algo.t1, "algo.t2", f"must be > algo.t1 ({cfg.algo.t1}), got {cfg.algo.t2}")
+
+def _validate_dpo(cfg: DictConfig) -> None:
     _check_stage(cfg, "model.dpo")
     dpo = cfg.model.dpo
     if dpo.save_steps:
@@ -633,22 +593,6 @@ def _validate_dpo(cfg: DictConfig) -> None:
 
 
 def _validate_ppo(cfg: DictConfig) -> None:
-    from .trainers.ppo_objectives import WEIGHTINGS
-
-    a = cfg.algo
-    _require(a.weighting in WEIGHTINGS, "algo.weighting",
-             f"unknown weighting {a.weighting!r}; registered: {', '.join(sorted(WEIGHTINGS))}")
-    if a.weighting.startswith("cppo"):
-        _require(a.lam is not None and 0.0 <= a.lam <= 1.0, "algo.lam", f"must be in [0, 1], got {a.lam}")
-    if a.weighting == "hppo":
-        _require(a.t3 is not None and a.t3 > 0, "algo.t3", f"must be > 0, got {a.t3}")
-        _require(a.tau is not None and a.tau > 0, "algo.tau", f"must be > 0, got {a.tau}")
-    for key in ("kl_coef", "cliprange_value", "vf_coef"):
-        _require(a[key] >= 0, f"algo.{key}", f"must be >= 0, got {a[key]}")
-    _require(0 < a.cliprange < 1, "algo.cliprange", f"must be in (0, 1), got {a.cliprange}")
-    for key in ("gamma", "gae_lambda"):
-        _require(0 <= a[key] <= 1, f"algo.{key}", f"must be in [0, 1], got {a[key]}")
-    _require(a.num_ppo_epochs > 0, "algo.num_ppo_epochs", f"must be > 0, got {a.num_ppo_epochs}")
     _check_stage(cfg, "model.ppo")
     p = cfg.model.ppo
     _require(p.temperature > 0, "model.ppo.temperature", f"must be > 0, got {p.temperature}")
@@ -691,18 +635,17 @@ def _validate_eval(e: DictConfig) -> None:
 def _validate(cfg: DictConfig) -> None:
     from .trainers.ablations import ABLATIONS  # registry, imported late to keep config import light
 
-    family = cfg.algo.family
-    _require(family in ("dpo", "ppo"), "algo.family", f"must be dpo or ppo, got {family!r}")
+    _validate_algo(cfg)
     _require(len(cfg.algo.components) > 0, "algo.components", "must name at least one component")
-    _check_components(cfg.algo.components, "algo.components")
-    if family == "dpo":
+    _check_components(cfg.algo.components, "algo.components", cfg.algo)
+    if cfg.algo.family == "dpo":
         _validate_dpo(cfg)
     else:
         _validate_ppo(cfg)
 
     _require(cfg.ablation.name in ABLATIONS, "ablation.name",
              f"unknown ablation {cfg.ablation.name!r}; registered: {', '.join(sorted(ABLATIONS))}")
-    _check_components(cfg.ablation.drop, "ablation.drop")
+    _check_components(cfg.ablation.drop, "ablation.drop", cfg.algo)
     _require(cfg.ablation.start_step >= 0, "ablation.start_step", f"must be >= 0, got {cfg.ablation.start_step}")
     if cfg.ablation.stop_step is not None:
         _require(cfg.ablation.stop_step > cfg.ablation.start_step, "ablation.stop_step",

@@ -59,7 +59,7 @@ from po_experiments.analysis.gradients import (  # noqa: E402
 from po_experiments.data.synthetic import DictionaryTask  # noqa: E402
 from po_experiments.models import DTYPES, build_tiny_model, build_word_tokenizer, set_threads  # noqa: E402
 from po_experiments.trainers.ppo import Rollout  # noqa: E402
-from po_experiments.trainers.ppo_objectives import WEIGHTINGS  # noqa: E402
+from po_experiments.objectives.policy_gradient import WEIGHTINGS  # noqa: E402
 
 TARGET = 1.5  # full / tot_only (issue 12: the full analysis at <= 1.5x TOT-only G)
 METHODS = ("tot_only", "full", "per_component")

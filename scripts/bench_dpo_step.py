@@ -34,7 +34,7 @@ from po_experiments.bench import cli, quartiles, write_results  # noqa: E402
 from po_experiments.data.synthetic import DictionaryTask  # noqa: E402
 from po_experiments.models import DTYPES, build_tiny_model, build_word_tokenizer, set_threads  # noqa: E402
 from po_experiments.trainers.dpo import ComponentDPOTrainer  # noqa: E402
-from po_experiments.trainers.objectives import COMPONENTS  # noqa: E402
+from po_experiments.objectives import BASE_COMPONENTS as COMPONENTS  # noqa: E402
 
 TARGET = 1.05
 MAX_DISTINCT_BATCHES = 16  # cycled: bounds tokenisation and the reference precompute for the big presets

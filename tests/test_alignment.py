@@ -120,7 +120,7 @@ def test_iqr_rule_by_hand():
 
 # ============================================================================================== PPO
 from po_experiments.analysis.gradients import ppo_alignment, ppo_token_coefficients  # noqa: E402
-from po_experiments.trainers.ppo_objectives import WEIGHTINGS  # noqa: E402
+from po_experiments.objectives.policy_gradient import WEIGHTINGS  # noqa: E402
 
 
 @pytest.fixture

@@ -70,7 +70,7 @@ def test_real_models_select_the_paper_data_and_hyper_parameters():
     ("seed=abc", "seed"),
     ("algo.bta=0.2", "bta"),
     ("algo=dpo_typo", "algo"),
-    ("algo.t1=5", "t1"),  # plain DPO has no schedule
+    ("algo.lam=0.5", "lam"),  # a pairwise objective has no cPPO weight
     ("eval.judge=oracle", "judge"),
     ("model.dpo.batch_size=big", "batch_size"),
     ("data.on_invalid=ignore", "on_invalid"),

@@ -19,7 +19,7 @@ from po_experiments.analysis.sample import pair_sample_indices, select_pair_samp
 from po_experiments.checkpoints import StepCheckpoints
 from po_experiments.trainers.dpo import ComponentDPOTrainer
 from po_experiments.trainers.loss_check import LOSS_CHECK, LossCheck, rank_share
-from po_experiments.trainers.objectives import cdpo_lambda
+from po_experiments.objectives.pairwise import schedule_lambda as cdpo_lambda
 
 CDPO = {"name": "cdpo", "beta": 0.5, "components": ["TOT"], "t1": 0, "t2": 6}  # lambda moves every step
 RUN = OmegaConf.create({"seed": 3, "analysis": {"n_pairs": 12}})

@@ -8,9 +8,13 @@ from trl import DPOTrainer
 
 from conftest import dpo_trainer, first_batch, make_pairs
 from po_experiments.trainers.ablations import ABLATIONS
-from po_experiments.trainers.objectives import (
-    ALGORITHMS, PairTerms, active_masks, cdpo_lambda, objective, rank_thirds, union_masks,
-)
+from po_experiments.objectives import OBJECTIVES
+from po_experiments.objectives.pairwise import PairTerms, Thirds, coverage, objective, rank_thirds
+from po_experiments.objectives.pairwise import schedule_lambda as cdpo_lambda
+from po_experiments.objectives.pairwise_losses import decompose
+
+ALGORITHMS = {name: (lambda t, a, _n=name: decompose(t, OmegaConf.merge({"name": _n}, a)))
+              for name, spec in OBJECTIVES.items() if spec.family == "dpo"}
 
 
 def grads(model) -> torch.Tensor:
@@ -97,8 +101,8 @@ def test_surrogate_gradient_equals_the_algorithms_loss(name, algo, step):
     """Eq. 5 (and its cDPO analogue): -w+ log pi(y+) + w- log pi(y-) has the loss's gradient."""
     t = _terms(step=step)
     d = ALGORITHMS[name](t, OmegaConf.create(algo))
-    ones = torch.ones(9, dtype=torch.float64)
-    assert torch.allclose(_grad(objective(d, t, ones, ones), t), _grad(d.loss.mean(), t), rtol=1e-12)
+    everything = coverage(["TOT"], [], Thirds(rank_thirds(d.w_pos), rank_thirds(d.w_neg)), d.extras)
+    assert torch.allclose(_grad(objective(d, t, everything), t), _grad(d.loss.mean(), t), rtol=1e-12)
 
 
 def test_cdpo_lambda_schedule():
@@ -134,12 +138,27 @@ def test_rank_thirds_orders_by_value():
 
 def test_masks_partition_pairs_and_sides():
     thirds = rank_thirds(torch.rand(10))
-    pos, neg = union_masks(["TOP", "MID", "BOT"], thirds)
-    assert pos.eq(1).all() and neg.eq(1).all()
-    pos, neg = active_masks(["TOT"], ["NEG"], thirds)
-    assert pos.eq(1).all() and neg.eq(0).all()
-    pos, neg = active_masks(["TOT"], ["TOP"], thirds)
-    assert pos.tolist() == (thirds != 2).float().tolist() and neg.tolist() == pos.tolist()
+    th = Thirds(thirds, thirds)
+    c = coverage(["TOP", "MID", "BOT"], [], th)
+    assert c.pos.eq(1).all() and c.neg.eq(1).all()
+    c = coverage(["TOT"], ["NEG"], th)
+    assert c.pos.eq(1).all() and c.neg.eq(0).all()
+    c = coverage(["TOT"], ["TOP"], th)
+    assert c.pos.tolist() == (thirds != 2).float().tolist() and c.neg.tolist() == c.pos.tolist()
+
+
+def test_thirds_are_per_side_when_the_sides_differ():
+    pos, neg = rank_thirds(torch.tensor([0.1, 0.2, 0.3])), rank_thirds(torch.tensor([0.3, 0.2, 0.1]))
+    c = coverage(["TOP"], [], Thirds(pos, neg))
+    assert c.pos.tolist() == [0, 0, 1] and c.neg.tolist() == [1, 0, 0]
+
+
+def test_extra_terms_are_their_own_component():
+    th = Thirds(rank_thirds(torch.rand(6)), rank_thirds(torch.rand(6)))
+    assert coverage(["TOT"], [], th, ("NLL",)).extras == {"NLL"}
+    assert coverage(["POS", "NEG"], [], th, ("NLL",)).extras == set()
+    assert coverage(["TOT"], ["NLL"], th, ("NLL",)).extras == set()
+    assert coverage(["NLL"], [], th, ("NLL",)).pos.sum() == 0
 
 
 def test_drop_window_ablation():

@@ -11,9 +11,9 @@ import torch
 from omegaconf import OmegaConf
 from transformers import GenerationConfig
 
-from po_experiments.trainers.objectives import MID, TOP
+from po_experiments.objectives.pairwise import MID, TOP
 from po_experiments.trainers.ppo import Rollout
-from po_experiments.trainers.ppo_objectives import (
+from po_experiments.objectives.policy_gradient import (
     TOKEN_COMPONENTS, WEIGHTINGS, gae, hppo_lambda, token_mask, token_thirds,
 )
 

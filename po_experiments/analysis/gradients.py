@@ -27,7 +27,9 @@ from dataclasses import dataclass, fields
 import torch
 from torch.func import functional_call, grad, vmap
 
-from ..trainers.objectives import ALGORITHMS, PairTerms, rank_thirds, union_masks
+from ..objectives.pairwise import build_pair_terms, component_coefficients
+from ..objectives.pairwise_losses import decompose
+from ..objectives import BASE_COMPONENTS, components_of
 
 GROUPS = ("all", "bottom", "middle", "top")
 LAYER = re.compile(r"\.layers\.(\d+)\.")
@@ -137,20 +139,18 @@ class MinibatchAlignment:
     norms: torch.Tensor  # n_batches x n_components
 
 
-DPO_COMPONENTS = ("TOT", "POS", "NEG", "TOP", "MID", "BOT")
+DPO_COMPONENTS = BASE_COMPONENTS  # every pairwise objective's; its own terms (an NLL anchor) follow them
 
 
-def dpo_coefficients(chosen, rejected, ref_chosen, ref_rejected, algo, step: int) -> dict[str, torch.Tensor]:
-    """Per component, the coefficients on [grad log pi(y+_i); grad log pi(y-_i)] of its loss gradient, for the
-    whole sample (thirds of omega are ranked over the sample, as the paper ranks over D)."""
-    terms = PairTerms(chosen, rejected, ref_chosen, ref_rejected, step=step)
-    d = ALGORITHMS[algo.name](terms, algo)
-    thirds = rank_thirds(d.rank_by)
-    coef = {}
-    for comp in DPO_COMPONENTS:
-        pos, neg = union_masks([comp], thirds)
-        coef[comp] = torch.cat([-d.w_pos * pos, d.w_neg * neg])
-    return coef
+def dpo_coefficients(chosen, rejected, ref_chosen, ref_rejected, algo, step: int, *, chosen_completion=None,
+                     rejected_completion=None, chosen_ids=None) -> dict[str, torch.Tensor]:
+    """Per component of the objective (`components_of`), the coefficients on [grad log pi(y+_i); grad log pi(y-_i)]
+    of its loss gradient, for the whole sample (thirds ranked over the sample, as the paper ranks over D). The
+    completion masks (and y+'s token ids) give length-normalised and unpaired objectives what the trainer gives
+    them (`build_pair_terms`)."""
+    terms = build_pair_terms(chosen, rejected, ref_chosen, ref_rejected, step=step, chosen_ids=chosen_ids,
+                             chosen_completion=chosen_completion, rejected_completion=rejected_completion)
+    return component_coefficients(decompose(terms, algo), components_of(algo))
 
 
 def _sequence_stats(model, ids, mask, comp, g, groups):
@@ -231,18 +231,20 @@ def dpo_alignment(model, pairs, ref_logps, dprime: dict[str, torch.Tensor], algo
     per_sequence = torch.empty_like(logps)
     per_sequence[order] = logps  # back to [chosen (N); rejected (N)]
     coef = dpo_coefficients(per_sequence[:n], per_sequence[n:], *(r.to(device).double() for r in ref_logps),
-                            algo, step)
+                            algo, step, chosen_completion=pairs["chosen_comp"][:, 1:],
+                            rejected_completion=pairs["rejected_comp"][:, 1:], chosen_ids=pairs["chosen_ids"][:, 1:])
+    components = tuple(coef)
     G, norms, row = [], [], 0
     for idx in batches:
         rows = slice(row, row + 2 * len(idx))
         gram_chunk, offset = grams[row // chunk], row % chunk
         gram = gram_chunk[offset:offset + 2 * len(idx), offset:offset + 2 * len(idx)]
-        C = torch.stack([torch.cat([coef[c][idx], coef[c][n + idx]]) for c in DPO_COMPONENTS]).double() / len(idx)
+        C = torch.stack([torch.cat([coef[c][idx], coef[c][n + idx]]) for c in components]).double() / len(idx)
         g3 = C @ dots[rows]  # components x 3
         G.append(torch.cat([g3.sum(1, keepdim=True), g3], dim=1))
         norms.append(torch.einsum("ci,ij,cj->c", C, gram, C).clamp(min=0).sqrt())
         row += 2 * len(idx)
-    return MinibatchAlignment(DPO_COMPONENTS, torch.stack(G), torch.stack(norms))
+    return MinibatchAlignment(components, torch.stack(G), torch.stack(norms))
 
 
 def iqr_outliers(norms: torch.Tensor) -> torch.Tensor:
@@ -269,7 +271,7 @@ def ppo_token_coefficients(rollout, algo, step: int, weighting) -> dict[str, tor
     """Per component, the coefficient of each response token's grad log pi in its policy-loss gradient at the
     rollout's own policy (ratio 1, inside the clip): -A_t * weight_t * mask_t, thirds ranked over the batch.
     (Dividing by the mini-batch's number of valid tokens is done per mini-batch.)"""
-    from ..trainers.ppo_objectives import TOKEN_COMPONENTS, token_thirds
+    from ..objectives.policy_gradient import TOKEN_COMPONENTS, token_thirds
 
     adv, valid = rollout.advantages, rollout.valid
     thirds = token_thirds(adv, valid)

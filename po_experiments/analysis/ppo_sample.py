@@ -119,7 +119,8 @@ class SampleModels:
 
 def whole_sample(cfg, parts: list[Rollout], pad_token_id: int) -> Rollout:
     """Every share in prompt order, then KL-penalised rewards, GAE and whitening over the whole sample."""
-    from ..trainers.ppo import concat_rollouts, with_advantages
+    from ..objectives.policy_gradient import with_advantages
+    from ..trainers.ppo import concat_rollouts
 
     a = cfg.algo
     sample = concat_rollouts(parts, pad_token_id)

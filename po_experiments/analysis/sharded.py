@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from .. import distributed
 from ..models import DTYPES
-from .gradients import DPO_COMPONENTS, MinibatchAlignment, dpo_coefficients, layer_group
+from .gradients import MinibatchAlignment, dpo_coefficients, layer_group
 
 def uses_sharded_analysis(cfg) -> bool:
     """G is computed from ZeRO-3 shards when the run trains under ZeRO-3 (DPO family)."""
@@ -140,20 +140,23 @@ def sharded_dpo_alignment(folder: Path, cfg, pairs: dict, ref_logps, dprime_batc
         n = len(pairs["chosen_ids"])
         lp = [model.sequence_logps(pairs[f"{s}_ids"], pairs[f"{s}_mask"], pairs[f"{s}_comp"])
               for s in ("chosen", "rejected")]
-        coef = dpo_coefficients(*lp, *(r.double().cpu() for r in ref_logps), cfg.algo, step)
+        coef = dpo_coefficients(*lp, *(r.double().cpu() for r in ref_logps), cfg.algo, step,
+                                chosen_completion=pairs["chosen_comp"][:, 1:],
+                                rejected_completion=pairs["rejected_comp"][:, 1:], chosen_ids=pairs["chosen_ids"][:, 1:])
+        components = tuple(coef)
         size = cfg.analysis.dpo_batch_size
         starts = range(0, n, size)
         partial = []
         for s in (progress(starts) if progress else starts):
             idx = torch.arange(s, min(s + size, n))
             rows = {k: torch.cat([pairs[f"chosen_{k}"][idx], pairs[f"rejected_{k}"][idx]]) for k in ("ids", "mask", "comp")}
-            C = torch.stack([torch.cat([coef[c][idx], coef[c][n + idx]]) for c in DPO_COMPONENTS]) / len(idx)
+            C = torch.stack([torch.cat([coef[c][idx], coef[c][n + idx]]) for c in components]) / len(idx)
             partial.append(model.component_stats(rows["ids"], rows["mask"], rows["comp"], C, dprime))
         stats = torch.stack(partial)
         dist.all_reduce(stats)  # local partitions -> whole dot products and squared norms
         stats = stats.cpu()
         G = torch.cat([stats[..., :3].sum(-1, keepdim=True), stats[..., :3]], dim=-1)
-        return MinibatchAlignment(DPO_COMPONENTS, G, stats[..., 3].clamp(min=0).sqrt())
+        return MinibatchAlignment(components, G, stats[..., 3].clamp(min=0).sqrt())
     finally:
         model.close()
 

@@ -166,7 +166,7 @@ def minibatch_alignment(cfg, step: int, folder: Path, dprime, pairs=None):
     g = dprime_gradient(model, dprime)
     if cfg.algo.family == "ppo":
         from ..trainers.ppo import Rollout
-        from ..trainers.ppo_objectives import WEIGHTINGS
+        from ..objectives.policy_gradient import WEIGHTINGS
 
         rollout = ppo_sample if ppo_sample is not None else Rollout.load(folder / "rollout.pt")
         coef = ppo_token_coefficients(rollout, cfg.algo, step, WEIGHTINGS[cfg.algo.weighting])

@@ -23,15 +23,20 @@ from omegaconf import OmegaConf
 
 from ..config import _run_name
 from .figures import panels_figure, table_figure
-from .methods import LABELS, PANELS
+from .methods import PANELS, label_of, table1_row
 from .paper_values import TABLE1, TABLE1_SEEDS, paper_value
 
 log = logging.getLogger(__name__)
-VARIANT_ORDER = ("baseline", "cdpo", "cppo", "cppo_mid", "hppo", "ablation")
+VARIANT_ORDER = ("baseline", "cdpo", "cppo", "cppo_mid", "hppo", "ablation")  # then the other objectives
 MODEL_ORDER = ("tiny", "pythia", "qwen3", "llama3")
-# (family, variant) -> Table 1's row; other variants (ablations) are in cases.csv only
-TABLE1_ROWS = {("dpo", "baseline"): "DPO", ("dpo", "cdpo"): "cDPO", ("ppo", "baseline"): "PPO",
-               ("ppo", "cppo"): "cPPO", ("ppo", "cppo_mid"): "cPPO", ("ppo", "hppo"): "hPPO"}
+
+
+def row_of(family: str, variant: str) -> str | None:
+    """Table 1's row of a (family, variant): its objective's row from the registry; a plain DPO/PPO run restricted
+    to some components (variant == family), an ablation or a no-SFT run is in cases.csv only."""
+    if variant == family:
+        return None
+    return table1_row(family if variant == "baseline" else variant, variant)
 
 
 @dataclass
@@ -48,7 +53,7 @@ def find_runs(root: Path) -> list[Run]:
         if {"wandb", "eval", "checkpoints"} & set(path.relative_to(root).parts):
             continue
         summary = json.loads(path.read_text())
-        summary.setdefault("method", LABELS.get(summary.get("algo"), summary.get("algo")))
+        summary.setdefault("method", label_of(summary.get("algo")))
         summary.setdefault("family", "ppo" if "ppo" in str(summary.get("algo")) else "dpo")
         summary.setdefault("variant", "baseline" if summary.get("algo") in ("dpo", "ppo") else summary.get("algo"))
         table = path.parent / "win_rate.csv"
@@ -121,7 +126,7 @@ def method_table(final: pd.DataFrame) -> pd.DataFrame:
 def table1(methods: pd.DataFrame) -> pd.DataFrame:
     """Table 1: per judge, model and Table 1 row, the case with the highest mean final win rate (more seeds
     first on a tie), its label (`case`), every case it was chosen from (`cases`) and the paper's value."""
-    rows = methods.assign(row=[TABLE1_ROWS.get((f, v)) for f, v in zip(methods["family"], methods["variant"])])
+    rows = methods.assign(row=[row_of(f, v) for f, v in zip(methods["family"], methods["variant"])])
     rows = rows.dropna(subset=["row", "mean"])
     chosen = []
     for (judge, model, row), group in rows.groupby(["judge", "model", "row"], sort=False):

@@ -4,11 +4,10 @@ Written into summary.json by the pipeline, so aggregation reads the output contr
 """
 from __future__ import annotations
 
-import dataclasses
-
 from omegaconf import OmegaConf
 
-LABELS = {"dpo": "DPO", "cdpo": "cDPO", "ppo": "PPO", "cppo": "cPPO-top", "cppo_mid": "cPPO-mid", "hppo": "hPPO"}
+from ..objectives import OBJECTIVES
+
 PARAMS = ("t1", "t2", "lam", "t3", "tau")  # the parameters that make the method: always in its label
 NOT_PARAMS = ("name", "family", "weighting", "components")  # what the label says otherwise (name, [components])
 # Fig. 4: (panel, title, family whose plain run is the baseline, the variant drawn against it)
@@ -23,12 +22,20 @@ PANELS = (
 
 
 def algo_defaults(algo) -> dict:
-    """The schema defaults of the algorithm's parameters (config: DPOAlgoConfig, CDPOAlgoConfig, PPOAlgoConfig)."""
-    from ..config import CDPOAlgoConfig, DPOAlgoConfig, PPOAlgoConfig, schema_of
+    """The schema defaults of the objective's parameters (from the registry; {} for one no longer registered)."""
+    spec = OBJECTIVES.get(algo.get("name"))
+    return spec.defaults() if spec else {}
 
-    schema = schema_of(algo, (DPOAlgoConfig, CDPOAlgoConfig, PPOAlgoConfig)) or \
-        {"dpo": DPOAlgoConfig, "ppo": PPOAlgoConfig}.get(algo.get("family"))
-    return {f.name: f.default for f in dataclasses.fields(schema)} if schema else {}
+
+def label_of(name: str) -> str:
+    spec = OBJECTIVES.get(name)
+    return spec.label if spec else name
+
+
+def table1_row(name: str, variant: str) -> str | None:
+    """The Table 1 row a run competes in: its objective's (cPPO-top and -mid share one), none for ablations."""
+    spec = OBJECTIVES.get(name)
+    return spec.table1_row if spec and variant not in ("ablation", "no_sft") else None
 
 
 def _value(v) -> str:
@@ -46,7 +53,7 @@ def describe(cfg) -> dict:
     shown = {k: v for k, v in every.items() if k in PARAMS or k not in defaults or v != defaults[k]}
     params = dict(sorted(every.items(), key=lambda kv: (kv[0] not in PARAMS, PARAMS.index(kv[0])
                                                           if kv[0] in PARAMS else kv[0])))
-    label = LABELS.get(algo.name, algo.name)
+    label = label_of(algo.name)
     if shown:
         label += " (" + ", ".join(f"{k}={_value(v)}" for k, v in params.items() if k in shown) + ")"
     components = list(OmegaConf.to_container(algo.components)) if "components" in algo else ["TOT"]

@@ -2,8 +2,8 @@
 
 TRL keeps data preparation, the reference model (or precomputed reference log-probs), the Trainer loop,
 checkpointing and DeepSpeed; we replace only the loss: per-pair sequence log-probs go through a registered
-algorithm (dpo, cdpo, ...) and are masked by the active components (POS/NEG/TOP/MID/BOT, minus what the
-ablation drops at this step).
+pairwise objective (dpo, cdpo, ipo, simpo, ...) and are masked by the active components (POS/NEG/TOP/MID/BOT and
+the objective's own terms, minus what the ablation drops at this step).
 """
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ from trl import DPOTrainer
 from trl.trainer.utils import selective_log_softmax
 
 from .ablations import ABLATIONS
-from .objectives import ALGORITHMS, PairTerms, active_masks, objective, rank_thirds
+from ..objectives import objective_of
+from ..objectives.pairwise import PairTerms, build_pair_terms, coverage, objective, thirds_of
+from ..objectives.pairwise_losses import decompose
 from .resume import ExactResumeMixin
 
 
@@ -24,10 +26,10 @@ def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, completion_mas
 
 class ComponentDPOTrainer(ExactResumeMixin, DPOTrainer):
     def __init__(self, *args, algo, ablation, **kwargs):
-        if algo.name not in ALGORITHMS:
-            raise KeyError(f"unknown algorithm {algo.name!r}; registered: {sorted(ALGORITHMS)}")
+        self.spec = objective_of(algo)
+        if self.spec.family != "dpo":
+            raise ValueError(f"objective {algo.name!r} is not pairwise (family {self.spec.family!r})")
         self.algo, self.ablation = algo, ablation
-        self.algorithm = ALGORITHMS[algo.name]
         self.drop_components = ABLATIONS[ablation.name]
         super().__init__(*args, **kwargs)
         if self.use_liger_kernel:
@@ -43,28 +45,31 @@ class ComponentDPOTrainer(ExactResumeMixin, DPOTrainer):
             ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
         else:
             ref_chosen, ref_rejected = self.compute_ref_log_probs(self.ref_model or model, inputs)
-        return PairTerms(chosen, rejected, ref_chosen.detach(), ref_rejected.detach(), step=self.state.global_step)
+        completion = inputs["completion_mask"][:, 1:]  # the tokens sequence_logps sums
+        chosen_completion, rejected_completion = completion.chunk(2, dim=0)
+        return build_pair_terms(chosen, rejected, ref_chosen, ref_rejected, step=self.state.global_step,
+                                chosen_ids=inputs["input_ids"][:, 1:].chunk(2, dim=0)[0],
+                                chosen_completion=chosen_completion, rejected_completion=rejected_completion)
 
     def pair_losses(self, model, inputs, step: int) -> torch.Tensor:
-        """Per-pair value of the algorithm's own loss with its schedule at optimizer step `step` (cDPO's λ): the L
+        """Per-pair value of the objective's own loss with its schedule at optimizer step `step` (cDPO's λ): the L
         of App. A's loss check (`loss_check.LossCheck`)."""
         terms = self.pair_terms(model, inputs)
         terms.step = step
-        return self.algorithm(terms, self.algo).loss
+        return decompose(terms, self.algo).loss
 
     def _compute_loss(self, model, inputs, return_outputs):
         terms = self.pair_terms(model, inputs)
-        decomposition = self.algorithm(terms, self.algo)
-        thirds = rank_thirds(decomposition.rank_by)
+        decomposition = decompose(terms, self.algo)
         dropped = self.drop_components(terms.step, self.ablation)
-        pos_mask, neg_mask = active_masks(self.algo.components, dropped, thirds)
-        loss = objective(decomposition, terms, pos_mask, neg_mask)
-        self._record_metrics(terms, decomposition, pos_mask, neg_mask)
+        covered = coverage(self.algo.components, dropped, thirds_of(decomposition), decomposition.extras)
+        loss = objective(decomposition, terms, covered)
+        self._record_metrics(terms, decomposition, covered)
         return (loss, None) if return_outputs else loss
 
     # ----------------------------------------------------------------------------------------- logging
     @torch.no_grad()
-    def _record_metrics(self, t: PairTerms, d, pos_mask, neg_mask) -> None:
+    def _record_metrics(self, t: PairTerms, d, covered) -> None:
         mode = "train" if self.model.training else "eval"
         gather = self.accelerator.gather_for_metrics
         chosen_r = gather(self.algo.beta * (t.chosen - t.ref_chosen).detach())
@@ -81,7 +86,9 @@ class ComponentDPOTrainer(ExactResumeMixin, DPOTrainer):
         m["omega/mean"].append(omega.mean().item())
         m["omega/q33"].append(q[0].item())
         m["omega/q67"].append(q[1].item())
-        m["components/pos_share"].append(pos_mask.mean().item())
-        m["components/neg_share"].append(neg_mask.mean().item())
+        m["components/pos_share"].append(covered.pos.mean().item())
+        m["components/neg_share"].append(covered.neg.mean().item())
+        m["weights/pos_mean"].append(gather(d.w_pos.detach()).mean().item())
+        m["weights/neg_mean"].append(gather(d.w_neg.detach()).mean().item())
         for key, value in d.scalars.items():
             m[key].append(value)

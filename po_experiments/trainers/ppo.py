@@ -30,7 +30,9 @@ from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.utils import selective_log_softmax
 
 from .ablations import ABLATIONS
-from .ppo_objectives import WEIGHTINGS, clipped_surrogate, gae, policy_loss, token_mask, token_thirds, whiten
+from ..objectives.policy_gradient import (
+    WEIGHTINGS, clipped_surrogate, policy_loss, token_mask, token_thirds, whiten, with_advantages,
+)
 
 log = logging.getLogger(__name__)
 
@@ -194,25 +196,6 @@ def score_rollout(r: Rollout, tokenizer, reward) -> Rollout:
     prompts = [tokenizer.decode(q[m.bool()]) for q, m in zip(r.query_responses[:, :ctx], r.attention_mask[:, :ctx])]
     responses = tokenizer.batch_decode(r.responses, skip_special_tokens=True)
     r.scores = reward.score(prompts, responses).to(r.logprobs.device, r.logprobs.dtype)
-    return r
-
-
-@torch.no_grad()
-def with_advantages(r: Rollout, *, kl_coef: float, kl_estimator: str, gamma: float, lam: float,
-                    whiten_rewards: bool) -> Rollout:
-    """Per-token reward = -beta KL(pi || ref) + the score on the last valid token; GAE; whitening over every valid
-    token of `r` (the trainer's rollout: this process's batch; the G analysis: its whole sample)."""
-    log_ratio = r.ref_logprobs - r.logprobs
-    kl = -log_ratio if kl_estimator == "k1" else log_ratio.exp() - 1 - log_ratio
-    rewards = (-kl_coef * kl).masked_fill(~r.valid, 0.0)
-    last = r.valid.long().sum(1).clamp(min=1) - 1
-    rewards[torch.arange(len(last)), last] += r.scores
-    if whiten_rewards:
-        rewards = whiten(rewards, r.valid, shift_mean=False).masked_fill(~r.valid, 0.0)
-    r.rewards = rewards
-    r.raw_advantages = gae(rewards, r.values, gamma, lam).masked_fill(~r.valid, 0.0)
-    r.returns = r.raw_advantages + r.values
-    r.advantages = whiten(r.raw_advantages, r.valid).masked_fill(~r.valid, 0.0)
     return r
 
 

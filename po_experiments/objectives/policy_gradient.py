@@ -1,4 +1,5 @@
-"""The PPO family as registered per-token weightings of the clipped surrogate (paper Eq. 11-16, 33-35).
+"""The policy-gradient family: advantage estimators (registered objectives) and per-token weightings of the
+clipped surrogate (paper Eq. 11-16, 33-35).
 
 Tokens are split the way the paper splits them: POS (A >= 0) / NEG (A < 0), and TOP / MID / BOT thirds of |A|
 ranked over the valid tokens of the whole rollout batch (by rank, so ties never empty a third). A weighting
@@ -6,18 +7,66 @@ returns one weight per token (cPPO: lambda on a third; hPPO: lambda(t) on A < 0)
 Every loss is a sum over tokens divided by the number of valid tokens in the batch, so component losses, and
 their gradients, add up exactly to the full loss.
 
-A new variant is one `@register_weighting` function plus `conf/algo/<name>.yaml`.
+A new weighting is one `@register_weighting` function; a new estimator one `@register_objective` function;
+each plus `conf/algo/<name>.yaml`.
 """
 from __future__ import annotations
 
 import math
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 import torch
 
 from ..registry import registry
+from . import register_objective
+from .pairwise import BOT, MID, TOP
 
-from .objectives import BOT, MID, TOP
+
+@dataclass
+class PPOAlgoConfig:
+    """PPO (Eq. 11) with per-token weights from a registered weighting (ppo, cppo_top, cppo_mid, hppo).
+
+    `components` is the training objective over tokens (TOT, POS: A >= 0, NEG: A < 0, TOP/MID/BOT: thirds of |A|
+    by rank over the rollout batch)."""
+
+    name: str = "ppo"
+    family: str = "ppo"
+    weighting: str = "ppo"
+    components: list[str] = field(default_factory=lambda: ["TOT"])
+    lam: Optional[float] = None  # cPPO's weight on the top (Eq. 33) or middle (Eq. 34) third, in [0, 1]
+    t3: Optional[float] = None  # hPPO's half period in optimizer steps (Eq. 35)
+    tau: Optional[float] = None  # hPPO's largest downweighting of A < 0 tokens (Eq. 35)
+    kl_coef: float = 0.05  # KL(pi || ref) penalty in the per-token reward
+    cliprange: float = 0.2
+    cliprange_value: float = 0.2
+    vf_coef: float = 0.1
+    gamma: float = 1.0
+    gae_lambda: float = 0.95
+    num_ppo_epochs: int = 4
+    num_mini_batches: int = 1
+    whiten_rewards: bool = False
+
+    @staticmethod
+    def problems(a) -> list[tuple[str, str]]:
+        """(key, message) for each value out of range; config.validate raises on the first."""
+        out = []
+        if a.weighting not in WEIGHTINGS:
+            out.append(("weighting", f"unknown weighting {a.weighting!r}; registered: {', '.join(sorted(WEIGHTINGS))}"))
+        elif a.weighting.startswith("cppo") and not (a.lam is not None and 0.0 <= a.lam <= 1.0):
+            out.append(("lam", f"must be in [0, 1], got {a.lam}"))
+        elif a.weighting == "hppo":
+            if not (a.t3 is not None and a.t3 > 0):
+                out.append(("t3", f"must be > 0, got {a.t3}"))
+            if not (a.tau is not None and a.tau > 0):
+                out.append(("tau", f"must be > 0, got {a.tau}"))
+        out += [(k, f"must be >= 0, got {a[k]}") for k in ("kl_coef", "cliprange_value", "vf_coef") if a[k] < 0]
+        if not 0 < a.cliprange < 1:
+            out.append(("cliprange", f"must be in (0, 1), got {a.cliprange}"))
+        out += [(k, f"must be in [0, 1], got {a[k]}") for k in ("gamma", "gae_lambda") if not 0 <= a[k] <= 1]
+        if a.num_ppo_epochs <= 0:
+            out.append(("num_ppo_epochs", f"must be > 0, got {a.num_ppo_epochs}"))
+        return out
 
 # ------------------------------------------------------------------------------------------ thirds and masks
 
@@ -125,3 +174,30 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torc
     mean, var = x[m].mean(), x[m].var(unbiased=True)
     out = (x - mean) * torch.rsqrt(var + 1e-8)
     return out if shift_mean else out + mean
+
+
+# ------------------------------------------------------------------------------------------ estimators
+
+
+@torch.no_grad()
+def with_advantages(r, *, kl_coef: float, kl_estimator: str, gamma: float, lam: float, whiten_rewards: bool):
+    """Per-token reward = -beta KL(pi || ref) + the score on the last valid token; GAE; whitening over every valid
+    token of `r` (the trainer's rollout: this process's batch; the G analysis: its whole sample)."""
+    log_ratio = r.ref_logprobs - r.logprobs
+    kl = -log_ratio if kl_estimator == "k1" else log_ratio.exp() - 1 - log_ratio
+    rewards = (-kl_coef * kl).masked_fill(~r.valid, 0.0)
+    last = r.valid.long().sum(1).clamp(min=1) - 1
+    rewards[torch.arange(len(last)), last] += r.scores
+    if whiten_rewards:
+        rewards = whiten(rewards, r.valid, shift_mean=False).masked_fill(~r.valid, 0.0)
+    r.rewards = rewards
+    r.raw_advantages = gae(rewards, r.values, gamma, lam).masked_fill(~r.valid, 0.0)
+    r.returns = r.raw_advantages + r.values
+    r.advantages = whiten(r.raw_advantages, r.valid).masked_fill(~r.valid, 0.0)
+    return r
+
+
+# PPO and its paper variants share GAE with a value model; they differ by their default weighting (YAML).
+for _name, _label, _row in (("ppo", "PPO", "PPO"), ("cppo", "cPPO-top", "cPPO"), ("cppo_mid", "cPPO-mid", "cPPO"),
+                            ("hppo", "hPPO", "hPPO")):
+    register_objective(_name, family="ppo", schema=PPOAlgoConfig, label=_label, table1_row=_row)(with_advantages)
