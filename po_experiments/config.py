@@ -19,9 +19,9 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from .errors import ConfigError
 from .objectives import OBJECTIVES, components_of, objective_of
-from .objectives.pairwise import PairwiseConfig as DPOAlgoConfig
-from .objectives.pairwise_losses import CDPOConfig as CDPOAlgoConfig
-from .objectives.policy_gradient import PPOAlgoConfig
+from .objectives.pairwise import PairwiseConfig as DPOAlgoConfig  # noqa: F401  (re-exported for scripts)
+from .objectives.pairwise_losses import CDPOConfig as CDPOAlgoConfig  # noqa: F401
+from .objectives.policy_gradient import PPOAlgoConfig  # noqa: F401
 
 # --------------------------------------------------------------------------------------------- enums
 

@@ -20,7 +20,8 @@ from .analysis import variants
 from .config import EvalConfig, stage_settings
 from .models import resolve_model_source, set_threads
 from .evaluation import judges
-from .evaluation.stage import evaluate, judged, share_outputs, write_json_atomic
+from .atomic import write_json
+from .evaluation.stage import evaluate, judged, share_outputs
 from .generation import backend as generation
 from .reporting.methods import describe
 from .rewards import preflight_reward
@@ -55,7 +56,7 @@ def analyse_finished(cfg, run_dir: Path, summary: dict) -> dict:
             summary["alignment"] = str(table)
         else:
             summary["alignment_variants"] = sorted({*summary.get("alignment_variants", []), str(table)})
-        write_json_atomic(run_dir / "summary.json", summary)
+        write_json(run_dir / "summary.json", summary)
     return summary
 
 
@@ -93,7 +94,7 @@ def finished_run(cfg, run_dir: Path, summary: dict) -> dict:
     judges.preflight(cfg)
     result = evaluate(cfg, run_dir, Path(summary["sft_dir"]), summary["final_step"])
     summary.update(result, win_rates={**summary.get("win_rates", {}), result["judge"]: result["win_rate"]})
-    write_json_atomic(run_dir / "summary.json", summary)
+    write_json(run_dir / "summary.json", summary)
     return summary
 
 
@@ -142,7 +143,7 @@ def run(cfg) -> dict:
         "wall_time_s": round(time.time() - started, 1), "eval_settings": output_settings(cfg),
         "step_unit": run_length.unit(cfg), "run_length": _read_json(run_dir / "run_length.json"),
     }
-    write_json_atomic(summary_path, summary)
+    write_json(summary_path, summary)
     tracking.finish(wandb_run, summary)
     if not cfg.sft.enabled:
         log.info("no SFT: the win rate %s is against the base model, not an SFT model", summary.get("win_rate"))

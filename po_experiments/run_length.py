@@ -11,13 +11,13 @@ once sampled; real data may lose a few rows to validation).
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .atomic import write_json
 from .errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -110,10 +110,7 @@ def check_training(cfg, rows: int, run_dir) -> dict:
     record = check(cfg, rows, where="the training data")
     if not distributed.is_main():
         return record
-    path = Path(run_dir) / "run_length.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    tmp.replace(path)
+    write_json(Path(run_dir) / "run_length.json", record)
     return record
 
 

@@ -17,7 +17,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from transformers import AutoTokenizer
 
 from .. import distributed
 from ..cache import config_hash
+from ..atomic import write_csv, write_json
 from ..checkpoints import step_dirs
 from ..data.synthetic import DictionaryTask
 from ..generation.backend import generate_texts, shared_generate_texts
@@ -100,13 +100,6 @@ def models_to_evaluate(cfg, run_dir: Path, final_step: int) -> dict[int, Path]:
 # --------------------------------------------------------------------------------------------- outputs
 
 
-def write_json_atomic(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
-
-
 def cached_outputs(path: Path, prompts: EvalPrompts) -> list[str] | None:
     if not path.exists():
         return None
@@ -118,7 +111,7 @@ def cached_outputs(path: Path, prompts: EvalPrompts) -> list[str] | None:
 
 
 def write_outputs(path: Path, prompts: EvalPrompts, outputs: list[str], generator: str) -> None:
-    write_json_atomic(path, [{"instruction": i, "output": o, "generator": generator, "dataset": d, "index": k}
+    write_json(path, [{"instruction": i, "output": o, "generator": generator, "dataset": d, "index": k}
                              for i, o, d, k in zip(prompts.instructions, outputs, prompts.dataset, prompts.index)])
 
 
@@ -229,9 +222,7 @@ def write_table(path: Path, rows: list[dict]) -> pd.DataFrame:
     new = pd.DataFrame(rows, columns=COLUMNS)
     table = pd.concat([pd.read_csv(path), new]) if path.exists() else new
     table = table.drop_duplicates(["judge", "step"], keep="last").sort_values(["judge", "step"])
-    tmp = path.with_name(path.name + ".tmp")
-    table.to_csv(tmp, index=False, float_format="%.4f")
-    os.replace(tmp, path)
+    write_csv(path, table, float_format="%.4f")
     return table
 
 
@@ -265,7 +256,7 @@ def evaluate(cfg, run_dir: Path, sft_dir: Path, final_step: int, wandb_run=None)
             verdicts = json.loads(path.read_text())
         else:
             verdicts = judge.judge(pairs(prompts, reference, candidate, names))
-            write_json_atomic(path, verdicts)
+            write_json(path, verdicts)
         rows.append(judged_row(label, step, verdicts, lc_enabled))
         samples += [{"step": step, **v} for v in verdicts[:cfg.eval.n_samples]]
         log.info("win rate at step %d: %.2f ± %.2f (n=%d, %s)", step, rows[-1]["win_rate"], rows[-1]["win_rate_se"],

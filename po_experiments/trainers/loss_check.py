@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
 
 from .. import distributed
+from ..atomic import write_json
 
 log = logging.getLogger(__name__)
 LOSS_CHECK = "loss_check.json"
@@ -105,9 +105,7 @@ class LossCheck(TrainerCallback):
             return
         record = {"before": before, "after": after, "measured_on": self.measured_on, "step": step,
                   "objective_step": step, "increased": after > before}
-        tmp = folder / (LOSS_CHECK + ".tmp")
-        tmp.write_text(json.dumps(record, indent=2))
-        os.replace(tmp, folder / LOSS_CHECK)
+        write_json(folder / LOSS_CHECK, record, indent=2)
         log.info("loss check, update %d -> %d: L %.6g -> %.6g%s", step, step + 1, before, after,
                  " (increased)" if after > before else "")
 
