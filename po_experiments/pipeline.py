@@ -28,6 +28,7 @@ from .rewards import preflight_reward
 from .stages.pairs import preference_data
 from .stages.policy import train_policy
 from .stages.sft import reference_kind, start_model_dir, task_sft_dir
+from .tasks import task_of
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +119,7 @@ def run(cfg) -> dict:
     wandb_run = tracking.start(cfg, run_dir) if distributed.is_main() else None
 
     sft_dir = start_model_dir(cfg)  # the SFT model, or the base model with sft.enabled=false
-    if cfg.data.name == "synthetic" and (cfg.algo.family == "dpo" or cfg.reward.kind == "learned"):
+    if task_of(cfg).embedded and (cfg.algo.family == "dpo" or cfg.reward.kind == "learned"):
         task_sft_dir(cfg, sft_dir)  # every rank: the task's pairs / RM come from the SFT model, with or without SFT
     if cfg.algo.family == "ppo":
         from .stages.ppo_policy import train_ppo_policy

@@ -32,7 +32,6 @@ SHARD_GB = 5.0  # the largest safetensors shard a rank holds on the host while l
 HOST_BASE_GB = 3.0  # one process: Python, torch, CUDA context's host side, tokenizer, dataset in RAM
 DEVICE_BASE_GB = 1.0  # CUDA context and allocator slack on each GPU
 # Known sizes of the paper's data sets (rows of the configured split), for step counts without downloading.
-SYNTHETIC_PAIR_SHARE = 1.0  # the embedded task labels one pair per preference prompt
 
 
 @dataclass
@@ -314,13 +313,9 @@ def _train_time_h(n_params: int, tokens_per_step: int, steps: int | None, hw: Ha
 
 def rows(cfg, source: str) -> int | None:
     """Rows a stage reads: the synthetic task's sizes, or a paper data set's known (or max_rows-capped) size."""
-    d = cfg.data
-    if d.name == "synthetic":
-        return {"sft": d.n_sft, "preferences": round(d.n_pref_prompts * SYNTHETIC_PAIR_SHARE),
-                "questions": d.n_heldout, "instructions": d.n_heldout}[source]
-    src = d[source]
-    known = src.get("rows")
-    return min(known, src.max_rows) if known is not None and src.max_rows is not None else (src.max_rows or known)
+    from .tasks import task_of  # the data layer, imported when a plan is made (config validation stays light)
+
+    return task_of(cfg).rows(cfg, source)
 
 
 class Planner:

@@ -22,9 +22,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from .. import distributed
 from ..checkpoints import step_dirs
 from ..trainers.loss_check import read_loss_check
-from ..data.synthetic import DictionaryTask
 from ..generation.backend import shared_generate_texts
-from ..models import DTYPES, chat_template_text
+from ..models import DTYPES
+from ..tasks import task_of
 from .gradients import (
     GROUPS, choose_method, dpo_alignment, dprime_gradient, encode, encode_pairs, ppo_alignment, ppo_token_coefficients,
     sequence_logps, summarise,
@@ -55,15 +55,7 @@ def analysis_method(cfg, model) -> str:
 
 
 def dprime_prompts(cfg, tokenizer) -> list[str]:
-    n = cfg.analysis.n_dprime
-    if cfg.data.name == "synthetic":
-        task = DictionaryTask.from_config(cfg.data)
-        return task.heldout_prompts(n) if cfg.analysis.dprime == "heldout" else task.preference_prompts(n, cfg.sft.seed)
-    from ..data.paper import load_preferences, load_questions
-
-    turns = (load_questions(cfg.data, tokenizer) if cfg.analysis.dprime == "heldout"
-             else load_preferences(cfg.data, tokenizer))["prompt"][:n]
-    return [chat_template_text(tokenizer, t, add_generation_prompt=True) for t in turns]
+    return task_of(cfg).dprime_prompts(cfg, tokenizer)
 
 
 def dprime_batches(cfg, run_dir: Path, tokenizer, batch_size: int) -> list[tuple[torch.Tensor, ...]]:
@@ -100,7 +92,7 @@ def answer_dprime(cfg, run_dir: Path, tokenizer) -> list[dict]:
     prompts = dprime_prompts(cfg, tokenizer)
     answers = shared_generate_texts(cfg, run_dir / "model", prompts, max_new_tokens=cfg.data.max_new_tokens,
                                     desc="D' answers")
-    rows = [{"prompt": p, "response": " " + a if cfg.data.name == "synthetic" else a}
+    rows = [{"prompt": p, "response": task_of(cfg).dprime_response(a)}
             for p, a in zip(prompts, answers)]
     if distributed.is_main():
         cache = dprime_cache(cfg, run_dir)

@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 
 from ..data.synthetic import DictionaryTask
+from ..tasks import task_of
 from ..errors import ConfigError
 from ..registry import registry
 
@@ -65,7 +66,7 @@ class RewardModelJudge:
                                     f"and the tokenizer files of {Path(str(rm.path)).name}.")
         self.reward = ClassifierReward(source, trust_remote_code=rm.trust_remote_code, dtype=rm.dtype,
                                        batch_size=rm.batch_size, key="eval.reward_model.path")
-        self.chat = cfg.data.name != "synthetic"
+        self.chat = task_of(cfg).chat
         self.name = base_judge_name(cfg, "reward_model")
 
     def judge(self, pairs: list[dict]) -> list[dict]:
@@ -126,8 +127,8 @@ def resolve_judge(cfg) -> str:
     judge = requested_judge(cfg)
     if judge != "auto":
         return judge
-    if cfg.data.name == "synthetic":
-        return "gold"
+    if task_of(cfg).default_judge(cfg):
+        return task_of(cfg).default_judge(cfg)
     ae = cfg.eval.alpaca_eval
     if ae.annotator == "local" or os.environ.get("OPENAI_API_KEY"):
         return "alpaca_eval"
@@ -150,8 +151,7 @@ def no_judge_error(cfg) -> ConfigError:
 def prompts_suffix(cfg) -> str:
     """What tells apart the verdicts, win_rate.csv rows and outputs of another prompt set than the default
     (AlpacaEval's instructions on real data, the held-out prompts of the synthetic task): `@<eval.prompts>`."""
-    prompts = str(cfg.eval.get("prompts", "alpaca_eval"))
-    return "" if cfg.data.name == "synthetic" or prompts == "alpaca_eval" else f"@{prompts}"
+    return task_of(cfg).prompts_suffix(cfg)
 
 
 def judge_name(cfg, judge: str) -> str:

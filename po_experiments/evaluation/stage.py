@@ -17,7 +17,6 @@ import hashlib
 import json
 import logging
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -29,9 +28,8 @@ from .. import distributed
 from ..cache import config_hash
 from ..atomic import write_csv, write_json
 from ..checkpoints import step_dirs
-from ..data.synthetic import DictionaryTask
 from ..generation.backend import generate_texts, shared_generate_texts
-from ..models import chat_template_text
+from ..tasks import EvalPrompts, task_of
 from .judges import build_judge, prompts_suffix
 from .winrate import win_rate
 
@@ -41,48 +39,9 @@ COLUMNS = ["judge", "step", "win_rate", "win_rate_se", "n", "n_wins", "n_draws",
            "lc_win_rate_se"]
 
 
-@dataclass
-class EvalPrompts:
-    instructions: list[str]  # what a reader sees (AlpacaEval's `instruction`)
-    model_inputs: list[str]  # what the model is fed (chat-templated for real models)
-    dataset: list[str]
-    index: list[int]  # position in the source set (AlpacaEval's length-controlled GLM needs it)
-    max_new_tokens: int
-
-
 def eval_prompts(cfg, tokenizer) -> EvalPrompts:
-    n = cfg.eval.n_prompts
     max_new_tokens = cfg.eval.max_new_tokens or cfg.data.max_new_tokens
-    if cfg.data.name == "synthetic":
-        prompts = DictionaryTask.from_config(cfg.data).heldout_prompts(cfg.data.n_heldout)[:n]
-        return EvalPrompts(prompts, prompts, ["synthetic-heldout"] * len(prompts), list(range(len(prompts))),
-                           max_new_tokens)
-    if cfg.eval.get("prompts", "alpaca_eval") == "hh_helpful":
-        return hh_helpful_prompts(cfg, tokenizer, n, max_new_tokens)
-    from ..data.paper import load_instructions
-
-    rows = load_instructions(cfg.data, tokenizer)
-    rows = rows.select(range(min(n, len(rows)))) if n else rows
-    inputs = [chat_template_text(tokenizer, [{"role": "user", "content": i}], add_generation_prompt=True)
-              for i in rows["instruction"]]
-    return EvalPrompts(list(rows["instruction"]), inputs, list(rows["dataset"]), list(range(len(rows))),
-                       max_new_tokens)
-
-
-def hh_helpful_prompts(cfg, tokenizer, n: int | None, max_new_tokens: int) -> EvalPrompts:
-    """The HH-RLHF helpful questions of `data.questions`, in file order from the first row (the first
-    `analysis.n_dprime` of them are D': both only ask, neither trains), fed as D' feeds them: the question's
-    turns through the chat template. `instruction` (what the judge reads) is the question of a one-turn
-    dialogue, else the dialogue so far as HH-RLHF writes it (`Human: ... Assistant: ... Human: ...`)."""
-    from ..data.paper import load_questions
-
-    rows = load_questions(cfg.data, tokenizer)
-    rows = rows.select(range(min(n, len(rows)))) if n else rows
-    turns, texts = rows["prompt"], rows["text"]
-    instructions = [t[0]["content"] if len(t) == 1 else text.strip() for t, text in zip(turns, texts)]
-    inputs = [chat_template_text(tokenizer, t, add_generation_prompt=True) for t in turns]
-    return EvalPrompts(instructions, inputs, ["hh_rlhf_helpful"] * len(turns), list(range(len(turns))),
-                       max_new_tokens)
+    return task_of(cfg).eval_prompts(cfg, tokenizer, cfg.eval.n_prompts, max_new_tokens)
 
 
 def outputs_dir(cfg, run_dir: Path) -> Path:

@@ -17,6 +17,7 @@ from ..models import load_for_inference
 from .common import generate
 from ..config import DATA_SCHEMAS, schema_of, stage_settings
 from .sft import sft_key, task_sft_dir
+from ..tasks import task_of
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ def pair_key(cfg) -> dict:
 
 def preference_data(cfg, sft_dir: Path, tokenizer) -> Dataset:
     """The training pairs; `sft_dir` is the model the run starts from (the SFT model, or the base model)."""
-    if cfg.data.name == "synthetic":
+    if task_of(cfg).embedded:  # labelled from the SFT model's own samples by the gold reward
         source = task_sft_dir(cfg, sft_dir)
         folder = cached(cfg.paths.cache_dir, "pairs", pair_key(cfg), lambda out: sample_pairs(cfg, source, out))
         return load_from_disk(str(folder / "pairs")).select_columns(["prompt", "chosen", "rejected"])

@@ -22,6 +22,7 @@ from ..config import DATA_SCHEMAS, ModelConfig, schema_of, stage_settings
 from ..checkpoints import StepCounter, build_checkpointing, resumed_step
 from ..data.synthetic import DictionaryTask
 from ..models import build_tiny_model, build_word_tokenizer, load_model, load_tokenizer, resolve_model_source
+from ..tasks import task_of
 from ..trainers.resume import ExactResumeMixin
 from .common import trainer_kwargs
 
@@ -56,11 +57,7 @@ class ResumableSFTTrainer(ExactResumeMixin, SFTTrainer):
 
 
 def demonstrations(cfg, tokenizer):
-    if cfg.data.name == "synthetic":
-        return DictionaryTask.from_config(cfg.data).sft_dataset(cfg.data.n_sft, cfg.sft.seed)
-    from ..data.paper import load_sft
-
-    return load_sft(cfg.data, tokenizer)
+    return task_of(cfg).sft_data(cfg, tokenizer)
 
 
 def train_sft(cfg, out_dir: Path) -> None:
