@@ -12,7 +12,7 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -204,6 +204,9 @@ class ModelConfig:
     cdpo: ScheduleSteps = read_by("po", default_factory=ScheduleSteps)
     ppo: PPOHparams = read_by("po", default_factory=PPOHparams)
     ppo_variants: PPOVariantDefaults = read_by("po", default_factory=PPOVariantDefaults)
+    # Per-model settings of any other objective, {objective: {parameter: value}}, read by its YAML as
+    # ${oc.select:model.cases.<objective>.<parameter>,<default>}: a new objective's per-model cases need no schema.
+    cases: Dict[str, Dict[str, Any]] = read_by("po", default_factory=dict)
 
 
 # --------------------------------------------------------------------------------------------- algorithms
