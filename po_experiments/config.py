@@ -641,10 +641,7 @@ def _validate(cfg: DictConfig) -> None:
     _validate_algo(cfg)
     _require(len(cfg.algo.components) > 0, "algo.components", "must name at least one component")
     _check_components(cfg.algo.components, "algo.components", cfg.algo)
-    if cfg.algo.family == "dpo":
-        _validate_dpo(cfg)
-    else:
-        _validate_ppo(cfg)
+    {"dpo": _validate_dpo, "ppo": _validate_ppo}[cfg.algo.family](cfg)  # the family's training settings
 
     _require(cfg.ablation.name in ABLATIONS, "ablation.name",
              f"unknown ablation {cfg.ablation.name!r}; registered: {', '.join(sorted(ABLATIONS))}")

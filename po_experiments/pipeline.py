@@ -12,7 +12,7 @@ import logging
 import time
 from pathlib import Path
 
-from transformers import AutoTokenizer, set_seed
+from transformers import set_seed
 
 from . import distributed, run_length, tracking
 from .data.sources import preflight_sources
@@ -25,9 +25,8 @@ from .evaluation.stage import evaluate, judged, share_outputs
 from .generation import backend as generation
 from .reporting.methods import describe
 from .rewards import preflight_reward
-from .stages.pairs import preference_data
-from .stages.policy import train_policy
 from .stages.sft import reference_kind, start_model_dir, task_sft_dir
+from .families import family_of
 from .tasks import task_of
 
 log = logging.getLogger(__name__)
@@ -119,15 +118,10 @@ def run(cfg) -> dict:
     wandb_run = tracking.start(cfg, run_dir) if distributed.is_main() else None
 
     sft_dir = start_model_dir(cfg)  # the SFT model, or the base model with sft.enabled=false
-    if task_of(cfg).embedded and (cfg.algo.family == "dpo" or cfg.reward.kind == "learned"):
+    family = family_of(cfg)
+    if task_of(cfg).embedded and family.needs_task_model(cfg):
         task_sft_dir(cfg, sft_dir)  # every rank: the task's pairs / RM come from the SFT model, with or without SFT
-    if cfg.algo.family == "ppo":
-        from .stages.ppo_policy import train_ppo_policy
-
-        policy = train_ppo_policy(cfg, sft_dir, run_dir, tracking.report_to(wandb_run))
-    else:
-        train_data = preference_data(cfg, sft_dir, AutoTokenizer.from_pretrained(sft_dir))
-        policy = train_policy(cfg, sft_dir, train_data, run_dir, tracking.report_to(wandb_run))
+    policy = family.train(cfg, sft_dir, run_dir, tracking.report_to(wandb_run))
     share_outputs(cfg, run_dir, sft_dir, policy.final_step)  # every rank generates; rank 0 then judges alone
     result = distributed.main_first(lambda: evaluate(cfg, run_dir, sft_dir, policy.final_step, wandb_run))
     alignment = variants.analyse(cfg, run_dir, sft_dir, wandb_run)

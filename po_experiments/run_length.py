@@ -36,7 +36,8 @@ class StepSetting:
 
 
 def stage(cfg) -> str:
-    return "ppo" if cfg.algo.family == "ppo" else "dpo"
+    """The model section holding the run's training settings: its family's (model.dpo / model.ppo)."""
+    return cfg.algo.family
 
 
 def optimizer_steps(hp, rows: int | None) -> int | None:

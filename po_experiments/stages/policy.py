@@ -23,6 +23,7 @@ from ..models import load_model
 from ..analysis.sample import select_pair_sample
 from ..trainers.dpo import ComponentDPOTrainer
 from ..trainers.loss_check import LOSS_CHECK, LossCheck
+from .pairs import preference_data
 from .common import trainer_kwargs
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,12 @@ def loss_check(cfg, checkpoint_root: Path, args) -> LossCheck | None:
     measured_on = (f"the G sample: {cfg.analysis.n_pairs} training pairs (analysis.n_pairs, seed {cfg.seed}); "
                    f"{cfg.algo.name} loss with its schedule at step N; eval mode")
     return LossCheck(checkpoint_root, args.per_device_train_batch_size, measured_on)
+
+
+def train_pairwise(cfg, sft_dir: Path, run_dir: Path, report_to: list[str]) -> TrainedPolicy:
+    """The pairwise family's stage: the training pairs, then `train_policy`."""
+    return train_policy(cfg, sft_dir, preference_data(cfg, sft_dir, AutoTokenizer.from_pretrained(sft_dir)), run_dir,
+                        report_to)
 
 
 def train_policy(cfg, sft_dir: Path, train_data, run_dir: Path, report_to: list[str]) -> TrainedPolicy:
