@@ -24,3 +24,15 @@ def write_json(path: Path, obj, indent: int = 1, **dumps) -> Path:
 
 def write_csv(path: Path, frame, **to_csv) -> Path:
     return write_atomic(path, lambda tmp: frame.to_csv(tmp, index=False, **to_csv))
+
+
+def replace_dir(written: Path, target: Path) -> Path:
+    """Put a fully written folder in place of `target` (removing an older one: a re-save after a resume at the
+    same step is as good). Readers see the old folder or the new one; a kill between the two leaves neither,
+    and the writer's next run writes it again."""
+    import shutil
+
+    if Path(target).exists():
+        shutil.rmtree(target)
+    os.replace(written, target)
+    return Path(target)

@@ -20,6 +20,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from . import distributed
+from .atomic import replace_dir
 
 log = logging.getLogger(__name__)
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -68,10 +69,7 @@ class StepCheckpoints(TrainerCallback):
         written = self.root / f"checkpoint-{step}"
         record = {"step": step, "loss": self.last_loss, "epoch": state.epoch}
         (written / "record.json").write_text(json.dumps(record, indent=2))
-        target = self.root / f"step-{step}"
-        if target.exists():  # re-saved after a resume at the same step: the new one is as good
-            shutil.rmtree(target)
-        os.replace(written, target)
+        replace_dir(written, self.root / f"step-{step}")
         if self.keep_last:
             for old in list(step_dirs(self.root))[:-self.keep_last]:
                 shutil.rmtree(self.root / f"step-{old}", ignore_errors=True)

@@ -17,6 +17,7 @@ from transformers import AutoTokenizer
 from trl import DPOConfig
 
 from .. import distributed, run_length
+from ..atomic import replace_dir
 from ..checkpoints import STEP_DIR, StepCheckpoints, debug_callbacks, last_checkpoint
 from ..errors import ConfigError
 from ..models import load_model
@@ -83,8 +84,7 @@ def write_final_policy(run_dir: Path, save, tokenizer, state, resume: Path | Non
     (tmp / "train_result.json").write_text(json.dumps(info, indent=2))
     (tmp / "log_history.json").write_text(json.dumps(state.log_history, indent=1))
     (tmp / "DONE").touch()
-    shutil.rmtree(model_dir, ignore_errors=True)
-    os.replace(tmp, model_dir)
+    replace_dir(tmp, model_dir)
     distributed.barrier()
     return TrainedPolicy(model_dir, info["final_step"], info["final_loss"], info["resumed_from"])
 
