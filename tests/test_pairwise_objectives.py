@@ -392,6 +392,47 @@ def test_labels_come_from_the_registry():
     from po_experiments.reporting.methods import describe
 
     assert describe(make(["algo=simpo"]))["method"] == "SimPO"
-    assert describe(make(["algo=kto_unpaired"]))["method"] == "KTO (unpaired)"
+    assert describe(make(["algo=kto_unpaired"]))["method"] == "KTO-unpaired"
     assert describe(make(["algo=orpo", "algo.t1=10", "algo.t2=20"]))["method"] == "ORPO (t1=10, t2=20)"
     assert describe(make(["algo=cpo", "algo.alpha=0.5"]))["method"] == "CPO (alpha=0.5)"
+
+
+# ====================================================================================== 4. end to end
+
+
+@pytest.fixture(scope="module")
+def e2e_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")  # one SFT model and pair set for both runs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["orpo", "kto_unpaired"])  # length-normalised with an NLL anchor; one side per pair
+def test_run_py_trains_and_analyses_the_objective(name, e2e_cache, tmp_path):
+    """`python run.py algo=<name>` on the embedded task (tiny sizes): a win rate, and alignment.csv with every
+    component of the objective for every layer group and checkpoint, additive to 1e-4."""
+    import json
+
+    import pandas as pd
+
+    from test_pipeline import run
+
+    run_dir = tmp_path / name
+    run(run_dir, e2e_cache, f"algo={name}", "logger=none")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["method"] == OBJECTIVES[name].label and 0 <= summary["win_rate"] <= 100
+    table = pd.read_csv(run_dir / "alignment.csv")
+    expected = BASE_COMPONENTS + OBJECTIVES[name].extra_components
+    assert set(table["component"]) == set(expected) and set(table["layer_group"]) == {"all", "bottom", "middle", "top"}
+    assert table["step"].nunique() >= 3 and len(table) == table["step"].nunique() * len(expected) * 4
+    extras = list(OBJECTIVES[name].extra_components)
+    for column in ("G", "G_unfiltered"):
+        g = table.pivot_table(index=["step", "layer_group"], columns="component", values=column)
+        scale = g.abs().max(axis=1) + 1e-12
+        rest = g[extras].sum(axis=1) if extras else 0.0
+        assert ((g["POS"] + g["NEG"] + rest - g["TOT"]).abs() / scale).max() < 1e-4
+        assert ((g["TOP"] + g["MID"] + g["BOT"] + rest - g["TOT"]).abs() / scale).max() < 1e-4
+        assert (g[list(expected)].abs().max() > 0).all()  # every component measured, none identically zero
+        by_group = table.pivot_table(index=["step", "component"], columns="layer_group", values=column)
+        scale = by_group.abs().max(axis=1) + 1e-12
+        assert ((by_group[["bottom", "middle", "top"]].sum(axis=1) - by_group["all"]).abs() / scale).max() < 1e-4
+    assert (run_dir / "figures" / "G_components.png").stat().st_size > 5000

@@ -75,7 +75,7 @@ def _nll(t: PairTerms, alpha: float, name: str) -> tuple[torch.Tensor, dict]:
     """alpha x the token-mean NLL of y+ over the batch (TRL's cross-entropy on every chosen completion token), as a
     per-pair loss whose mean is that value: pair i carries alpha n / sum_j |y+_j| on -log pi(y+_i)."""
     chosen_len, _ = _lengths(t, name)
-    coef = (alpha * len(chosen_len) / chosen_len.sum()).expand_as(chosen_len).detach()
+    coef = (alpha * len(chosen_len) / chosen_len.sum() * torch.ones_like(chosen_len)).detach()
     return -coef * t.chosen, {"NLL": (coef, torch.zeros_like(coef))}
 
 
@@ -280,7 +280,7 @@ def unpaired_side(t: PairTerms) -> torch.Tensor:
     return t.side_key % 2 == 0
 
 
-@register_objective("kto_unpaired", family="dpo", schema=KTOUnpairedConfig, label="KTO (unpaired)")
+@register_objective("kto_unpaired", family="dpo", schema=KTOUnpairedConfig, label="KTO-unpaired")
 def kto_unpaired(t: PairTerms, algo) -> Decomposition:
     """KTO on one response per pair (the other gets weight 0), mean over the n kept examples as TRL's. The thirds
     rank the weight each side would have if kept, so every third holds kept responses of both sides."""
