@@ -179,6 +179,26 @@ def test_kto_reference_point_and_unpaired_sides():
         decompose(PairTerms(t.chosen, t.rejected, t.ref_chosen, t.ref_rejected), algo_of("kto_unpaired"))
 
 
+def test_orpo_weights_stay_finite_as_the_chosen_response_becomes_certain():
+    """Near p+ = 0 the closed form agrees with autograd of the loss; at p+ = 0, where autograd gives NaN, it gives
+    the limit beta / ((e^-p- - 1) |y+|) on y+ and nothing on y-."""
+    lengths = torch.tensor([4.0, 6.0], dtype=torch.float64)
+    algo = algo_of("orpo", beta=0.3)
+    near = PairTerms(torch.tensor([-4e-9, -6e-7], dtype=torch.float64, requires_grad=True),
+                     torch.tensor([-8.0, -3.0], dtype=torch.float64, requires_grad=True),
+                     torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64), lengths, lengths)
+    d = decompose(near, algo)
+    nll = d.extras["NLL"][0]
+    autograd = policy_grad(d.loss.sum(), near)
+    assert torch.allclose(torch.cat([-(d.w_pos + nll), d.w_neg]), autograd, rtol=1e-6)
+    certain = PairTerms(torch.zeros(2, dtype=torch.float64), near.rejected.detach(), near.ref_chosen,
+                        near.ref_rejected, lengths, lengths)
+    d = decompose(certain, algo)
+    p_neg = certain.rejected / lengths
+    assert torch.allclose(d.w_pos, 0.3 / (torch.expm1(-p_neg) * lengths), rtol=1e-12)
+    assert (d.w_neg == 0).all() and torch.isfinite(d.loss).all()
+
+
 @pytest.mark.parametrize("name", ["ipo", "simpo", "orpo", "cpo"])
 def test_length_normalised_objectives_need_lengths(name):
     t = random_terms()

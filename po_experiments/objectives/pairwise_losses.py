@@ -179,17 +179,18 @@ def rpo(t: PairTerms, algo) -> Decomposition:
 
 @register_objective("orpo", family="dpo", schema=PairwiseConfig, label="ORPO", extra_components=("NLL",))
 def orpo(t: PairTerms, algo) -> Decomposition:
-    """ORPO (Hong et al. 2024): NLL(y+) - beta log sigmoid(log odds(y+) - log odds(y-)), odds(y) = p/(1-p) of the
-    average log-prob p = log pi(y)/|y|; beta is ORPO's lambda (TRL's name). d log odds/d p = 1/(1 - e^p), so
-    w = beta sigmoid(-o) / ((1 - e^p) |y|) per side. The NLL counts y+'s completion tokens (ORPO's Eq. 2; TRL's
-    ORPOTrainer also counts the prompt's)."""
+    """ORPO (Hong et al. 2024): NLL(y+) - beta log sigmoid(o), o = log odds(y+) - log odds(y-), odds(y) = e^p/(1-e^p)
+    of the average log-prob p = log pi(y)/|y|; beta is ORPO's lambda (TRL's name). do/dp+ = 1/(1 - e^p+), so
+    w+ = beta sigmoid(-o) / ((1 - e^p+) |y+|) = beta / ((1 - e^p+ + e^p+ (e^-p- - 1)) |y+|), a form that stays finite
+    as y+ becomes certain (p+ -> 0, where autograd of the loss gives 0/0), and w- = beta sigmoid(-o) / ((1 - e^p-)
+    |y-|). The NLL counts y+'s completion tokens (ORPO's Eq. 2; TRL's ORPOTrainer also counts the prompt's)."""
     len_pos, len_neg = _lengths(t, "orpo")
     p_pos, p_neg = t.chosen / len_pos, t.rejected / len_neg
     log_odds = (p_pos - p_neg) - (_log1mexp(p_pos) - _log1mexp(p_neg))
-    s = (algo.beta * torch.sigmoid(-log_odds)).detach()
-    d = Decomposition(-algo.beta * F.logsigmoid(log_odds), s / (-torch.expm1(p_pos.detach()) * len_pos),
-                      s / (-torch.expm1(p_neg.detach()) * len_neg))
-    return _with_nll(d, t, 1.0, "orpo")
+    p_pos_, p_neg_ = p_pos.detach(), p_neg.detach()
+    w_pos = algo.beta / ((-torch.expm1(p_pos_) + torch.exp(p_pos_) * torch.expm1(-p_neg_)) * len_pos)
+    w_neg = algo.beta * torch.sigmoid(-log_odds.detach()) / (-torch.expm1(p_neg_) * len_neg)
+    return _with_nll(Decomposition(-algo.beta * F.logsigmoid(log_odds), w_pos, w_neg), t, 1.0, "orpo")
 
 
 # ------------------------------------------------------------------------------------------ DPOP
