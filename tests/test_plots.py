@@ -205,3 +205,25 @@ def test_mean_norms_and_advantages(ppo_run, dpo_run):
     legacy = advantage_history([{"step": 1, "adv_raw/TOP": 2.0, "adv_raw/MID": 1.0, "adv_raw/BOT": 0.0}])
     assert legacy["TOP unwhitened"].item() == 2.0 and legacy["TOP"].isna().all()  # old logs: un-whitened only
     assert advantage_history([{"loss": 1.0, "step": 1}]).empty
+
+
+def test_an_objectives_own_component_is_drawn_beside_pos_and_neg(dpo_run, tmp_path):
+    """An extra component (CPO's NLL anchor) goes into panel (b), dashed, since POS + NEG + NLL = TOT; the six
+    paper components keep their panels."""
+    from po_experiments.analysis.plots import component_panels, extra_components
+
+    table = pd.read_csv(dpo_run / "alignment.csv")
+    nll = table[table["component"] == "POS"].assign(component="NLL", G=lambda d: d["G"] * 0.1)
+    with_nll = pd.concat([table, nll], ignore_index=True)
+    assert extra_components(table) == [] and extra_components(with_nll) == ["NLL"]
+    assert component_panels(table) == (("(a) overall", ("TOT",)), ("(b) positive / negative", ("POS", "NEG")),
+                                       ("(c) loss reweighting", ("TOP", "MID", "BOT")))
+    assert component_panels(with_nll)[1] == ("(b) positive / negative / NLL", ("POS", "NEG", "NLL"))
+    run = tmp_path / "cpo"
+    run.mkdir()
+    with_nll.to_csv(run / "alignment.csv", index=False)
+    drawn = {p.name: p for p in draw_figures(run)}
+    _assert_png(drawn["G_components.png"])
+    without = mpimg.imread(next(p for p in draw_figures(dpo_run) if p.name == "G_components.png"))
+    assert without.shape == mpimg.imread(drawn["G_components.png"]).shape
+    assert not np.array_equal(without, mpimg.imread(drawn["G_components.png"]))  # the NLL curve is on it

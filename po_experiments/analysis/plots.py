@@ -3,7 +3,8 @@
 `draw_figures(run_dir)` reads the tables the analysis stage wrote into a run directory and writes PNGs under
 `<run_dir>/figures/`:
 
-- ``G_components.png``  Fig. 1 / 2: G of (a) TOT, (b) POS and NEG, (c) TOP, MID and BOT over training steps.
+- ``G_components.png``  Fig. 1 / 2: G of (a) TOT, (b) POS and NEG, (c) TOP, MID and BOT over training steps; an
+  objective's own terms (an NLL anchor) dashed in (b), since POS + NEG + they = TOT.
 - ``G_filtering.png``   Fig. 6: TOT G with and without IQR outlier filtering, plus the outlier counts.
 - ``G_layers.png``      Fig. 9: TOT G restricted to all / bottom / middle / top layers.
 - ``grad_norms.png``    Fig. 5 / 7a: per-mini-batch TOT gradient norms (outliers in red); POS / NEG mean norms.
@@ -37,6 +38,7 @@ COMPONENT_STYLE = {  # one color and marker per component, shared by every figur
     "MID": ("#ff7f0e", "D"),
     "BOT": ("#17becf", "P"),
 }
+EXTRA_STYLES = (("#8c564b", "X"), ("#e377c2", "*"), ("#7f7f7f", "h"), ("#bcbd22", "p"))  # terms beyond the six
 LAYER_STYLE = {
     "all": ("#222222", "o"),
     "bottom": ("#1b9e77", "v"),
@@ -105,6 +107,24 @@ def algo_family(alignment: pd.DataFrame | None) -> str:
 
 
 # ===================================================================================== data selection
+
+def extra_components(alignment: pd.DataFrame) -> list[str]:
+    """The objective's own components in the table (an NLL anchor, ...): neither side nor third, in table order."""
+    return [c for c in alignment["component"].drop_duplicates() if c not in COMPONENT_STYLE]
+
+
+def component_panels(alignment: pd.DataFrame) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """Fig. 1 / 2's panels with the objective's own terms beside POS and NEG in (b): together they add up to TOT."""
+    extras = tuple(extra_components(alignment))
+    return tuple((name + "".join(f" / {e}" for e in extras), comps + extras) if comps == ("POS", "NEG")
+                 else (name, comps) for name, comps in COMPONENT_PANELS)
+
+
+def component_style(component: str, extras: list[str]) -> tuple[str, str]:
+    if component in COMPONENT_STYLE:
+        return COMPONENT_STYLE[component]
+    return EXTRA_STYLES[extras.index(component) % len(EXTRA_STYLES)]
+
 
 def curve_data(alignment: pd.DataFrame, component: str = "TOT", *, layer_group: str = "all", column: str = "G",
                exclude_loss_increase: bool = False) -> pd.DataFrame:
@@ -352,14 +372,15 @@ def _save(fig, path: Path) -> Path:
 
 def plot_components(alignment: pd.DataFrame, path: Path, *, exclude_loss_increase: bool = False) -> Path:
     """Fig. 1 / 2: three panels of G (filtered, all layers)."""
+    panels, extras = component_panels(alignment), extra_components(alignment)
     curves = {c: curve_data(alignment, c, exclude_loss_increase=exclude_loss_increase)
-              for _, comps in COMPONENT_PANELS for c in comps}
+              for _, comps in panels for c in comps}
     linthresh = choose_linthresh(pd.concat([c["value"] for c in curves.values()]))
-    fig, axes = _panels(len(COMPONENT_PANELS))
-    for ax, (name, comps) in zip(axes, COMPONENT_PANELS):
+    fig, axes = _panels(len(panels))
+    for ax, (name, comps) in zip(axes, panels):
         _symlog_axis(ax, linthresh, pd.concat([curves[c]["value"] for c in comps]))
         for c in comps:
-            _plot_curve(ax, curves[c], c, COMPONENT_STYLE[c])
+            _plot_curve(ax, curves[c], c, component_style(c, extras), **({"ls": "--"} if c in extras else {}))
         _mark_excluded(ax, alignment, exclude_loss_increase)
         _empty_note(ax, [curves[c] for c in comps])
         _panel_title(ax, name)
