@@ -2,7 +2,6 @@
 trainer and in G), G has its first-order meaning, and each equals TRL's own loss where TRL has one (float64)."""
 from __future__ import annotations
 
-import copy
 from collections import defaultdict
 from types import SimpleNamespace
 
@@ -15,7 +14,7 @@ from trl import DPOTrainer
 from test_alignment import setup  # noqa: F401  (fixture: a float64 checkpoint, 12 pairs, D')
 from test_config import make
 from test_objectives import loss_grad, rel_err, trainer_and_batch  # noqa: F401  (fixture)
-from po_experiments.analysis.gradients import (dpo_alignment, dpo_coefficients, dprime_gradient, sequence_logps,
+from po_experiments.analysis.gradients import (dpo_alignment, dprime_gradient, sequence_logps,
                                                summarise)
 from po_experiments.config import validate
 from po_experiments.errors import ConfigError
