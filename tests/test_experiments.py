@@ -33,6 +33,8 @@ PAPER_MODELS = {"pythia", "qwen3", "llama3"}
 # The paper states no Llama-3 case: those points stop at validation, naming the unset key (case/llama3/).
 LLAMA_UNSET = {"cdpo": "algo.t1", "cppo": "algo.lam", "cppo_mid": "algo.lam", "hppo": "algo.t3"}
 PLAIN = {"experiment", "mode", "runtime.threads"}  # command-line keys of the launch, not of the sweep point
+OBJECTIVES_PRESET = "objectives"  # every objective on the embedded task: the tiny model at full size, not a paper model
+FULL_MODELS = {OBJECTIVES_PRESET: {"tiny"}}  # the presets whose full mode is not on the paper's models
 
 
 def _compose(overrides):
@@ -55,6 +57,20 @@ def header(preset: str) -> str:
     return "\n".join(line for line in text.splitlines() if line.startswith("#"))
 
 
+def method_algo(method: str) -> str | None:
+    """The algo a conf/experiment/method/<method>.yaml selects (`override /algo: <name>`)."""
+    defaults = yaml.safe_load((CONF / "experiment" / "method" / f"{method}.yaml").read_text()).get("defaults", [])
+    return next((v for d in defaults if isinstance(d, dict) for k, v in d.items() if k == "override /algo"), None)
+
+
+def missing_algo(point) -> str | None:
+    """The conf/algo/<name>.yaml a sweep point's method needs and this checkout lacks (an objective another branch
+    adds), None when it composes."""
+    method = next((p.split("=", 1)[1] for p in point if p.startswith("experiment/method=")), None)
+    algo = method_algo(method) if method else None
+    return f"conf/algo/{algo}.yaml" if algo and not (CONF / "algo" / f"{algo}.yaml").exists() else None
+
+
 def first_seed(points: list[list[str]]) -> list[list[str]]:
     """The points of the sweep's first seed: the others differ in `seed=` alone (an int the schema checks)."""
     seed = next(p for p in points[0] if p.startswith("seed="))
@@ -70,6 +86,8 @@ def composed():
         for preset in PRESETS:
             for mode in MODES:
                 for point in first_seed(sweep_points(preset, mode)):
+                    if missing_algo(point):  # test_objectives_preset_composes_every_method says which
+                        continue
                     cfg = _compose([f"experiment={preset}", *MODES[mode], *point, "paths.cache_dir=/nowhere"])
                     # paths.output_dir is ${hydra:runtime.output_dir}, resolvable only inside a job
                     cfg.paths.output_dir = "/nowhere"
@@ -91,15 +109,15 @@ def _method(point) -> str:
 def test_every_sweep_point_composes_and_validates(preset, composed):
     """Full mode: the paper's model(s); fast mode: the same methods and settings on the tiny model, seed 0."""
     points = {mode: sweep_points(preset, mode) for mode in MODES}
-    sweeps = {mode: [(point, *composed[preset, mode, tuple(point)]) for point in first_seed(points[mode])]
-              for mode in MODES}
+    sweeps = {mode: [(point, *composed[preset, mode, tuple(point)]) for point in first_seed(points[mode])
+                     if not missing_algo(point)] for mode in MODES}
     for point, result, _ in sweeps["full"]:
         if isinstance(result, ConfigError):  # only the Llama-3 cases the paper does not state
             algo = _method(point).rsplit("_case", 1)[0]
             assert "experiment/model=llama3" in point and algo in LLAMA_UNSET, (point, result)
             assert LLAMA_UNSET[algo] in str(result)
         else:
-            assert result.model.name in PAPER_MODELS and result.name == "paper", point
+            assert result.model.name in FULL_MODELS.get(preset, PAPER_MODELS) and result.name == "paper", point
     for point, result, _ in sweeps["fast"]:
         assert not isinstance(result, ConfigError), (point, result)
         assert (result.model.name, result.name, result.seed, result.logger.name) == ("tiny", "paper_fast", 0, "none")
@@ -121,7 +139,7 @@ def test_every_sweep_point_composes_and_validates(preset, composed):
         assert command in text
     sizes = re.search(r"= (\d+) runs \(fast: (\d+) runs?,", text)
     assert sizes and (int(sizes[1]), int(sizes[2])) == (len(full), len(fast))
-    assert preset == "table1" or preset in FIGURES  # the aggregation knows how to draw it
+    assert preset in ("table1", OBJECTIVES_PRESET) or preset in FIGURES  # the aggregation knows how to draw it
 
 
 def test_sweep_points_that_share_a_run_dir_are_the_same_run(composed):
@@ -153,12 +171,13 @@ G_KINDS_WITHOUT_G = {"win_rate", "advantages"}  # figures drawn from win rates /
 
 
 def test_g_runs_only_for_the_presets_whose_figure_draws_it(composed):
-    """G (analysis.enabled) is on for every run of a G figure's preset (FIGURES: Fig. 1, 2, 5-10) and off for the
-    win-rate presets (Fig. 4, 11-19, Table 1) and Fig. 3, in full and fast mode."""
+    """G (analysis.enabled) is on for every run of a G figure's preset (FIGURES: Fig. 1, 2, 5-10) and of the
+    objectives' comparison, and off for the win-rate presets (Fig. 4, 11-19, Table 1) and Fig. 3, in full and fast
+    mode."""
     for (preset, mode, point), (result, _) in composed.items():
         if isinstance(result, ConfigError):
             continue
-        uses_g = preset in FIGURES and FIGURES[preset].kind not in G_KINDS_WITHOUT_G
+        uses_g = preset == OBJECTIVES_PRESET or preset in FIGURES and FIGURES[preset].kind not in G_KINDS_WITHOUT_G
         assert result.analysis.enabled == uses_g, (preset, mode, point)
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):  # unless asked on the command line
         assert _compose(["experiment=fig4", "analysis.enabled=true"]).analysis.enabled
@@ -172,6 +191,53 @@ def test_fig7_analyses_fig1s_runs(composed):
     assert {r.analysis.dprime for (p, _, _), (r, _) in composed.items() if p == "fig7"} == {"train"}
 
 
+OBJECTIVE_METHODS = [m.strip() for m in yaml.safe_load((CONF / "experiment" / f"{OBJECTIVES_PRESET}.yaml").read_text())
+                     ["hydra"]["sweeper"]["params"]["experiment/method"].split(",")]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("method", OBJECTIVE_METHODS)
+def test_objectives_preset_composes_every_method(method, mode, composed):
+    """Every method of experiment=objectives composes and validates on the tiny model with G on: 3 seeds in full
+    mode (the tiny model at its full size), seed 0 in fast mode. A method whose conf/algo/<name>.yaml this checkout
+    lacks (an objective its own branch adds) is skipped, naming the file."""
+    from po_experiments.reporting.methods import describe
+
+    points = [p for p in sweep_points(OBJECTIVES_PRESET, mode) if f"experiment/method={method}" in p]
+    assert {p for point in points for p in point if p.startswith("seed=")} == \
+        ({"seed=0", "seed=1", "seed=2"} if mode == "full" else {"seed=0"})
+    if missing := missing_algo(points[0]):
+        pytest.skip(f"{missing} is not in this checkout (its objective's branch adds it)")
+    result, _ = composed[OBJECTIVES_PRESET, mode, tuple(first_seed(points)[0])]
+    assert not isinstance(result, ConfigError), result
+    assert result.algo.name == method_algo(method) and result.algo.family in ("dpo", "ppo")
+    assert (result.model.name, result.data.name, result.analysis.enabled) == ("tiny", "synthetic", True)
+    assert result.model.dpo.max_steps == (108 if mode == "fast" else -1)  # full: the tiny config's 2 epochs
+    if method == "simpo_controlled":
+        assert (result.algo.t1, result.algo.t2) == (30, 80) and "t1=30, t2=80" in describe(result)["method"]
+
+
+def test_the_controlled_method_puts_cdpos_schedule_on_its_objective():
+    """simpo_controlled: the tiny model's cDPO case 1, (t1, t2) = (30, 80), on SimPO, inside the run in full and fast
+    mode. Composed with algo=dpo in place of SimPO (the command line's algo wins over the method's), so it is
+    checked before conf/algo/simpo.yaml exists: the schedule is every pairwise schema's, not SimPO's own."""
+    from po_experiments import plan, run_length
+    from po_experiments.reporting.methods import describe
+
+    assert method_algo("simpo_controlled") == "simpo"
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        for mode, extra in MODES.items():
+            cfg = _compose([f"experiment={OBJECTIVES_PRESET}", *extra, "experiment/method=simpo_controlled", "algo=dpo",
+                            "paths.cache_dir=/nowhere"])
+            cfg.paths.output_dir = "/nowhere"
+            validate(cfg)
+            assert (cfg.algo.t1, cfg.algo.t2) == (cfg.model.cdpo.t1, cfg.model.cdpo.t2) == (30, 80)
+            record = run_length.check(cfg, plan.rows(cfg, "preferences"), where=f"simpo_controlled {mode}")
+            settings = {s["key"]: s["inside"] for s in record["settings"]}
+            assert settings["algo.t1"] and settings["algo.t2"], record
+            assert describe(cfg)["method"] == "DPO (t1=30, t2=80)"  # SimPO: "SimPO (t1=30, t2=80)"
+
+
 # ------------------------------------------------------------------------------------------ fast mode, end to end
 
 DRIVER = r"""
@@ -180,8 +246,9 @@ repo, status_file, presets = sys.argv[1], sys.argv[2], sys.argv[3:]
 sys.path.insert(0, repo)
 from hydra.core.global_hydra import GlobalHydra
 status = {}
-for preset in presets:  # python run.py -m experiment=<preset> mode=fast, each in this one process (imports once)
-    sys.argv = [f"{repo}/run.py", "-m", f"experiment={preset}", "mode=fast", "runtime.threads=1"]
+for spec in presets:  # python run.py -m experiment=<preset> mode=fast, each in this one process (imports once)
+    preset, *extra = spec.split()  # "<preset> [overrides]": the objectives preset narrowed to what composes here
+    sys.argv = [f"{repo}/run.py", "-m", f"experiment={preset}", "mode=fast", "runtime.threads=1", *extra]
     try:
         runpy.run_path(f"{repo}/run.py", run_name="__main__")
         status[preset] = "ok"
@@ -199,8 +266,11 @@ def fast_pool(tmp_path_factory):
     land in its outputs/paper_fast/), sharing one cache: the tiny SFT model and pairs are built once."""
     work = tmp_path_factory.mktemp("presets")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PO_CACHE_DIR": str(work / "cache")}
-    proc = subprocess.run([sys.executable, "-c", DRIVER, str(REPO), str(work / "status.json"), *PRESETS], cwd=work,
-                          env=env, capture_output=True, text=True, timeout=1500)
+    methods = [m for m in OBJECTIVE_METHODS if not missing_algo([f"experiment/method={m}"])]
+    specs = [f"{p} experiment/method={','.join(methods)}" if p == OBJECTIVES_PRESET and methods != OBJECTIVE_METHODS
+             else p for p in PRESETS]
+    proc = subprocess.run([sys.executable, "-c", DRIVER, str(REPO), str(work / "status.json"), *specs], cwd=work,
+                          env=env, capture_output=True, text=True, timeout=2700)
     status = json.loads((work / "status.json").read_text()) if (work / "status.json").exists() else {}
     assert proc.returncode == 0 and status == {p: "ok" for p in PRESETS}, (status, proc.stderr[-6000:])
     return work / "outputs" / "paper_fast", status
@@ -254,19 +324,42 @@ def check_g_figure(table: pd.DataFrame, runs: list[Path], dprime: str) -> None:
         assert any(abs(v - row.mean) <= 1e-4 * max(1.0, abs(v)) for v in values), (row, list(values))
 
 
+def check_objectives(aggregated: Path, runs: list[Path], summaries: list[dict]) -> None:
+    """objectives.csv: per run (one seed) its final win rate and its last checkpoint's G of TOT / POS / NEG and
+    extras; objectives_G_tiny.csv: a panel per run whose final point is that G, at fraction 1."""
+    table = pd.read_csv(aggregated / "objectives.csv").set_index("method")
+    drawn = pd.read_csv(aggregated / "objectives_G_tiny.csv")
+    assert len(table) == len(runs) and set(drawn["panel"]) == {f"{s['method']} (1 run)" for s in summaries}
+    for run, s in zip(runs, summaries):
+        row = table.loc[s["method"]]
+        assert row["n_seeds"] == 1 and row["win_rate_mean"] == pytest.approx(s["win_rate"], abs=1e-6)
+        alignment = pd.read_csv(run / "alignment.csv")
+        final = alignment[(alignment["layer_group"] == "all") & (alignment["step"] == alignment["step"].max())]
+        extras = set(final["component"]) - {"TOT", "POS", "NEG", "TOP", "MID", "BOT"}
+        for component in ("TOT", "POS", "NEG", *extras):
+            value = final.loc[final["component"] == component, "G"].item()
+            assert row[f"G_{component}_mean"] == pytest.approx(value, rel=1e-6, abs=1e-12), (s["method"], component)
+            last = drawn[(drawn["panel"] == f"{s['method']} (1 run)") & (drawn["component"] == component)]
+            assert last["fraction"].max() == pytest.approx(alignment["step"].max() / s["final_step"])
+    assert (aggregated / "objectives_G_tiny.png").stat().st_size > 20_000
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", PRESETS)
 def test_preset_runs_in_fast_mode_and_the_aggregation_draws_it(preset, fast_pool, aggregated):
     root, status = fast_pool
     assert status[preset] == "ok", status[preset]
     pool = pool_runs(root)
-    points = [frozenset(p) for p in sweep_points(preset, "fast")]
+    points = [frozenset(p) for p in sweep_points(preset, "fast") if not missing_algo(p)]
     missing = [sorted(p) for p in points if p not in pool]
     assert not missing, f"no finished run for {missing}"
     runs = [pool[p] for p in points]
     summaries = [json.loads((r / "summary.json").read_text()) for r in runs]
     assert all(s["model"] == "tiny" and s["final_step"] > 0 and s["judge"] == "gold" for s in summaries)
 
+    if preset == OBJECTIVES_PRESET:  # one row and one G panel per objective, holding its run's numbers
+        check_objectives(aggregated, runs, summaries)
+        return
     if preset == "table1":  # each row: the best of its cases (every case of the sweep is in cases.csv)
         cases = pd.read_csv(aggregated / "cases.csv").set_index("method")
         rate = {s["method"]: s["win_rate"] for s in summaries}
@@ -424,6 +517,8 @@ def test_every_sweep_points_step_settings_lie_inside_its_run(preset, composed):
 
     for mode in MODES:
         for point in first_seed(sweep_points(preset, mode)):
+            if missing_algo(point):
+                continue
             cfg, _ = composed[preset, mode, tuple(point)]
             if isinstance(cfg, ConfigError):  # the Llama-3 cases the paper does not state (checked above)
                 continue

@@ -1,6 +1,7 @@
 """The sweep report as one static HTML page with its PNGs beside it: what a user on an air-gapped cluster opens.
 
-`build_report(root, out)` aggregates the runs under `root` (Table 1, Fig. 4 panels), copies each run's figures
+`build_report(root, out)` aggregates the runs under `root` (Table 1, Fig. 4 panels, the objectives' table and G
+figure where runs of `experiment=objectives` have G), copies each run's figures
 (win-rate curve, G curves) and shows a few outputs of the final model with the judge's verdicts. Every path is
 relative, so the folder can be copied anywhere; a script on the page records how many images loaded.
 """
@@ -15,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from .aggregate import aggregate, find_runs, table1_cells
+from .objectives import draw_objectives, headers, table_cells
 
 RUN_FIGURES = ("win_rate", "G_components", "G_layers", "G_filtering", "grad_norms", "ppo_advantages")
 STYLE = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222}
@@ -50,6 +52,22 @@ def table1_html(table: pd.DataFrame) -> str:
                 cells.append(html.escape(paper))
             parts.append(f"<tr><td>{html.escape(method)}</td>"
                          + "".join(f'<td class="num">{c}</td>' for c in cells) + "</tr>")
+        parts.append("</table>")
+    return "\n".join(parts)
+
+
+def objectives_html(table: pd.DataFrame) -> str:
+    """The objectives' table (objectives.csv): per judge and model, one row per objective."""
+    extras = [c[2:-5] for c in table.columns if c.startswith("G_") and c.endswith("_mean")
+              and c[2:-5] not in ("TOT", "POS", "NEG")]
+    parts = []
+    for (judge, model), rows in table.groupby(["judge", "model"], sort=False):
+        parts.append(f"<h3>{html.escape(str(model))}, judge: {html.escape(str(judge))}</h3><table><tr>"
+                     + "".join(f"<th>{html.escape(h)}</th>" for h in headers(extras)) + "</tr>")
+        for _, row in rows.iterrows():
+            cells = table_cells(row, extras)
+            parts.append(f"<tr><td>{html.escape(cells[0])}</td>"
+                         + "".join(f'<td class="num">{html.escape(c)}</td>' for c in cells[1:]) + "</tr>")
         parts.append("</table>")
     return "\n".join(parts)
 
@@ -91,14 +109,17 @@ def run_section(run, root: Path, out: Path, n_samples: int, *, expanded: bool = 
 def build_report(root: Path, out: Path, *, title: str | None = None, n_samples: int = 5) -> Path:
     root, out = Path(root).resolve(), Path(out).resolve()
     written = aggregate(root, out)
+    written.update(draw_objectives(root, out))
     table = pd.read_csv(written["table1.csv"])
+    objectives = ["<h2>Objectives: final win rate vs SFT and the final checkpoint's G (mean ± std over seeds)</h2>",
+                  objectives_html(pd.read_csv(written["objectives.csv"]))] if "objectives.csv" in written else []
     runs = find_runs(root)
     figures = "".join(_img(p.name, p.stem) for name, p in written.items() if name.endswith(".png"))
     body = [f"<h1>{html.escape(title or root.name)}</h1>",
             f"<p class=meta>{len(runs)} runs under {html.escape(str(root))}; built "
             f"{datetime.datetime.now():%Y-%m-%d %H:%M}; <span id=image-status>images loading</span></p>",
             "<h2>Table 1: final win rate vs SFT (mean ± std over seeds of the best case), beside the paper's</h2>",
-            table1_html(table),
+            table1_html(table), *objectives,
             "<h2>Figures</h2>", f"<div>{figures}</div>",
             "<h2>Runs</h2>", *(run_section(r, root, out, n_samples, expanded=i == 0) for i, r in enumerate(runs))]
     page = out / "index.html"

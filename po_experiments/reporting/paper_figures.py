@@ -108,13 +108,21 @@ def select(tables: list[Analysed], model: str, family: str, dprime: str = "heldo
     table if it used this D'; else the one analysed with the own table's settings but this D' (Fig. 7 on Fig. 1's
     runs); else the first by folder name."""
     variant = "baseline" if sft else "no_sft"
-    candidates: dict[tuple, list[Analysed]] = {}  # per trained model: a dir named before by its analysis settings
-    own = {a.run.dir: a.settings for a in tables if a.own}  # (aggregate.training_runs) is its twin's model
-    for a in tables:
-        s = a.run.summary
-        if (s["model"], s["family"], s["variant"], s.get("sft", True), a.dprime) == \
-                (model, family, variant, sft, dprime):
-            candidates.setdefault((a.run.dir.parent, identity_name(a.run.dir)), []).append(a)
+    wanted = [a for a in tables if (a.run.summary["model"], a.run.summary["family"], a.run.summary["variant"],
+                                    a.run.summary.get("sft", True), a.dprime) == (model, family, variant, sft, dprime)]
+    chosen = one_per_run(wanted, tables)
+    return one_setting(chosen, f"{model} {family}")
+
+
+def one_per_run(wanted: list[Analysed], tables: list[Analysed]) -> list[Analysed]:
+    """One of the `wanted` tables per trained model (a dir named before by its analysis settings,
+    aggregate.training_runs, is its twin's model): the run's own table if wanted; else the one analysed with the own
+    table's settings but another D' (Fig. 7 on Fig. 1's runs); else the first by folder name. `tables`: every table
+    of the runs (their own ones give the settings)."""
+    candidates: dict[tuple, list[Analysed]] = {}
+    own = {a.run.dir: a.settings for a in tables if a.own}
+    for a in wanted:
+        candidates.setdefault((a.run.dir.parent, identity_name(a.run.dir)), []).append(a)
 
     def rank(a: Analysed) -> tuple:
         ref = own.get(a.run.dir) or {}
@@ -122,8 +130,7 @@ def select(tables: list[Analysed], model: str, family: str, dprime: str = "heldo
             {k: v for k, v in ref.items() if k != "dprime"}
         return not a.own, not same_but_dprime, str(a.folder)
 
-    chosen = [min(found, key=rank) for found in candidates.values()]
-    return one_setting(chosen, f"{model} {family}")
+    return [min(found, key=rank) for found in candidates.values()]
 
 
 def one_setting(tables: list[Analysed], what: str) -> list[Analysed]:
