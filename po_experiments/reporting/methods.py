@@ -60,6 +60,9 @@ def describe(cfg) -> dict:
     if components != ["TOT"]:
         label += " [" + "+".join(components) + "]"
     variant = "baseline" if algo.name == algo.family and components == ["TOT"] else algo.name
+    spec = OBJECTIVES.get(algo.name)
+    if algo.get("t1") is not None and spec is not None and not spec.schedules_itself:
+        variant = f"{algo.name}_controlled"  # the generic controlled schedule: a case of its own, not the objective
     if cfg.ablation.name != "none":
         ab = cfg.ablation
         window = ""
