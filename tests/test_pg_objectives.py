@@ -339,3 +339,67 @@ def test_run_py_trains_decomposes_and_measures_a_critic_free_objective(name, tmp
         assert ((by_group[["bottom", "middle", "top"]].sum(axis=1) - by_group["all"]).abs() / scale).max() < 1e-4
     if name == "grpo":
         assert table.loc[table.component == "KL", "G"].abs().max() > 0
+
+
+# ================================================================================ the trainer without a critic
+
+
+@pytest.mark.parametrize("name", ["grpo", "dapo"])
+def test_critic_free_trainer_samples_groups_and_has_no_value_model(ppo, name, tmp_path):
+    """model.ppo.batch_size counts responses: 16 rows = 4 prompts x 4; no value model anywhere; a checkpoint holds
+    none and a resumed run ends where an uninterrupted one does."""
+    algo = {"name": name, "group_size": 4, "kl_in": "loss" if name == "grpo" else "reward",
+            "loss_aggregation": "grpo" if name == "grpo" else "dapo", "epsilon_high": 0.28,
+            "dynamic_sampling": name == "dapo"}
+    trainer = ppo(algo=algo, save_steps=1)
+    wrapper = trainer.accelerator.unwrap_model(trainer.model)
+    assert wrapper.value_model is None and trainer.prompts_per_update == 4
+    policy_params = {id(p) for p in wrapper.policy.parameters()}
+    assert all(id(p) in policy_params for group in trainer.optimizer.param_groups for p in group["params"])
+    batch = trainer.batch_for(1)
+    queries = batch["input_ids"].view(4, 4, -1)
+    assert torch.all(queries == queries[:, :1])  # each prompt k times in a row
+    r = trainer.make_rollout(batch)
+    assert r.valid.shape[0] == 16 and torch.all(r.values == 0)
+    metrics = trainer.update(r, step=0)
+    assert metrics["ppo/value"] == 0.0 and math.isfinite(metrics["ppo/policy"])
+    if name == "grpo":
+        assert metrics["ppo/kl_k3"] >= 0
+    trainer.args.num_total_batches = 2
+    straight = ppo(algo=algo)
+    straight.args.num_total_batches = 2
+    straight.train()
+    first = ppo(algo=algo, save_steps=1)
+    first.args.num_total_batches = 1
+    first.train()
+    assert not (tmp_path / "checkpoints" / "step-1" / "value").exists()
+    resumed = ppo(algo=algo, save_steps=1)
+    resumed.args.num_total_batches = 2
+    resumed.train(resume_from=tmp_path / "checkpoints" / "step-1")
+    a = straight.accelerator.unwrap_model(straight.model).policy.state_dict()
+    b = resumed.accelerator.unwrap_model(resumed.model).policy.state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-10) for k in a)
+
+
+def test_dapo_update_with_every_group_dropped_is_skipped(ppo):
+    trainer = ppo(algo={"name": "dapo", "group_size": 4, "loss_aggregation": "dapo", "dynamic_sampling": True})
+    r = trainer.make_rollout(trainer.batch_for(1))
+    r.valid[:] = False  # as if every group had equal scores
+    before = [p.detach().clone() for p in trainer.accelerator.unwrap_model(trainer.model).policy.parameters()]
+    assert trainer.update(r, step=0)["ppo/skipped"] == 1.0
+    after = trainer.accelerator.unwrap_model(trainer.model).policy.parameters()
+    assert all(torch.equal(x, y) for x, y in zip(before, after))
+
+
+def test_dapo_token_level_loss_spans_the_optimizer_steps_micro_batches(ppo):
+    """Under gradient accumulation (2 micro-batches of 8), the step's gradient is that of sum over all its tokens /
+    their number (not a mean of micro-batch means)."""
+    trainer = ppo(algo={"name": "dapo", "group_size": 4, "loss_aggregation": "dapo"})
+    r = trainer.make_rollout(trainer.batch_for(1))
+    weights, mask, _ = trainer.token_weights(r, 0)
+    n = r.valid.shape[0]
+    tokens = trainer.step_tokens(r, torch.arange(n), 2)
+    halves = [trainer.micro_batch_losses(r, torch.arange(i, i + 8), weights, mask, batch_tokens=tokens)["policy"]
+              for i in (0, 8)]
+    whole = trainer.micro_batch_losses(r, torch.arange(n), weights, mask)["policy"]  # one batch: its own tokens
+    assert (halves[0] + halves[1]).item() / 2 == pytest.approx(whole.item(), rel=1e-10)  # accelerate divides by 2

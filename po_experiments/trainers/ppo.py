@@ -108,6 +108,7 @@ class PolicyValueModel(trl_ppo.PolicyAndValueWrapper):
             return
         torch.nn.Module.__init__(self)
         self.policy, self.value_model, self.critic_backbone = policy, None, None
+        self.is_gradient_checkpointing = policy.is_gradient_checkpointing
 
     def forward(self, input_ids, attention_mask, response_length: int):
         kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
