@@ -217,7 +217,7 @@ def test_run_length_counts_responses_per_update(name, k):
     (["algo=grpo", "algo.kl_in=reward"], "algo.kl_in"),
     (["algo=rloo", "algo.kl_in=loss"], "algo.kl_in"),
     (["algo=grpo", "algo.loss_aggregation=mean"], "algo.loss_aggregation"),
-    (["algo=ppo", "algo.dynamic_sampling=true"], "algo.dynamic_sampling"),
+    (["algo=reinforce_pp", "algo.dynamic_sampling=true"], "algo.dynamic_sampling"),
 ])
 def test_schema_ranges_name_their_key(overrides, key):
     from test_config import make
@@ -227,6 +227,19 @@ def test_schema_ranges_name_their_key(overrides, key):
 
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         validate(make(overrides))
+
+
+@pytest.mark.parametrize("name,label", [("grpo", "GRPO"), ("dapo", "DAPO"), ("rloo", "RLOO"),
+                                        ("reinforce_pp", "REINFORCE++")])
+def test_yaml_holds_the_schemas_defaults_so_runs_are_labelled_plainly(name, label):
+    from test_config import make
+
+    from po_experiments.reporting.methods import describe
+
+    cfg = make([f"algo={name}"])
+    assert describe(cfg)["method"] == label
+    assert describe(make([f"algo={name}", "algo.weighting=cppo_top", "algo.lam=0.3"]))["method"].startswith(label)
+    assert not hasattr(OmegaConf.structured(OBJECTIVES["ppo"].schema), "group_size")  # PPO's section as it was
 
 
 # ================================================================================ 3. TRL's GRPO loss

@@ -53,15 +53,6 @@ class PPOAlgoConfig:
     num_ppo_epochs: int = 4
     num_mini_batches: int = 1
     whiten_rewards: bool = False
-    kl_estimator: str = "k1"  # KL in the reward: k1 = log pi - log ref (PPO, RLOO, REINFORCE++); the loss's is k3
-    # ---- critic-free estimators (grpo, dapo, rloo, reinforce_pp); PPO's defaults leave PPO as it was
-    group_size: int = 1  # responses sampled per prompt; model.ppo.batch_size counts responses (prompts x group_size)
-    epsilon_low: Optional[float] = None  # clip range below 1 (None: cliprange)
-    epsilon_high: Optional[float] = None  # clip range above 1 (None: cliprange); DAPO's clip-higher sets it larger
-    loss_aggregation: str = "token_mean"  # AGGREGATIONS: how per-token losses become the batch loss
-    kl_in: str = "reward"  # "reward": -kl_coef KL per token in the reward; "loss": + kl_coef KL_k3 per token (GRPO)
-    scale_rewards: bool = True  # GRPO/DAPO: divide by the group's std (Dr-GRPO: false)
-    dynamic_sampling: bool = False  # DAPO: drop groups whose scores are all equal (no gradient, only normaliser)
 
     @staticmethod
     def problems(a) -> list[tuple[str, str]]:
@@ -103,6 +94,68 @@ class PPOAlgoConfig:
         if a.num_ppo_epochs <= 0:
             out.append(("num_ppo_epochs", f"must be > 0, got {a.num_ppo_epochs}"))
         return out
+
+@dataclass
+class CriticFreeAlgoConfig(PPOAlgoConfig):
+    """The policy-gradient settings beyond PPO's (GRPO, DAPO, RLOO, REINFORCE++). Their defaults here are PPO's
+    behaviour (what `settings` gives a PPO run); each estimator's schema below sets its reference method's."""
+
+    kl_estimator: str = "k1"  # KL in the reward: k1 = log pi - log ref (PPO, RLOO, REINFORCE++); the loss's is k3
+    group_size: int = 1  # responses sampled per prompt; model.ppo.batch_size counts responses (prompts x group_size)
+    epsilon_low: Optional[float] = None  # clip range below 1 (None: cliprange)
+    epsilon_high: Optional[float] = None  # clip range above 1 (None: cliprange); DAPO's clip-higher sets it larger
+    loss_aggregation: str = "token_mean"  # AGGREGATIONS: how per-token losses become the batch loss
+    kl_in: str = "reward"  # "reward": -kl_coef KL per token in the reward; "loss": + kl_coef KL_k3 per token (GRPO)
+    scale_rewards: bool = True  # GRPO/DAPO: divide by the group's std (Dr-GRPO: false)
+    dynamic_sampling: bool = False  # drop groups whose scores are all equal (DAPO)
+
+
+@dataclass
+class GRPOAlgoConfig(CriticFreeAlgoConfig):
+    """GRPO (DeepSeekMath; TRL GRPOConfig): 8 responses per prompt, KL_k3 in the loss with beta 0.04, sequence-mean
+    then batch-mean loss, one gradient pass per rollout."""
+
+    name: str = "grpo"
+    group_size: int = 8
+    kl_coef: float = 0.04
+    kl_in: str = "loss"
+    loss_aggregation: str = "grpo"
+    num_ppo_epochs: int = 1
+
+
+@dataclass
+class DAPOAlgoConfig(CriticFreeAlgoConfig):
+    """DAPO: clip-higher (0.2 / 0.28), token-level loss, no KL, dynamic sampling; several passes per rollout."""
+
+    name: str = "dapo"
+    group_size: int = 8
+    kl_coef: float = 0.0
+    epsilon_low: Optional[float] = 0.2
+    epsilon_high: Optional[float] = 0.28
+    loss_aggregation: str = "dapo"
+    dynamic_sampling: bool = True
+    num_ppo_epochs: int = 2
+
+
+@dataclass
+class RLOOAlgoConfig(CriticFreeAlgoConfig):
+    """RLOO (TRL RLOOConfig): k = 4 responses, beta 0.05 on the k1 KL summed into the reward, REINFORCE on log pi(y)."""
+
+    name: str = "rloo"
+    group_size: int = 4
+    kl_coef: float = 0.05
+    loss_aggregation: str = "sequence_sum"
+    num_ppo_epochs: int = 1
+
+
+@dataclass
+class ReinforcePPAlgoConfig(CriticFreeAlgoConfig):
+    """REINFORCE++ (OpenRLHF): KL 0.01 per token in the reward, return to go, global whitening, token-mean loss."""
+
+    name: str = "reinforce_pp"
+    kl_coef: float = 0.01
+    num_ppo_epochs: int = 1
+
 
 # ------------------------------------------------------------------------------------------ thirds and masks
 
@@ -318,11 +371,14 @@ def with_advantages(r, *, kl_coef: float, kl_estimator: str, gamma: float, lam: 
     return r
 
 
-def settings(algo, **overrides) -> PPOAlgoConfig:
-    """The algo section as its schema with defaults for the keys it lacks (hand-built configs), plus overrides."""
-    known = {f for f in PPOAlgoConfig.__dataclass_fields__}
-    values = {k: (algo[k] if hasattr(algo, "__getitem__") else getattr(algo, k)) for k in known if k in algo}
-    return PPOAlgoConfig(**{**values, **overrides})
+def settings(algo, **overrides) -> CriticFreeAlgoConfig:
+    """The algo section as its objective's schema, with that schema's defaults for the keys it lacks (hand-built
+    configs; PPO's section lacks the critic-free keys: their defaults are PPO's behaviour), plus overrides."""
+    spec = OBJECTIVES.get(algo["name"])
+    schema = spec.schema if spec is not None and issubclass(spec.schema, CriticFreeAlgoConfig) \
+        else CriticFreeAlgoConfig
+    values = {k: algo[k] for k in schema.__dataclass_fields__ if k in algo}
+    return schema(**{**values, **overrides})
 
 
 def clip_range(a) -> tuple[float, float]:
@@ -438,7 +494,9 @@ for _name, _label, _row in (("ppo", "PPO", "PPO"), ("cppo", "cPPO-top", "cPPO"),
                             ("hppo", "hPPO", "hPPO")):
     register_objective(_name, family="ppo", schema=PPOAlgoConfig, label=_label, table1_row=_row)(gae_advantages)
 # Critic-free estimators: every weighting (algo.weighting=cppo_top, hppo, ...) applies to them too.
-register_objective("grpo", family="ppo", schema=PPOAlgoConfig, label="GRPO", extra_components=("KL",))(grpo_advantages)
-register_objective("dapo", family="ppo", schema=PPOAlgoConfig, label="DAPO")(grpo_advantages)
-register_objective("rloo", family="ppo", schema=PPOAlgoConfig, label="RLOO")(rloo_advantages)
-register_objective("reinforce_pp", family="ppo", schema=PPOAlgoConfig, label="REINFORCE++")(reinforce_pp_advantages)
+register_objective("grpo", family="ppo", schema=GRPOAlgoConfig, label="GRPO",
+                   extra_components=("KL",))(grpo_advantages)
+register_objective("dapo", family="ppo", schema=DAPOAlgoConfig, label="DAPO")(grpo_advantages)
+register_objective("rloo", family="ppo", schema=RLOOAlgoConfig, label="RLOO")(rloo_advantages)
+register_objective("reinforce_pp", family="ppo", schema=ReinforcePPAlgoConfig,
+                   label="REINFORCE++")(reinforce_pp_advantages)
