@@ -416,3 +416,13 @@ def test_dapo_token_level_loss_spans_the_optimizer_steps_micro_batches(ppo):
               for i in (0, 8)]
     whole = trainer.micro_batch_losses(r, torch.arange(n), weights, mask)["policy"]  # one batch: its own tokens
     assert (halves[0] + halves[1]).item() / 2 == pytest.approx(whole.item(), rel=1e-10)  # accelerate divides by 2
+
+
+def test_g_sample_leaves_out_the_responses_dynamic_sampling_dropped():
+    from po_experiments.analysis.ppo_sample import without_dropped_responses
+
+    r = estimated("dapo", algo_of("dapo"), seed=6, uniform_group=True)
+    k = settings(algo_of("dapo")).group_size
+    kept = without_dropped_responses(r)
+    assert kept.valid.shape[0] == r.valid.shape[0] - k and kept.valid.any(1).all()
+    assert torch.equal(kept.advantages, r.advantages[k:]) and torch.equal(kept.scores, r.scores[k:])

@@ -143,7 +143,19 @@ def whole_sample(cfg, parts: list[Rollout], pad_token_id: int) -> Rollout:
     from ..trainers.ppo import concat_rollouts
 
     sample = concat_rollouts(parts, pad_token_id)
-    return objective_of(cfg.algo).fn(sample, settings(cfg.algo))
+    return without_dropped_responses(objective_of(cfg.algo).fn(sample, settings(cfg.algo)))
+
+
+def without_dropped_responses(sample: Rollout) -> Rollout:
+    """The sample minus the responses dynamic sampling dropped (no valid token left): they are in no component,
+    and G's mini-batches are of responses that carry gradient, as the trained batch is."""
+    from dataclasses import fields
+
+    keep = sample.valid.any(1)
+    if bool(keep.all()):
+        return sample
+    return Rollout(**{f.name: getattr(sample, f.name)[keep] if torch.is_tensor(getattr(sample, f.name))
+                      else getattr(sample, f.name) for f in fields(Rollout)})
 
 
 def save_atomic(sample: Rollout, path: Path) -> None:

@@ -5,6 +5,13 @@ logging); `train()` is ours: rollout -> score -> advantages -> PPO epochs of (po
 policy loss is the clipped surrogate weighted per token by a registered weighting (ppo, cppo_top, cppo_mid,
 hppo) and restricted to the active components (POS/NEG/TOP/MID/BOT minus what the ablation drops).
 
+The advantages are the registered objective's estimator (objectives/policy_gradient.py): GAE with a value model
+(PPO and its variants), or a critic-free one (GRPO, DAPO, RLOO, REINFORCE++), for which there is no value model at
+all (no value forward, loss, optimizer state or checkpoint folder). Group estimators sample `algo.group_size`
+responses per prompt: a rollout of `model.ppo.batch_size` rows holds batch_size / group_size prompts, each
+group_size times in a row (whole groups on each process). The loss's aggregation is `algo.loss_aggregation`
+(`aggregation_weights`, which the G analysis uses too); GRPO's KL(pi || ref) is a loss term (component KL).
+
 Checkpoint `step-N` holds the policy and value model after N updates *and* the rollout they generate next
 (D_N): exactly the pair (theta_t, D_t) the gradient-alignment analysis needs, and what a resumed run continues
 from without regenerating, so it ends where an uninterrupted run ends.
