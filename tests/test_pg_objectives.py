@@ -378,7 +378,6 @@ def test_critic_free_trainer_samples_groups_and_has_no_value_model(ppo, name, tm
     assert metrics["ppo/value"] == 0.0 and math.isfinite(metrics["ppo/policy"])
     if name == "grpo":
         assert metrics["ppo/kl_k3"] >= 0
-    trainer.args.num_total_batches = 2
     straight = ppo(algo=algo)
     straight.args.num_total_batches = 2
     straight.train()
