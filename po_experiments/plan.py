@@ -412,14 +412,18 @@ class Planner:
         rm_bytes = 0.0 if rm is None else inference_bytes(rm.n_params, rm, 2, seq * 8)
         ref_bytes = inference_bytes(self.P, self.shape, 2, seq * 8)
         shard = self.hw.world if self.zero == 3 else 1
-        value_state = training_state_bytes(self.P, self.prec, self.zero, self.hw.world)  # value model ~ policy
+        from .objectives.policy_gradient import needs_critic
+
+        critic = needs_critic(self.cfg.algo)  # GRPO, DAPO, RLOO, REINFORCE++: no value model
+        k = run_length.group_size(self.cfg)
+        value_state = training_state_bytes(self.P, self.prec, self.zero, self.hw.world) if critic else 0.0
         gen = generation_bytes(self.shape, 0, 2, 8, hp.max_prompt_length, hp.max_new_tokens)
         extra = value_state + (ref_bytes + rm_bytes) / shard + gen
         plan = self.training(hp, rows_=rows(self.cfg, "preferences"), seq_len=seq, seqs_per_example=2,
                              checkpointing=self.checkpointing, extra_device=extra, extra_tokens_factor=14.0,
-                             name="ppo", count=run_length.ppo_updates)
+                             name="ppo", count=lambda hp, n: run_length.ppo_updates(hp, n, k))
         rm_size = "none" if rm is None else f"{rm.n_params / 1e9:.1f}B"
-        plan.detail += f"; + value model, reference, reward model ({rm_size})"
+        plan.detail += f"; + {'value model, ' if critic else ''}reference, reward model ({rm_size})"
         host = self._host(self.P * 2, (rm.n_params * 2) if rm else 0)
         plan.host_gb, plan.fits = host / GB, self._fits(plan.peak_gpu_gb * GB, host)
         return plan

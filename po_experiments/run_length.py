@@ -3,7 +3,8 @@
 The paper's step numbers are taken literally, in the unit the trainers count (README "Paper presets"):
 - DPO family: one optimizer step = `model.dpo.batch_size` pairs (Pythia: 16 pairs = the paper's "batch size 32"
   read as sequences, so its 2 epochs are 7,642 steps and every step number of the paper lies inside them);
-- PPO family: one update = a rollout of `model.ppo.batch_size` prompts followed by the PPO epochs on it (TRL's step).
+- PPO family: one update = a rollout of `model.ppo.batch_size` responses (prompts x `algo.group_size`, 1 for PPO)
+  followed by the PPO epochs on it (TRL's step; TRL's "episodes" are these responses).
 
 `check(cfg, rows)` runs twice: at validation with the data's known size (`data.<source>.rows`, the dry-run plan's
 numbers) and again when training starts with the rows actually loaded (the embedded task's pair count is known only
@@ -47,23 +48,35 @@ def optimizer_steps(hp, rows: int | None) -> int | None:
     return None if rows is None else max(1, math.ceil(hp.epochs * math.ceil(rows / hp.batch_size)))
 
 
-def ppo_updates(hp, rows: int | None) -> int | None:
-    """TRL's PPOTrainer: episodes = int(epochs x prompts), updates = ceil(episodes / batch)."""
+def ppo_updates(hp, rows: int | None, group_size: int = 1) -> int | None:
+    """TRL's PPOTrainer: episodes = int(epochs x prompts) x responses per prompt, updates = ceil(episodes / batch)
+    (the batch counts responses: batch / group_size prompts per update)."""
     if hp.max_steps > 0:
         return hp.max_steps
-    return None if rows is None else max(1, math.ceil(int(hp.epochs * rows) / hp.batch_size))
+    return None if rows is None else max(1, math.ceil(int(hp.epochs * rows) * group_size / hp.batch_size))
+
+
+def group_size(cfg) -> int:
+    """Responses per prompt of a PPO-family run's rollouts (1 for PPO)."""
+    from .objectives.policy_gradient import group_size as of_algo
+
+    return of_algo(cfg.algo)
 
 
 def total_steps(cfg, rows: int | None) -> int | None:
     """The PO run's optimizer steps (DPO family) or updates (PPO family), or None when the rows are unknown."""
-    count = ppo_updates if stage(cfg) == "ppo" else optimizer_steps
-    return count(cfg.model[stage(cfg)], rows)
+    if stage(cfg) == "ppo":
+        return ppo_updates(cfg.model.ppo, rows, group_size(cfg))
+    return optimizer_steps(cfg.model.dpo, rows)
 
 
 def unit(cfg) -> str:
     hp = cfg.model[stage(cfg)]
     if stage(cfg) == "ppo":
-        return (f"PPO update: a rollout of {hp.batch_size} prompts, then {cfg.algo.num_ppo_epochs} PPO epoch(s) of "
+        k = group_size(cfg)
+        rollout = f"{hp.batch_size} prompts" if k == 1 else \
+            f"{hp.batch_size} responses ({hp.batch_size // k} prompts x {k})"
+        return (f"PPO update: a rollout of {rollout}, then {cfg.algo.num_ppo_epochs} PPO epoch(s) of "
                 f"{cfg.algo.num_mini_batches} mini-batch(es) on it")
     return f"optimizer step on {hp.batch_size} pairs ({2 * hp.batch_size} sequences)"
 
@@ -118,6 +131,9 @@ def check_training(cfg, rows: int, run_dir) -> dict:
 def check(cfg, rows: int | None, *, where: str) -> dict:
     """The run's length and step settings (for plan.json / summary.json); a ConfigError naming every key outside
     the run (unless plan.check_steps=false: then a warning)."""
+    if stage(cfg) == "ppo" and cfg.model.ppo.batch_size % group_size(cfg):
+        raise ConfigError(f"model.ppo.batch_size: counts responses, must be whole groups of algo.group_size="
+                          f"{group_size(cfg)}, got {cfg.model.ppo.batch_size}")
     total = total_steps(cfg, rows)
     record = {"stage": stage(cfg), "unit": unit(cfg), "steps": total, "rows": rows, "settings": []}
     if total is None:

@@ -268,15 +268,23 @@ PPO_COMPONENTS = DPO_COMPONENTS
 
 
 def ppo_token_coefficients(rollout, algo, step: int, weighting) -> dict[str, torch.Tensor]:
-    """Per component, the coefficient of each response token's grad log pi in its policy-loss gradient at the
-    rollout's own policy (ratio 1, inside the clip): -A_t * weight_t * mask_t, thirds ranked over the batch.
-    (Dividing by the mini-batch's number of valid tokens is done per mini-batch.)"""
-    from ..objectives.policy_gradient import TOKEN_COMPONENTS, token_thirds
+    """Per component of the objective (`components_of`), the coefficient of each response token's grad log pi in
+    its policy-loss gradient at the rollout's own policy (ratio 1, inside the clip): -A_t * weight_t * mask_t, thirds
+    ranked over the batch (by response where A is per response); a KL-in-the-loss term (GRPO) is its own component
+    KL, kl_coef (1 - pi_ref / pi) per token, and part of TOT. The aggregation's normaliser
+    (`aggregation_weights`, the trainer's) is applied per mini-batch in `ppo_alignment`."""
+    from ..objectives.policy_gradient import TOKEN_COMPONENTS, kl_k3_coefficient, settings, thirds_of
 
     adv, valid = rollout.advantages, rollout.valid
-    thirds = token_thirds(adv, valid)
+    thirds = thirds_of(adv, valid, algo)
     weights, _ = weighting(adv, thirds, step, algo)
-    return {c: -(adv * weights * TOKEN_COMPONENTS[c](adv, thirds, valid).to(adv.dtype)) for c in PPO_COMPONENTS}
+    out = {c: -(adv * weights * TOKEN_COMPONENTS[c](adv, thirds, valid).to(adv.dtype)) for c in PPO_COMPONENTS}
+    a = settings(algo)
+    if "KL" in components_of(algo):
+        kl = a.kl_coef * kl_k3_coefficient(rollout.logprobs, rollout.ref_logprobs).to(adv.dtype)
+        out["KL"] = kl.masked_fill(~valid, 0.0) if a.kl_in == "loss" else torch.zeros_like(adv)
+        out["TOT"] = out["TOT"] + out["KL"]
+    return out
 
 
 def _response_logps(model, params, rollout, idx, temperature: float):
@@ -336,7 +344,8 @@ def trimmed_rows(rollout, idx):
 
 
 def ppo_alignment(model, rollout, dprime: dict[str, torch.Tensor], coefficients: dict, temperature: float = 1.0,
-                  batch_size: int = 6, progress=None, all_norms: bool = False) -> MinibatchAlignment:
+                  batch_size: int = 6, progress=None, all_norms: bool = False,
+                  aggregation: str = "token_mean", max_len: int | None = None) -> MinibatchAlignment:
     """G for every PPO component and layer group on mini-batches of `batch_size` responses of a saved rollout.
 
     Components are token-weighted (POS/NEG split a sequence): forward-mode products, one layer group at a time,
@@ -344,8 +353,13 @@ def ppo_alignment(model, rollout, dprime: dict[str, torch.Tensor], coefficients:
     from one ghost pass (ghost.py) with the TOT token weights folded into each sequence. `all_norms`: the other
     components' norms too, one ghost pass each (components with no weight in a mini-batch cost nothing).
     Forward-mode AD needs eager attention or SDPA's math backend; in float64, eager attention turns the fully
-    masked rows of left padding into NaN, so run it in float32/bfloat16 (as the analysis stage does)."""
+    masked rows of left padding into NaN, so run it in float32/bfloat16 (as the analysis stage does).
+    `aggregation`: the objective's `algo.loss_aggregation`; each mini-batch is one batch of it (its normaliser
+    from `aggregation_weights`, the trainer's function); `max_len`: Dr-GRPO's constant (model.ppo.max_new_tokens)."""
+    from ..objectives.policy_gradient import aggregation_weights
+
     device = next(iter(dprime.values())).device
+    components = tuple(coefficients)
     groups = layer_groups(model)
     rollout = rollout.to(device)
     coefficients = {k: v.to(device) for k, v in coefficients.items()}
@@ -355,7 +369,8 @@ def ppo_alignment(model, rollout, dprime: dict[str, torch.Tensor], coefficients:
         idx = torch.arange(s, min(s + batch_size, n), device=device)
         rows, width = trimmed_rows(rollout, idx)
         valid = rows.valid
-        C = torch.stack([coefficients[c][idx, :width] for c in PPO_COMPONENTS]).double() / valid.sum().clamp(min=1)
+        norm = aggregation_weights(valid, aggregation, max_len=max_len or rollout.valid.shape[1]).double()
+        C = torch.stack([coefficients[c][idx, :width] for c in components]).double() * norm
 
         def logps(p, rows=rows, valid=valid):
             return _response_logps(model, p, rows, slice(None), temperature).masked_fill(~valid, 0.0)
@@ -363,8 +378,8 @@ def ppo_alignment(model, rollout, dprime: dict[str, torch.Tensor], coefficients:
         dlp = group_directional_derivatives(model, logps, dprime, groups)  # 3 x b x T
         g3 = torch.einsum("cbt,kbt->ck", C, dlp.double())
         G.append(torch.cat([g3.sum(1, keepdim=True), g3], dim=1))
-        sq = torch.full((len(PPO_COMPONENTS),), float("nan"), dtype=torch.float64, device=device)
-        for c in range(len(PPO_COMPONENTS) if all_norms else 1):
+        sq = torch.full((len(components),), float("nan"), dtype=torch.float64, device=device)
+        for c in range(len(components) if all_norms else 1):
             sq[c] = _weighted_gradient_stats(model, groups, dprime, logps, C[c])[1] if C[c].any() else 0.0
         norms.append(sq.clamp(min=0).sqrt())
-    return MinibatchAlignment(PPO_COMPONENTS, torch.stack(G), torch.stack(norms))
+    return MinibatchAlignment(components, torch.stack(G), torch.stack(norms))

@@ -8,6 +8,11 @@ the run's reward, with the SFT reference's KL penalty per token, values from the
 (`with_advantages`, the trainer's function). `rollout`: the rollout batch saved with the checkpoint (cheaper; one
 update's batch, rank 0's share only in a multi-process job), the earlier behaviour.
 
+Other estimators (GRPO, DAPO, RLOO, REINFORCE++): the sample is drawn as training draws its rollouts, groups of
+`algo.group_size` responses per prompt (n_pairs // group_size prompts, each k times in a row: n_pairs rounded down
+to whole groups), and its advantages are the objective's own estimator (`objective_of(algo).fn`, the trainer's)
+over the whole sample; no value model is loaded where the estimator has no critic.
+
 Temperature: the PPO loss's log-probs divide the logits by the sampling temperature (as TRL's PPO does), so the
 sample's log-probs, and the G of its loss (`ppo_alignment`), do too; D' (-grad log pi of greedy answers) does not.
 
@@ -34,11 +39,18 @@ SAMPLES = ("fresh", "rollout")
 
 def sample_settings(cfg) -> dict:
     """Everything the cached sample depends on besides the checkpoint's weights (its file name is their hash)."""
+    from ..objectives.policy_gradient import needs_critic, settings
+
     p, a = cfg.model.ppo, cfg.algo
-    return {"n_pairs": cfg.analysis.n_pairs, "seed": cfg.seed, "temperature": p.temperature, "top_p": p.top_p,
-            "max_new_tokens": p.max_new_tokens, "max_prompt_length": p.max_prompt_length, "dtype": cfg.model.dtype,
-            "kl_coef": a.kl_coef, "gamma": a.gamma, "gae_lambda": a.gae_lambda, "whiten_rewards": a.whiten_rewards,
-            "reward": cfg.reward, "data": cfg.data, "sft_seed": cfg.sft.seed, "ranks": distributed.job_world()}
+    out = {"n_pairs": cfg.analysis.n_pairs, "seed": cfg.seed, "temperature": p.temperature, "top_p": p.top_p,
+           "max_new_tokens": p.max_new_tokens, "max_prompt_length": p.max_prompt_length, "dtype": cfg.model.dtype,
+           "kl_coef": a.kl_coef, "gamma": a.gamma, "gae_lambda": a.gae_lambda, "whiten_rewards": a.whiten_rewards,
+           "reward": cfg.reward, "data": cfg.data, "sft_seed": cfg.sft.seed, "ranks": distributed.job_world()}
+    if not needs_critic(a):  # GAE runs keep their earlier cache names
+        s = settings(a)
+        out.update(estimator=a.name, group_size=s.group_size, kl_estimator=s.kl_estimator,
+                   scale_rewards=s.scale_rewards, dynamic_sampling=s.dynamic_sampling)
+    return out
 
 
 def cache_path(cfg, folder: Path) -> Path:
@@ -47,16 +59,19 @@ def cache_path(cfg, folder: Path) -> Path:
 
 def sample_prompts(cfg, tokenizer) -> tuple[list[list[int]], dict]:
     """`analysis.n_pairs` prompts (token ids) from the PPO prompt pool, drawn with seed `seed` (the same at every
-    checkpoint); a pool smaller than n_pairs is cycled through (each prompt then gets several samples)."""
+    checkpoint); a pool smaller than n_pairs is cycled through (each prompt then gets several samples). Group
+    estimators: n_pairs // group_size distinct draws, each repeated group_size times in a row (one group each)."""
+    from ..objectives.policy_gradient import group_size
     from ..stages.ppo_policy import prompt_dataset
 
     pool, turns = prompt_dataset(cfg, tokenizer)
     if len(pool) == 0:
         raise ValueError("analysis.ppo_sample=fresh: the PPO prompt pool is empty")
-    n = cfg.analysis.n_pairs
+    k = group_size(cfg.algo)
+    n = max(1, cfg.analysis.n_pairs // k)
     order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(cfg.seed))
     order = order.repeat(-(-n // len(pool)))[:n]
-    return [pool[int(i)]["input_ids"] for i in order], turns
+    return [pool[int(i)]["input_ids"] for i in order for _ in range(k)], turns
 
 
 def left_padded(rows: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,8 +108,11 @@ class SampleModels:
         self.tokenizer = AutoTokenizer.from_pretrained(sft_dir)
         self.tokenizer.padding_side = "left"
         policy = AutoModelForCausalLM.from_pretrained(folder, **load).to(self.device).eval()
-        value = AutoModelForSequenceClassification.from_pretrained(folder / "value", num_labels=1, **load)
-        self.wrapper = PolicyValueModel(policy, value.to(self.device).eval())
+        value = None
+        if (folder / "value").is_dir():  # critic-free estimators save none and need none
+            value = AutoModelForSequenceClassification.from_pretrained(folder / "value", num_labels=1, **load)
+            value = value.to(self.device).eval()
+        self.wrapper = PolicyValueModel(policy, value)
         self.reference = AutoModelForCausalLM.from_pretrained(sft_dir, **load).to(self.device).eval()
         self.reward = build_reward(cfg, sft_dir, messages=user_turns or None)
         p, local = cfg.model.ppo, max(1, cfg.model.ppo.batch_size // distributed.world())
@@ -118,14 +136,26 @@ class SampleModels:
 
 
 def whole_sample(cfg, parts: list[Rollout], pad_token_id: int) -> Rollout:
-    """Every share in prompt order, then KL-penalised rewards, GAE and whitening over the whole sample."""
-    from ..objectives.policy_gradient import with_advantages
+    """Every share in prompt order, then the objective's estimator over the whole sample (PPO: KL-penalised
+    rewards, GAE and whitening; GRPO: group-normalised scores; ...), as the trainer calls it."""
+    from ..objectives import objective_of
+    from ..objectives.policy_gradient import settings
     from ..trainers.ppo import concat_rollouts
 
-    a = cfg.algo
     sample = concat_rollouts(parts, pad_token_id)
-    return with_advantages(sample, kl_coef=a.kl_coef, kl_estimator="k1", gamma=a.gamma, lam=a.gae_lambda,
-                           whiten_rewards=a.whiten_rewards)  # k1: PPOConfig's default, which the stage keeps
+    return without_dropped_responses(objective_of(cfg.algo).fn(sample, settings(cfg.algo)))
+
+
+def without_dropped_responses(sample: Rollout) -> Rollout:
+    """The sample minus the responses dynamic sampling dropped (no valid token left): they are in no component,
+    and G's mini-batches are of responses that carry gradient, as the trained batch is."""
+    from dataclasses import fields
+
+    keep = sample.valid.any(1)
+    if bool(keep.all()):
+        return sample
+    return Rollout(**{f.name: getattr(sample, f.name)[keep] if torch.is_tensor(getattr(sample, f.name))
+                      else getattr(sample, f.name) for f in fields(Rollout)})
 
 
 def save_atomic(sample: Rollout, path: Path) -> None:
@@ -140,10 +170,13 @@ def generate_share(cfg, folder: Path, sft_dir: Path, rank: int, world: int) -> t
     from transformers import AutoTokenizer
 
     from ..generation.backend import rank_slice
+    from ..objectives.policy_gradient import group_size
 
     tokenizer = AutoTokenizer.from_pretrained(sft_dir)
     prompts, turns = sample_prompts(cfg, tokenizer)
-    mine = prompts[rank_slice(len(prompts), rank, world)]
+    k = group_size(cfg.algo)  # whole groups per rank: a group's statistics need all its responses
+    share = rank_slice(len(prompts) // k, rank, world)
+    mine = prompts[share.start * k:share.stop * k]
     models = SampleModels(cfg, folder, sft_dir, turns)
     share = models.scored_rollout(mine, sampling_seed(cfg, rank)) if mine else None
     del models

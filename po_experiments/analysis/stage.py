@@ -162,9 +162,12 @@ def minibatch_alignment(cfg, step: int, folder: Path, dprime, pairs=None):
 
         rollout = ppo_sample if ppo_sample is not None else Rollout.load(folder / "rollout.pt")
         coef = ppo_token_coefficients(rollout, cfg.algo, step, WEIGHTINGS[cfg.algo.weighting])
+        from ..objectives.policy_gradient import settings
+
         return ppo_alignment(model, rollout, g, coef, temperature=cfg.model.ppo.temperature,
                              batch_size=cfg.analysis.ppo_batch_size, progress=bar,
-                             all_norms=cfg.analysis.ppo_all_norms)
+                             all_norms=cfg.analysis.ppo_all_norms, aggregation=settings(cfg.algo).loss_aggregation,
+                             max_len=cfg.model.ppo.max_new_tokens)
     encoded, ref_logps = pairs
     log.info("G at step %d: method %s", step, method)
     return dpo_alignment(model, encoded, ref_logps, g, cfg.algo, step, batch_size=cfg.analysis.dpo_batch_size,

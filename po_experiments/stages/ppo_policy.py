@@ -1,5 +1,7 @@
 """PPO-family stage: SFT policy + reference + value model + reward -> ComponentPPOTrainer -> final policy.
 
+Critic-free estimators (GRPO, DAPO, RLOO, REINFORCE++) load no value model. `model.ppo.batch_size` counts the
+responses of a rollout: `batch_size / algo.group_size` prompts, `group_size` responses each (1 for PPO).
 Checkpoints (policy, value model, the rollout batch D_N, optimizer, scheduler, RNG) every `model.ppo.save_steps`
 updates under `checkpoints/step-N/`; a killed run started again resumes from the last one.
 """
@@ -16,6 +18,7 @@ from .. import distributed, run_length
 from ..checkpoints import debug_callbacks, last_checkpoint
 from ..data.synthetic import DictionaryTask
 from ..models import DTYPES, chat_template_ids, load_model, placement
+from ..objectives.policy_gradient import group_size, needs_critic, settings
 from ..rewards import build_reward, reward_model_dir
 from ..trainers.ppo import ComponentPPOTrainer
 from .common import trainer_kwargs
@@ -54,16 +57,21 @@ def value_model(cfg, sft_dir: Path):
     return model
 
 
-def ppo_config(cfg, checkpoint_root: Path, report_to: list[str]) -> PPOConfig:
+def ppo_config(cfg, checkpoint_root: Path, report_to: list[str], prompts: int | None = None) -> PPOConfig:
+    """TRL's PPOConfig for the stage. Its episodes count rollout rows (responses): with groups of k responses per
+    prompt, an epoch over `prompts` prompts is prompts x k episodes (`run_length.ppo_updates`)."""
     hp, algo = cfg.model.ppo, cfg.algo
     kwargs = trainer_kwargs(hp, cfg, stage="ppo", output_dir=str(checkpoint_root), report_to=report_to)
     kwargs["save_strategy"] = "no"  # ComponentPPOTrainer writes its own checkpoints (with the rollout)
     kwargs["world_size"] = distributed.world()  # PPOConfig's field shadows TrainingArguments' (DeepSpeed reads it)
-    if hp.max_steps > 0:  # TRL's PPO counts episodes (prompts), not updates
+    if hp.max_steps > 0:  # TRL's PPO counts episodes (rollout rows), not updates
         kwargs["total_episodes"] = hp.max_steps * hp.batch_size
+    elif prompts is not None and group_size(algo) > 1:
+        kwargs["total_episodes"] = int(hp.epochs * prompts) * group_size(algo)
     return PPOConfig(
         **kwargs, response_length=hp.max_new_tokens, temperature=hp.temperature, stop_token="eos",
-        kl_coef=algo.kl_coef, cliprange=algo.cliprange, cliprange_value=algo.cliprange_value, vf_coef=algo.vf_coef,
+        kl_coef=algo.kl_coef, kl_estimator=settings(algo).kl_estimator, cliprange=algo.cliprange,
+        cliprange_value=algo.cliprange_value, vf_coef=algo.vf_coef,
         gamma=algo.gamma, lam=algo.gae_lambda, num_ppo_epochs=algo.num_ppo_epochs, num_mini_batches=1,
         whiten_rewards=algo.whiten_rewards, num_sample_generations=0, missing_eos_penalty=None,
         local_rollout_forward_batch_size=kwargs["per_device_train_batch_size"], dataset_num_proc=None,
@@ -84,14 +92,15 @@ def train_ppo_policy(cfg, sft_dir: Path, run_dir: Path, report_to: list[str]) ->
     # Every rank scores text with a whole reward model outside DeepSpeed: loaded before PPOConfig exists, since
     # under ZeRO-3 from_pretrained partitions whatever it loads while that config is registered
     reward = build_reward(cfg, sft_dir, messages=user_turns or None)
-    args = ppo_config(cfg, checkpoint_root, report_to)  # before the loads below: under ZeRO-3 they are partitioned
+    args = ppo_config(cfg, checkpoint_root, report_to, len(prompts))  # before the loads: ZeRO-3 partitions them
     policy = load_model(sft_dir, cfg.model)
     # frozen: inference only, so in model.dtype
     reference = AutoModelForCausalLM.from_pretrained(sft_dir, dtype=DTYPES[cfg.model.dtype], **placement())
     set_seed(cfg.seed)  # the value head's init must not depend on whether SFT was trained in this process
     trainer = ComponentPPOTrainer(
         args=args, processing_class=tokenizer, model=policy,
-        ref_model=reference, value_model=value_model(cfg, sft_dir), train_dataset=prompts,
+        ref_model=reference, value_model=value_model(cfg, sft_dir) if needs_critic(cfg.algo) else None,
+        train_dataset=prompts,
         eval_dataset=prompts.select(range(min(8, len(prompts)))), reward=reward,
         algo=cfg.algo, ablation=cfg.ablation, top_p=cfg.model.ppo.top_p, max_grad_norm=cfg.model.ppo.max_grad_norm,
         checkpoint_root=checkpoint_root, save_steps=cfg.model.ppo.save_steps, callbacks=debug_callbacks(cfg),

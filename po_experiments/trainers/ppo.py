@@ -5,6 +5,13 @@ logging); `train()` is ours: rollout -> score -> advantages -> PPO epochs of (po
 policy loss is the clipped surrogate weighted per token by a registered weighting (ppo, cppo_top, cppo_mid,
 hppo) and restricted to the active components (POS/NEG/TOP/MID/BOT minus what the ablation drops).
 
+The advantages are the registered objective's estimator (objectives/policy_gradient.py): GAE with a value model
+(PPO and its variants), or a critic-free one (GRPO, DAPO, RLOO, REINFORCE++), for which there is no value model at
+all (no value forward, loss, optimizer state or checkpoint folder). Group estimators sample `algo.group_size`
+responses per prompt: a rollout of `model.ppo.batch_size` rows holds batch_size / group_size prompts, each
+group_size times in a row (whole groups on each process). The loss's aggregation is `algo.loss_aggregation`
+(`aggregation_weights`, which the G analysis uses too); GRPO's KL(pi || ref) is a loss term (component KL).
+
 Checkpoint `step-N` holds the policy and value model after N updates *and* the rollout they generate next
 (D_N): exactly the pair (theta_t, D_t) the gradient-alignment analysis needs, and what a resumed run continues
 from without regenerating, so it ends where an uninterrupted run ends.
@@ -30,8 +37,9 @@ from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.utils import selective_log_softmax
 
 from .ablations import ABLATIONS
+from ..objectives import objective_of
 from ..objectives.policy_gradient import (
-    WEIGHTINGS, clipped_surrogate, policy_loss, token_mask, token_thirds, whiten, with_advantages,
+    WEIGHTINGS, clip_range, kl_active, settings, surrogate_loss, thirds_of, token_mask,
 )
 
 log = logging.getLogger(__name__)
@@ -98,13 +106,24 @@ def response_logprobs(logits: torch.Tensor, responses: torch.Tensor, temperature
 class PolicyValueModel(trl_ppo.PolicyAndValueWrapper):
     """TRL's policy + value wrapper (one module for `accelerator.prepare`), whose forward computes the policy's
     logits only at the response positions (`logits_to_keep`) and reads the value backbone's last hidden state
-    instead of asking both models for every layer's hidden states."""
+    instead of asking both models for every layer's hidden states. `value_model=None` (critic-free estimators:
+    GRPO, DAPO, RLOO, REINFORCE++): the policy alone, no value forward, no value parameters to optimise."""
+
+    def __init__(self, policy, value_model=None):
+        if value_model is not None:
+            super().__init__(policy, value_model)
+            return
+        torch.nn.Module.__init__(self)
+        self.policy, self.value_model, self.critic_backbone = policy, None, None
+        self.is_gradient_checkpointing = policy.is_gradient_checkpointing
 
     def forward(self, input_ids, attention_mask, response_length: int):
         kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
                       use_cache=False, return_dict=True)
-        hidden = self.critic_backbone(**kwargs).last_hidden_state
-        values = self.value_model.score(hidden[:, -response_length - 1:-1]).squeeze(-1)
+        values = None
+        if self.value_model is not None:
+            hidden = self.critic_backbone(**kwargs).last_hidden_state
+            values = self.value_model.score(hidden[:, -response_length - 1:-1]).squeeze(-1)
         logits = self.policy(**kwargs, logits_to_keep=response_length + 1).logits[:, :-1]
         return logits, values
 
@@ -162,7 +181,7 @@ def forward_estimates(wrapper, ref_model, query_responses, attention_mask, respo
         logprobs = response_logprobs(logits, ids[:, -response_length:], s.temperature)
         del logits
         ref = sequence_logprobs(ref_model, ids, att, ids.shape[1] - response_length, s.temperature)
-        parts.append((logprobs, ref, upcast(values)))
+        parts.append((logprobs, ref, torch.zeros_like(logprobs) if values is None else upcast(values)))
     return tuple(torch.cat(p) for p in zip(*parts))
 
 
@@ -305,12 +324,14 @@ def deepspeed_for_accelerator(args, max_grad_norm: float | None):
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
 
 
-def advantage_third_means(r: Rollout) -> dict[str, float]:
+def advantage_third_means(r: Rollout, thirds: torch.Tensor | None = None) -> dict[str, float]:
     """Fig. 3, "average (raw) advantages (instead of absolute advantages)" of the TOP / MID / BOT thirds of |A|:
     "raw" is signed as opposed to absolute, and the A of the paper's loss (and of its thirds and G) is the whitened
     one, so `adv/<third>` is the mean signed *whitened* A of the third; `adv_unwhitened/<third>`, the mean GAE
     before whitening over the same tokens, is an extra series (whitening shifts means, so signs can differ)."""
-    thirds = token_thirds(r.advantages, r.valid)
+    from ..objectives.policy_gradient import token_thirds
+
+    thirds = token_thirds(r.advantages, r.valid) if thirds is None else thirds
     m = {}
     for name, k in (("TOP", 2), ("MID", 1), ("BOT", 0)):
         sel = thirds == k
@@ -329,31 +350,53 @@ class ComponentPPOTrainer(PPOTrainer):
             raise ValueError(f"generation_batch_size must be >= 1 or None, got {generation_batch_size}")
         self.reward, self.algo, self.ablation = reward, algo, ablation
         self.weighting = WEIGHTINGS[algo.weighting]
+        self.estimator = objective_of(algo).fn  # the advantage estimator (GAE, GRPO, RLOO, REINFORCE++)
+        self.group_size = settings(algo).group_size if self.estimator.needs_groups else 1
+        if not self.estimator.needs_critic:
+            kwargs["value_model"] = None  # no value head forward, no value loss, no value optimizer state
         self.drop_components = ABLATIONS[ablation.name]
         self.top_p, self.max_grad_norm = top_p, max_grad_norm
         self.checkpoint_root = Path(checkpoint_root) if checkpoint_root else None
         self.save_every = save_steps
         self.generation_batch_size = generation_batch_size  # None: the whole per-device rollout batch at once
         train_args = kwargs["args"]
-        prepare_trainable((kwargs["model"], kwargs["value_model"]), train_args, pure_low_precision)
+        prepare_trainable([m for m in (kwargs["model"], kwargs["value_model"]) if m is not None], train_args,
+                          pure_low_precision)
         enable_tf32()
         with deepspeed_for_accelerator(train_args, max_grad_norm), \
                 mixed_precision_for_accelerator(train_args, pure_low_precision), \
                 mock.patch.object(trl_ppo, "PolicyAndValueWrapper", PolicyValueModel):
             super().__init__(*args, reward_model=_TextReward(), **kwargs)
         self.sampler = torch.Generator().manual_seed(self.args.seed)  # PPO minibatch shuffles, saved with checkpoints
+        if self.args.local_batch_size % self.group_size:
+            raise ValueError(f"model.ppo.batch_size counts responses: each process's {self.args.local_batch_size} "
+                             f"must be whole groups of algo.group_size={self.group_size}")
+
+    @property
+    def pg(self):
+        """The estimator's settings: the algo section, with the values TRL's PPOConfig carries taken from it (the
+        stage sets both alike)."""
+        a = self.args
+        return settings(self.algo, kl_coef=a.kl_coef, kl_estimator=a.kl_estimator, gamma=a.gamma, gae_lambda=a.lam,
+                        whiten_rewards=a.whiten_rewards, cliprange=a.cliprange)
+
+    @property
+    def prompts_per_update(self) -> int:
+        """Prompts of one update over all processes: model.ppo.batch_size counts responses, group_size per prompt."""
+        return self.args.batch_size // self.group_size
 
     # ========================================================================================= data order
     def batch_for(self, update: int) -> dict:
         """This process's prompts of update `update` (1-based): epoch-wise permutations seeded by (seed, epoch), so a
         resumed run finds its place without replaying the data loader; process r takes the r-th slice of the
         update's global batch."""
-        n, b, total = len(self.train_dataset), self.args.local_batch_size, self.args.batch_size
+        k = self.group_size
+        n, b, total = len(self.train_dataset), self.args.local_batch_size // k, self.prompts_per_update
         per_epoch = n // total
         epoch, index = divmod(update - 1, per_epoch)
         order = torch.randperm(n, generator=torch.Generator().manual_seed(self.args.seed + epoch))
         start = index * total + self.accelerator.process_index * b
-        rows = [self.train_dataset[int(i)] for i in order[start:start + b]]
+        rows = [self.train_dataset[int(i)] for i in order[start:start + b] for _ in range(k)]  # groups: k in a row
         return self.data_collator([{"input_ids": r["input_ids"]} for r in rows])
 
     # ========================================================================================= 1. rollout
@@ -403,9 +446,8 @@ class ComponentPPOTrainer(PPOTrainer):
     # ========================================================================================= 3. advantages
     @torch.no_grad()
     def advantages(self, r: Rollout) -> Rollout:
-        args = self.args
-        return with_advantages(r, kl_coef=args.kl_coef, kl_estimator=args.kl_estimator, gamma=args.gamma,
-                               lam=args.lam, whiten_rewards=args.whiten_rewards)
+        """The objective's estimator on this process's rollout (GAE + whitening, group-normalised, ...)."""
+        return self.estimator(r, self.pg)
 
     def make_rollout(self, batch: dict) -> Rollout:
         return self.advantages(self.score(self.rollout(batch)))
@@ -413,51 +455,83 @@ class ComponentPPOTrainer(PPOTrainer):
     # ========================================================================================= 4-5. losses
     def token_weights(self, r: Rollout, step: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """Per-token weight (the variant) and 0/1 mask (the active components) for this rollout at step t."""
-        thirds = token_thirds(r.advantages, r.valid)
+        thirds = thirds_of(r.advantages, r.valid, self.algo)
         weights, scalars = self.weighting(r.advantages, thirds, step, self.algo)
         mask = token_mask(self.algo.components, self.drop_components(step, self.ablation), r.advantages, thirds,
                           r.valid)
         return weights, mask, scalars
 
-    def micro_batch_losses(self, r: Rollout, idx, weights, mask) -> dict[str, torch.Tensor]:
-        """Policy loss (weighted clipped surrogate) and clipped value loss on the rows `idx` of the rollout."""
-        args = self.args
+    def kl_on(self, step: int) -> bool:
+        """Whether the objective's KL-in-the-loss term (GRPO) is trained at step t (component KL, part of TOT)."""
+        return self.pg.kl_in == "loss" and kl_active(self.algo.components, self.drop_components(step, self.ablation))
+
+    def micro_batch_losses(self, r: Rollout, idx, weights, mask, *, kl_on: bool | None = None,
+                           batch_tokens: float | None = None) -> dict[str, torch.Tensor]:
+        """Policy loss (weighted clipped surrogate, + kl_coef KL_k3 per token where the KL is in the loss),
+        aggregated by `algo.loss_aggregation`, and the clipped value loss (critic estimators only) on the rows `idx`.
+        `batch_tokens`: the "dapo" aggregation's denominator (this micro-batch's share of the optimizer step's)."""
+        args, a = self.args, self.pg
         ids, att = r.query_responses[idx], r.attention_mask[idx]
         length = ids.shape[1] - r.context_length
         logits, vpred = self.model(ids, att, length)
         new_logprobs = response_logprobs(logits, ids[:, -length:], args.temperature)
         del logits
         valid = r.valid[idx]
-        per_token = clipped_surrogate(new_logprobs, r.logprobs[idx], r.advantages[idx], args.cliprange)
-        pg_loss = policy_loss(per_token, weights[idx], mask[idx], valid)
-
-        vpred = upcast(vpred)
-        vclipped = r.values[idx] + (vpred - r.values[idx]).clamp(-args.cliprange_value, args.cliprange_value)
-        vf = torch.max((vpred - r.returns[idx]) ** 2, (vclipped - r.returns[idx]) ** 2)
-        vf_loss = 0.5 * (vf * valid).sum() / valid.sum().clamp(min=1)
+        pg_loss, kl = surrogate_loss(new_logprobs, r.logprobs[idx], r.ref_logprobs[idx], r.advantages[idx], valid,
+                                     weights[idx], mask[idx], a, kl_on=self.kl_on(0) if kl_on is None else kl_on,
+                                     max_len=args.response_length, batch_tokens=batch_tokens)
+        low, high = clip_range(a)
+        n_valid = valid.sum().clamp(min=1)
+        if vpred is not None:
+            vpred = upcast(vpred)
+            vclipped = r.values[idx] + (vpred - r.values[idx]).clamp(-args.cliprange_value, args.cliprange_value)
+            vf = torch.max((vpred - r.returns[idx]) ** 2, (vclipped - r.returns[idx]) ** 2)
+            vf_loss = 0.5 * (vf * valid).sum() / n_valid
+        else:
+            vf_loss = torch.zeros((), dtype=pg_loss.dtype, device=pg_loss.device)
         with torch.no_grad():
             ratio = torch.exp(new_logprobs - r.logprobs[idx])
-            stats = {"clipfrac": (((ratio - 1).abs() > args.cliprange) & valid).float().sum() / valid.sum(),
-                     "approxkl": 0.5 * (((new_logprobs - r.logprobs[idx]) ** 2) * valid).sum() / valid.sum(),
-                     "ratio": (ratio * valid).sum() / valid.sum()}
+            clipped = ((ratio < 1 - low) | (ratio > 1 + high)) & valid
+            stats = {"clipfrac": clipped.float().sum() / n_valid,
+                     "approxkl": 0.5 * (((new_logprobs - r.logprobs[idx]) ** 2) * valid).sum() / n_valid,
+                     "ratio": (ratio * valid).sum() / n_valid}
+            if kl is not None:
+                stats["kl_k3"] = (kl * valid).sum() / n_valid
         return {"loss": pg_loss + args.vf_coef * vf_loss, "policy": pg_loss, "value": vf_loss, **stats}
+
+    def step_tokens(self, r: Rollout, rows: torch.Tensor, micro_batches: int) -> float | None:
+        """The "dapo" aggregation's denominator per micro-batch: the optimizer step's valid tokens over all
+        processes / processes (DDP averages gradients over them) / micro-batches (accelerate divides each
+        micro-batch's loss by the accumulation steps, so the step's gradient is sum over tokens / tokens)."""
+        if self.pg.loss_aggregation != "dapo":
+            return None
+        tokens = self.accelerator.reduce(r.valid[rows].sum().to(torch.float64), "sum").item()
+        return tokens / self.accelerator.num_processes / micro_batches
 
     # ========================================================================================= the update
     def update(self, r: Rollout, step: int) -> dict[str, float]:
         """num_ppo_epochs passes over the rollout in shuffled minibatches (gradient accumulation over micro-batches)."""
         args = self.args
         weights, mask, scalars = self.token_weights(r, step)
+        kl_on = self.kl_on(step)
         sums: dict[str, float] = {}
         count = 0
+        if self.accelerator.reduce(r.valid.sum().to(torch.float64), "sum").item() == 0:
+            # dynamic sampling dropped every group on every process: nothing to learn from, no optimizer step
+            # (AdamW would still move the weights on zero gradients); the update still counts
+            log.warning("update %d: every group of the rollout has equal scores; skipped", step + 1)
+            return {"ppo/skipped": 1.0, **scalars}
         self.model.train()
         for _ in range(args.num_ppo_epochs):
             order = torch.randperm(args.local_batch_size, generator=self.sampler)
             for mb_start in range(0, args.local_batch_size, args.local_mini_batch_size):
                 minibatch = order[mb_start:mb_start + args.local_mini_batch_size]
+                micro = -(-len(minibatch) // args.per_device_train_batch_size)
+                tokens = self.step_tokens(r, minibatch.to(r.valid.device), micro)
                 for mc_start in range(0, len(minibatch), args.per_device_train_batch_size):
                     idx = minibatch[mc_start:mc_start + args.per_device_train_batch_size].to(r.logprobs.device)
                     with self.accelerator.accumulate(self.model):
-                        losses = self.micro_batch_losses(r, idx, weights, mask)
+                        losses = self.micro_batch_losses(r, idx, weights, mask, kl_on=kl_on, batch_tokens=tokens)
                         self.accelerator.backward(losses["loss"])
                         if self.accelerator.sync_gradients and self.max_grad_norm:
                             self.accelerator.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
@@ -466,7 +540,7 @@ class ComponentPPOTrainer(PPOTrainer):
                     for k, v in losses.items():
                         sums[k] = sums.get(k, 0.0) + float(v.detach())
                     count += 1
-        return {**{f"ppo/{k}": v / count for k, v in sums.items()}, **scalars}
+        return {**{f"ppo/{k}": v / count for k, v in sums.items()}, "ppo/skipped": 0.0, **scalars}
 
     def rollout_metrics(self, r: Rollout) -> dict[str, float]:
         """Fig. 3's series and the share of tokens in POS / NEG (`advantage_third_means`)."""
@@ -475,7 +549,9 @@ class ComponentPPOTrainer(PPOTrainer):
              "objective/response_length": r.valid.float().sum(1).mean().item(),
              "tokens/pos_share": (r.valid & (r.advantages >= 0)).sum().item() / max(r.valid.sum().item(), 1),
              "tokens/neg_share": (r.valid & (r.advantages < 0)).sum().item() / max(r.valid.sum().item(), 1)}
-        return {**m, **advantage_third_means(r)}
+        if self.pg.dynamic_sampling:
+            m["dynamic_sampling/dropped_groups"] = float(getattr(r, "dropped_groups", 0))
+        return {**m, **advantage_third_means(r, thirds_of(r.advantages, r.valid, self.algo))}
 
     # ========================================================================================= App. A's loss record
     def checks_loss(self, step: int) -> bool:
@@ -491,8 +567,11 @@ class ComponentPPOTrainer(PPOTrainer):
         weights, mask, _ = self.token_weights(r, step)
         self.model.eval()
         n, size = r.valid.shape[0], self.args.per_device_train_batch_size
+        starts = range(0, n, size)
+        tokens = self.step_tokens(r, torch.arange(n, device=r.valid.device), len(starts))
         losses = [self.micro_batch_losses(r, torch.arange(i, min(i + size, n), device=r.valid.device), weights,
-                                          mask)["policy"] for i in range(0, n, size)]
+                                          mask, kl_on=self.kl_on(step), batch_tokens=tokens)["policy"]
+                  for i in starts]
         return self.accelerator.reduce(torch.stack(losses).mean(), "mean").item()
 
     def write_loss_check(self, step: int, before: float, after: float) -> None:
@@ -527,11 +606,12 @@ class ComponentPPOTrainer(PPOTrainer):
             checked = self.checks_loss(step)
             before = self.policy_objective(rollout, step) if checked else None
             metrics = {**self.rollout_metrics(rollout), **self.update(rollout, step)}
+            metrics.setdefault("ppo/loss", float("nan"))  # a skipped update (dynamic sampling dropped everything)
             if checked:
                 self.write_loss_check(step, before, self.policy_objective(rollout, step))
             self.state.global_step = update
             self.state.episode = update * args.batch_size
-            self.state.epoch = self.state.episode / len(self.train_dataset)
+            self.state.epoch = update * self.prompts_per_update / len(self.train_dataset)
             metrics["lr"] = self.lr_scheduler.get_last_lr()[0]
             self.lr_scheduler.step()
             if update % max(1, args.logging_steps) == 0 or update == total:
@@ -566,7 +646,7 @@ class ComponentPPOTrainer(PPOTrainer):
             return {"policy": None, "value_model": None}
         full = self.accelerator.get_state_dict(self.model) or {}  # every rank must call it; None off rank 0
         return {part: {k[len(part) + 1:]: v for k, v in full.items() if k.startswith(part + ".")}
-                for part in ("policy", "value_model")}
+                for part in ("policy", "value_model")}  # value_model: empty without a critic (never saved)
 
     def save_policy(self, folder: Path) -> None:
         """The trained policy as a plain transformers folder; called on every rank (ZeRO-3 gathers), rank 0 writes."""
@@ -601,7 +681,8 @@ class ComponentPPOTrainer(PPOTrainer):
         wrapper = self.accelerator.unwrap_model(self.model)
         wrapper.policy.save_pretrained(tmp, state_dict=states["policy"])
         self.processing_class.save_pretrained(tmp)
-        wrapper.value_model.save_pretrained(tmp / "value", state_dict=states["value_model"])
+        if wrapper.value_model is not None:  # critic-free estimators have none
+            wrapper.value_model.save_pretrained(tmp / "value", state_dict=states["value_model"])
         if not self.is_deepspeed_enabled:
             torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(self.lr_scheduler.state_dict(), tmp / "scheduler.pt")
@@ -622,6 +703,8 @@ class ComponentPPOTrainer(PPOTrainer):
         else:
             wrapper = self.accelerator.unwrap_model(self.model)
             for module, path in ((wrapper.policy, folder), (wrapper.value_model, folder / "value")):
+                if module is None:
+                    continue
                 loaded = type(module).from_pretrained(path, dtype=next(module.parameters()).dtype)
                 module.load_state_dict(loaded.state_dict(), strict=True)
             self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=False))
