@@ -153,7 +153,7 @@ def test_a_beta_sweep_gives_a_table1_row_per_beta(tmp_path):
         cdpo = describe(compose("config", overrides=["algo=cdpo", "algo.beta=0.2"]))
         ppo = describe(compose("config", overrides=["algo=ppo", "algo.kl_coef=0.1"]))
     assert cdpo["method"] == "cDPO (t1=30, t2=80, beta=0.2)" and ppo["method"] == "PPO (kl_coef=0.1)"
-    assert ppo["algo_params"]["cliprange"] == 0.2 and len(ppo["algo_params"]) == 9  # every PPO parameter
+    assert ppo["algo_params"]["cliprange"] == 0.2 and len(ppo["algo_params"]) == 10  # every PPO parameter, weighting too
     methods = agg.method_table(agg.final_rates(agg.checkpoint_rates(agg.find_runs(root)))).set_index("method")
     assert list(methods.index) == ["DPO", "DPO (beta=0.2)"]  # each beta a case of its own, never averaged together
     assert methods.at["DPO", "mean"] == pytest.approx(81.0)
@@ -205,3 +205,12 @@ def test_stored_paper_values_are_the_papers_table1():
         line = re.search(rf"^{row}\t(.*)$", text[header:], re.M).group(1)
         cells = [tuple(float(x) for x in c.split(r" \pm ")) for c in line.split("\t")]
         assert cells == [values["pythia"], values["qwen3"], values["llama3"]], row
+
+
+def test_a_weighting_on_another_objective_is_in_its_label():
+    from test_config import make
+
+    assert describe(make(["algo=grpo"]))["method"] == "GRPO"
+    assert describe(make(["algo=cppo"]))["method"].startswith("cPPO-top (lam=")
+    label = describe(make(["algo=grpo", "algo.weighting=cppo_mid", "algo.lam=0.5"]))["method"]
+    assert label == "GRPO (lam=0.5, weighting=cppo_mid)"

@@ -489,10 +489,29 @@ def reinforce_pp_advantages(r, a):
     return r
 
 
-# PPO and its paper variants share GAE with a value model; they differ by their default weighting (YAML).
-for _name, _label, _row in (("ppo", "PPO", "PPO"), ("cppo", "cPPO-top", "cPPO"), ("cppo_mid", "cPPO-mid", "cPPO"),
-                            ("hppo", "hPPO", "hPPO")):
-    register_objective(_name, family="ppo", schema=PPOAlgoConfig, label=_label, table1_row=_row)(gae_advantages)
+# PPO and its paper variants share GAE with a value model; each has its weighting as its schema's default, so a
+# label names the weighting only where a run changes it (GRPO with weighting=cppo_top).
+@dataclass
+class CPPOTopConfig(PPOAlgoConfig):
+    name: str = "cppo"
+    weighting: str = "cppo_top"
+
+
+@dataclass
+class CPPOMidConfig(PPOAlgoConfig):
+    name: str = "cppo_mid"
+    weighting: str = "cppo_mid"
+
+
+@dataclass
+class HPPOConfig(PPOAlgoConfig):
+    name: str = "hppo"
+    weighting: str = "hppo"
+
+
+for _name, _schema, _label, _row in (("ppo", PPOAlgoConfig, "PPO", "PPO"), ("cppo", CPPOTopConfig, "cPPO-top", "cPPO"),
+                                     ("cppo_mid", CPPOMidConfig, "cPPO-mid", "cPPO"), ("hppo", HPPOConfig, "hPPO", "hPPO")):
+    register_objective(_name, family="ppo", schema=_schema, label=_label, table1_row=_row)(gae_advantages)
 # Critic-free estimators: every weighting (algo.weighting=cppo_top, hppo, ...) applies to them too.
 register_objective("grpo", family="ppo", schema=GRPOAlgoConfig, label="GRPO",
                    extra_components=("KL",))(grpo_advantages)

@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 from ..objectives import OBJECTIVES
 
 PARAMS = ("t1", "t2", "lam", "t3", "tau")  # the parameters that make the method: always in its label
-NOT_PARAMS = ("name", "family", "weighting", "components")  # what the label says otherwise (name, [components])
+NOT_PARAMS = ("name", "family", "components")  # what the label says otherwise (name, [components])
 # Fig. 4: (panel, title, family whose plain run is the baseline, the variant drawn against it)
 PANELS = (
     ("a", "DPO w/o NEG / w/o POS", "dpo", "ablation"),
