@@ -131,6 +131,24 @@ class PaperTask:
 TASKS = {"synthetic": SyntheticTask(), "paper": PaperTask()}
 
 
+def prompt_dataset(cfg, tokenizer):
+    """The policy-gradient prompt pool as token ids, longer ones than model.ppo.max_prompt_length dropped (the
+    trainer and the G analysis' fresh samples draw from it), and for real data {prompt text: its user turns}, so a
+    reward model reads them through its own chat template."""
+    import logging
+
+    from datasets import Dataset
+
+    limit = cfg.model.ppo.max_prompt_length
+    ids, turns = task_of(cfg).ppo_prompts(cfg, tokenizer)
+    kept = [k for k, i in enumerate(ids) if len(i) <= limit]
+    if len(kept) < len(ids):
+        logging.getLogger(__name__).info("PPO prompts: dropped %d of %d longer than model.ppo.max_prompt_length=%d",
+                                         len(ids) - len(kept), len(ids), limit)
+    lookup = {tokenizer.decode(ids[k]): turns[k] for k in kept} if turns is not None else {}
+    return Dataset.from_dict({"input_ids": [ids[k] for k in kept]}), lookup
+
+
 def task_of(cfg):
     """The run's task (`data.name`)."""
     return TASKS[cfg.data.name]

@@ -219,7 +219,7 @@ def test_ppo_prompts_from_paper_data_are_token_ids_with_their_turns(tokenizer, t
 
     from po_experiments.config import PaperDataConfig, PPOHparams
     from po_experiments.models import DEFAULT_CHAT_TEMPLATE
-    from po_experiments.stages.ppo_policy import prompt_dataset
+    from po_experiments.tasks import prompt_dataset
 
     rows = [{"prompt": p, "chosen": [{"role": "user", "content": p}, {"role": "assistant", "content": "t1 t2"}],
              "rejected": [{"role": "user", "content": p}, {"role": "assistant", "content": "t2"}],

@@ -275,7 +275,7 @@ def every_stage_ids(tmp_path, tok, files) -> dict[str, list[list[int]]]:
     from po_experiments.data.paper import load_preferences
     from po_experiments.evaluation.stage import eval_prompts
     from po_experiments.rewards import ClassifierReward
-    from po_experiments.stages.ppo_policy import prompt_dataset
+    from po_experiments.tasks import prompt_dataset
 
     cfg = stage_cfg(files)
     sft, dpo = trl_tokenized(tmp_path, tok, files)

@@ -62,7 +62,7 @@ def sample_prompts(cfg, tokenizer) -> tuple[list[list[int]], dict]:
     checkpoint); a pool smaller than n_pairs is cycled through (each prompt then gets several samples). Group
     estimators: n_pairs // group_size distinct draws, each repeated group_size times in a row (one group each)."""
     from ..objectives.policy_gradient import group_size
-    from ..stages.ppo_policy import prompt_dataset
+    from ..tasks import prompt_dataset
 
     pool, turns = prompt_dataset(cfg, tokenizer)
     if len(pool) == 0:

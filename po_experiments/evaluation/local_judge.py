@@ -115,7 +115,7 @@ class LocalDecoder:
         self.__name__ = f"local_decoder({source})"  # alpaca_eval logs the decoder's name
 
     def __call__(self, prompts: list[str], **_) -> dict[str, list]:
-        from ..stages.common import generate
+        from ..generation.local import generate
 
         started = time.time()
         completions = generate(self.model, self.tokenizer, list(prompts), max_new_tokens=self.max_new_tokens,

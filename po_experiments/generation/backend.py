@@ -41,7 +41,7 @@ def generate_texts(cfg, model_dir: Path, prompts: list[str], *, max_new_tokens: 
                              seed=seed, min_new_tokens=min_new_tokens, desc=desc)
     from ..models import load_for_inference
     from ..plan import generation_batch
-    from ..stages.common import generate
+    from .local import generate
 
     model, tokenizer = load_for_inference(model_dir, cfg.model.dtype)
     batch = generation_batch(cfg, new_tokens_for_plan or max_new_tokens)

@@ -1,12 +1,14 @@
-"""What the training stages share: Trainer arguments from a `StageHparams`, and greedy/sampled generation."""
+"""What the training stages share: Trainer arguments from a `StageHparams`.
+
+`generate` (greedy/sampled generation with transformers) lives in generation/local.py and is re-exported here."""
 from __future__ import annotations
 
 import logging
 
 import torch
 from accelerate import PartialState
-from tqdm.auto import tqdm
 
+from ..generation.local import generate  # noqa: F401  (re-exported: stages, tests and scripts import it here)
 from ..models import activation_checkpointing, autocast_dtype, tf32_available
 
 log = logging.getLogger(__name__)
@@ -68,27 +70,3 @@ def trainer_kwargs(hp, cfg, *, stage: str, output_dir: str, report_to: list[str]
         use_cpu=not torch.cuda.is_available(),  # on CPU, accelerate makes a gloo group of the job's processes
         ddp_timeout=cfg.runtime.dist_timeout_s,
     )
-
-
-@torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch_size: int,
-             temperature: float = 0.0, seed: int = 0, desc: str = "generating", min_new_tokens: int = 0) -> list[str]:
-    """Completions for text prompts, in order: greedy when temperature == 0, else ancestral sampling
-    (`min_new_tokens`: benchmarks force full-length outputs)."""
-    model.eval()
-    tokenizer.padding_side = "left"
-    sampling = temperature > 0
-    if sampling:
-        torch.manual_seed(seed)
-    device = next(model.parameters()).device
-    outputs: list[str] = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False):
-        batch = prompts[start:start + batch_size]
-        enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-        extra = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if sampling else dict(do_sample=False)
-        if min_new_tokens:
-            extra["min_new_tokens"] = min_new_tokens
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                             eos_token_id=tokenizer.eos_token_id, **extra)
-        outputs += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-    return [o.strip() for o in outputs]

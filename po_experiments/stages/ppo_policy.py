@@ -10,42 +10,20 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, set_seed
 from trl.experimental.ppo import PPOConfig
 
 from .. import distributed, run_length
 from ..checkpoints import debug_callbacks, last_checkpoint
-from ..data.synthetic import DictionaryTask
-from ..models import DTYPES, chat_template_ids, load_model, placement
+from ..models import DTYPES, load_model, placement
 from ..objectives.policy_gradient import group_size, needs_critic, settings
 from ..rewards import build_reward, reward_model_dir
 from ..trainers.ppo import ComponentPPOTrainer
+from ..tasks import prompt_dataset
 from .common import trainer_kwargs
 from .policy import TrainedPolicy, finished_policy, write_final_policy
 
 log = logging.getLogger(__name__)
-
-
-def prompt_dataset(cfg, tokenizer) -> tuple[Dataset, dict[str, list[dict]]]:
-    """Training prompts as token ids (the synthetic task's, or UltraFeedback's chat-templated and length-capped),
-    and for real data the user turns behind each prompt text, so a reward model reads them through its own
-    chat template."""
-    limit = cfg.model.ppo.max_prompt_length
-    if cfg.data.name == "synthetic":
-        texts = DictionaryTask.from_config(cfg.data).preference_prompts(cfg.data.n_pref_prompts, cfg.sft.seed)
-        ids, turns = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts], None
-    else:
-        from ..data.paper import load_preferences
-
-        turns = list(load_preferences(cfg.data, tokenizer)["prompt"])
-        ids = [chat_template_ids(tokenizer, t, add_generation_prompt=True) for t in turns]
-    kept = [k for k, i in enumerate(ids) if len(i) <= limit]
-    if len(kept) < len(ids):
-        log.info("PPO prompts: dropped %d of %d longer than model.ppo.max_prompt_length=%d", len(ids) - len(kept),
-                 len(ids), limit)
-    lookup = {tokenizer.decode(ids[k]): turns[k] for k in kept} if turns is not None else {}
-    return Dataset.from_dict({"input_ids": [ids[k] for k in kept]}), lookup
 
 
 def value_model(cfg, sft_dir: Path):
