@@ -20,12 +20,12 @@ from pathlib import Path
 
 from .atomic import write_json
 from .errors import ConfigError
-
-log = logging.getLogger(__name__)
-
+from .objectives import objective_of
 # cDPO's ramp may end after the run does, as the paper's Pythia case 3 does ((3000, 8000) in a 7,642-step run:
 # UltraFeedback's 63,967 prompts at 16 pairs per step would give 7,996): lambda must still reach this by the end.
-MIN_FINAL_LAMBDA = 0.9
+from .objectives.pairwise import MIN_FINAL_LAMBDA  # noqa: F401  (re-exported)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -98,15 +98,8 @@ def step_settings(cfg, total: int) -> list[StepSetting]:
     if hp.save_steps:
         add(f"model.{stage(cfg)}.save_steps", hp.save_steps, hp.save_steps < total,
             "a checkpoint before the end (G and win-rate curves need more than the final model)")
-    a = cfg.algo
-    if "t1" in a and a.t1 is not None:
-        add("algo.t1", a.t1, a.t1 < total, "negative learning starts inside the run")
-        if a.t2 is not None:
-            final = min(1.0, (total - a.t1) / (a.t2 - a.t1)) if a.t2 > a.t1 else 1.0
-            add("algo.t2", a.t2, final >= MIN_FINAL_LAMBDA,
-                f"lambda reaches {MIN_FINAL_LAMBDA} by the end (here {final:.2f})")
-    if a.get("weighting") == "hppo" and a.get("t3") is not None:
-        add("algo.t3", a.t3, a.t3 < total, "the first down-weighted half period (from update t3) starts inside the run")
+    for key, value, inside, rule in objective_of(cfg.algo).schema.step_settings(cfg.algo, total):
+        add(f"algo.{key}", value, inside, rule)  # the objective's own step-valued settings (its schema says which)
     ab = cfg.ablation
     if ab.name != "none":
         add("ablation.start_step", ab.start_step, ab.start_step < total, "the ablation starts inside the run")

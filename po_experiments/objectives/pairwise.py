@@ -21,6 +21,7 @@ import torch
 from . import BASE_COMPONENTS
 
 BOT, MID, TOP = 0, 1, 2
+MIN_FINAL_LAMBDA = 0.9  # a controlled schedule must nearly finish inside the run (cDPO case 3 ends at 0.93)
 
 
 @dataclass
@@ -35,6 +36,18 @@ class PairwiseConfig:
     components: list[str] = field(default_factory=lambda: ["TOT"])
     t1: Optional[int] = None
     t2: Optional[int] = None
+
+    @staticmethod
+    def step_settings(a, total: int) -> list[tuple[str, float, bool, str]]:
+        """(key, value, inside a run of `total` steps, the rule) for its step-valued settings (run_length.check)."""
+        if a.get("t1") is None:
+            return []
+        out = [("t1", a.t1, a.t1 < total, "negative learning starts inside the run")]
+        if a.get("t2") is not None:
+            final = min(1.0, (total - a.t1) / (a.t2 - a.t1)) if a.t2 > a.t1 else 1.0
+            out.append(("t2", a.t2, final >= MIN_FINAL_LAMBDA,
+                        f"lambda reaches {MIN_FINAL_LAMBDA} by the end (here {final:.2f})"))
+        return out
 
     @staticmethod
     def problems(a) -> list[tuple[str, str]]:

@@ -55,6 +55,13 @@ class PPOAlgoConfig:
     whiten_rewards: bool = False
 
     @staticmethod
+    def step_settings(a, total: int) -> list[tuple[str, float, bool, str]]:
+        """(key, value, inside a run of `total` updates, the rule) for its step-valued settings (run_length.check)."""
+        if a.weighting == "hppo" and a.get("t3") is not None:
+            return [("t3", a.t3, a.t3 < total, "the first down-weighted half period (from update t3) starts inside the run")]
+        return []
+
+    @staticmethod
     def problems(a) -> list[tuple[str, str]]:
         """(key, message) for each value out of range; config.validate raises on the first."""
         out = []
