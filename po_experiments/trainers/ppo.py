@@ -36,6 +36,7 @@ from trl.experimental.ppo import ppo_trainer as trl_ppo
 from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.utils import selective_log_softmax
 
+from ..atomic import replace_dir, write_json
 from .ablations import ABLATIONS
 from ..objectives import objective_of
 from ..objectives.policy_gradient import (
@@ -583,9 +584,7 @@ class ComponentPPOTrainer(PPOTrainer):
         record = {"before": before, "after": after,
                   "measured_on": f"PPO policy loss on the rollout of update {step + 1} ({self.args.batch_size} "
                                  "responses), before and after that update"}
-        tmp = folder / "loss_check.json.tmp"
-        tmp.write_text(json.dumps(record, indent=2))
-        os.replace(tmp, folder / "loss_check.json")
+        write_json(folder / "loss_check.json", record, indent=2)
 
     # ========================================================================================= loop
     def train(self, resume_from: Path | None = None) -> None:
@@ -691,8 +690,7 @@ class ComponentPPOTrainer(PPOTrainer):
         record = {"step": step, "loss": losses[-1] if losses else None, "epoch": self.state.epoch,
                   "mean_score": rollout.scores.mean().item()}
         (tmp / "record.json").write_text(json.dumps(record, indent=2))
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(tmp, target)
+        replace_dir(tmp, target)
 
     def restore(self, folder: Path) -> tuple[int, Rollout]:
         """Load step-N: weights (through from_pretrained's name mapping, strictly), optimizer, scheduler, RNG.
