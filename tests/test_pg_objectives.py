@@ -425,3 +425,31 @@ def test_g_sample_leaves_out_the_responses_dynamic_sampling_dropped():
     kept = without_dropped_responses(r)
     assert kept.valid.shape[0] == r.valid.shape[0] - k and kept.valid.any(1).all()
     assert torch.equal(kept.advantages, r.advantages[k:]) and torch.equal(kept.scores, r.scores[k:])
+
+
+def test_g_of_a_sample_dynamic_sampling_emptied_is_nan_not_a_crash(ppo, tmp_path, monkeypatch):
+    """Every group of a checkpoint's G sample with equal scores (a DAPO run at high reward): no mini-batch carries
+    gradient, so G is undefined there. The checkpoint's rows say NaN (and the step counts as analysed)."""
+    import math
+
+    from po_experiments.analysis import stage
+    from po_experiments.analysis.gradients import MinibatchAlignment, ppo_alignment
+
+    trainer = ppo(algo={"name": "dapo", "group_size": 4, "loss_aggregation": "dapo", "dynamic_sampling": True})
+    from po_experiments.analysis.ppo_sample import without_dropped_responses
+
+    r = trainer.make_rollout(trainer.batch_for(1))
+    r.valid[:] = False  # dynamic sampling dropped every group
+    empty = without_dropped_responses(r)
+    model = trainer.accelerator.unwrap_model(trainer.model).policy
+    mb = ppo_alignment(model, empty, {n: torch.zeros_like(p) for n, p in model.named_parameters()},
+                       {"TOT": empty.advantages}, batch_size=4)
+    assert isinstance(mb, MinibatchAlignment) and mb.G.shape[0] == 0
+    folder = tmp_path / "step-1"
+    folder.mkdir()
+    (folder / "record.json").write_text('{"step": 1, "loss": 0.5}')
+    monkeypatch.setattr(stage, "minibatch_alignment", lambda *a: mb)
+    cfg = OmegaConf.create({"algo": {"family": "ppo"}, "analysis": {"dprime": "heldout"}})
+    rows, batches = stage.analyse_checkpoint(cfg, 1, folder, None)
+    assert batches == [] and len(rows) == 4 and all(math.isnan(row["G"]) for row in rows)
+    assert rows[0]["n_batches"] == 0

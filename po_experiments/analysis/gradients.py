@@ -382,4 +382,7 @@ def ppo_alignment(model, rollout, dprime: dict[str, torch.Tensor], coefficients:
         for c in range(len(components) if all_norms else 1):
             sq[c] = _weighted_gradient_stats(model, groups, dprime, logps, C[c])[1] if C[c].any() else 0.0
         norms.append(sq.clamp(min=0).sqrt())
+    if not G:  # no response carries gradient (DAPO's dynamic sampling dropped every group): no mini-batch
+        return MinibatchAlignment(components, torch.zeros(0, len(components), 4, dtype=torch.float64),
+                                  torch.zeros(0, len(components), dtype=torch.float64))
     return MinibatchAlignment(components, torch.stack(G), torch.stack(norms))

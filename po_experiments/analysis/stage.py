@@ -26,8 +26,8 @@ from ..generation.backend import shared_generate_texts
 from ..models import DTYPES
 from ..tasks import task_of
 from .gradients import (
-    GROUPS, choose_method, dpo_alignment, dprime_gradient, encode, encode_pairs, ppo_alignment, ppo_token_coefficients,
-    sequence_logps, summarise,
+    GROUPS, MinibatchAlignment, choose_method, dpo_alignment, dprime_gradient, encode, encode_pairs, ppo_alignment,
+    ppo_token_coefficients, sequence_logps, summarise,
 )
 
 from .ppo_sample import analysis_sample, share_ppo_samples
@@ -187,7 +187,20 @@ def loss_check_columns(folder: Path) -> dict:
 
 def analyse_checkpoint(cfg, step: int, folder: Path, dprime, pairs=None) -> tuple[list[dict], list[dict]]:
     mb = minibatch_alignment(cfg, step, folder, dprime, pairs)
+    if len(mb.G) == 0:
+        log.warning("G at step %d: no mini-batch carries gradient (every group of the sample had equal rewards and "
+                    "dynamic sampling dropped it): G is recorded as NaN; a larger analysis.n_pairs samples more "
+                    "groups", step)
+        mb = MinibatchAlignment(mb.components, torch.full((1, len(mb.components), 4), float("nan"),
+                                                          dtype=torch.float64),
+                                torch.full((1, len(mb.components)), float("nan"), dtype=torch.float64))
+        return _rows(cfg, step, folder, mb, {"G_filtered": mb.G[0], "G_unfiltered": mb.G[0], "n_batches": 0,
+                                             "n_outliers": 0, "outliers": torch.zeros(1, dtype=torch.bool)}), []
     s = summarise(mb)
+    return _rows(cfg, step, folder, mb, s), _batch_rows(step, mb, s)
+
+
+def _rows(cfg, step: int, folder: Path, mb, s) -> list[dict]:
     loss = json.loads((folder / "record.json").read_text()).get("loss")
     kept = ~s["outliers"]
     rows = [{"step": step, "component": comp, "layer_group": group, "G": s["G_filtered"][c, k].item(),
@@ -195,10 +208,13 @@ def analyse_checkpoint(cfg, step: int, folder: Path, dprime, pairs=None) -> tupl
              "n_outliers": s["n_outliers"], "grad_norm": mb.norms[kept, c].mean().item(), "loss": loss,
              **loss_check_columns(folder), "algo_family": cfg.algo.family, "dprime": cfg.analysis.dprime}
             for c, comp in enumerate(mb.components) for k, group in enumerate(GROUPS)]
-    batches = [{"step": step, "batch": b, "component": comp, "grad_norm": mb.norms[b, c].item(),
-                "G": mb.G[b, c, 0].item(), "outlier": bool(s["outliers"][b])}
-               for b in range(len(s["outliers"])) for c, comp in enumerate(mb.components)]
-    return rows, batches
+    return rows
+
+
+def _batch_rows(step: int, mb, s) -> list[dict]:
+    return [{"step": step, "batch": b, "component": comp, "grad_norm": mb.norms[b, c].item(),
+             "G": mb.G[b, c, 0].item(), "outlier": bool(s["outliers"][b])}
+            for b in range(len(s["outliers"])) for c, comp in enumerate(mb.components)]
 
 
 # ------------------------------------------------------------------------------------------------ tables
@@ -272,7 +288,8 @@ def _run_alignment(cfg, run_dir: Path, sft_dir: Path, wandb_run=None) -> Path:
             rows, batches = analyse_checkpoint(cfg, step, folder, dprime, pairs)
             if not main:
                 continue
-            append_rows(run_dir / MINIBATCHES, batches)
+            if batches:
+                append_rows(run_dir / MINIBATCHES, batches)
             append_rows(run_dir / TABLE, rows)  # last: a step is done once it is in the main table
             log_to_wandb(wandb_run, rows)
             log.info("G at step %d: TOT %.3g, POS %.3g, NEG %.3g", step, rows[0]["G"], rows[4]["G"], rows[8]["G"])
