@@ -57,7 +57,7 @@ def cache_path(cfg, folder: Path) -> Path:
     return folder / "analysis" / f"ppo_sample-{config_hash(sample_settings(cfg))}.pt"
 
 
-def sample_prompts(cfg, tokenizer) -> tuple[list[list[int]], dict]:
+def sample_prompts(cfg, tokenizer, draw: int = 0) -> tuple[list[list[int]], dict]:
     """`analysis.n_pairs` prompts (token ids) from the PPO prompt pool, drawn with seed `seed` (the same at every
     checkpoint); a pool smaller than n_pairs is cycled through (each prompt then gets several samples). Group
     estimators: n_pairs // group_size distinct draws, each repeated group_size times in a row (one group each)."""
@@ -69,7 +69,8 @@ def sample_prompts(cfg, tokenizer) -> tuple[list[list[int]], dict]:
         raise ValueError("analysis.ppo_sample=fresh: the PPO prompt pool is empty")
     k = group_size(cfg.algo)
     n = max(1, cfg.analysis.n_pairs // k)
-    order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(cfg.seed))
+    # draw > 0: further groups for dynamic sampling (another permutation, so other prompts come first)
+    order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(cfg.seed + 7919 * draw))
     order = order.repeat(-(-n // len(pool)))[:n]
     return [pool[int(i)]["input_ids"] for i in order for _ in range(k)], turns
 
@@ -85,9 +86,9 @@ def left_padded(rows: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor,
     return ids, mask
 
 
-def sampling_seed(cfg, rank: int) -> int:
+def sampling_seed(cfg, rank: int, draw: int = 0) -> int:
     """Each rank's generator seed: fixed across checkpoints (the sample differs only through theta_t)."""
-    return cfg.seed * 1_000_003 + rank
+    return cfg.seed * 1_000_003 + rank + 7919 * draw
 
 
 class SampleModels:
@@ -165,7 +166,7 @@ def save_atomic(sample: Rollout, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def generate_share(cfg, folder: Path, sft_dir: Path, rank: int, world: int) -> tuple[Rollout, int]:
+def generate_share(cfg, folder: Path, sft_dir: Path, rank: int, world: int, draw: int = 0) -> tuple[Rollout, int]:
     """This rank's contiguous share of the sample's prompts, generated and scored (and the pad token id)."""
     from transformers import AutoTokenizer
 
@@ -173,12 +174,12 @@ def generate_share(cfg, folder: Path, sft_dir: Path, rank: int, world: int) -> t
     from ..objectives.policy_gradient import group_size
 
     tokenizer = AutoTokenizer.from_pretrained(sft_dir)
-    prompts, turns = sample_prompts(cfg, tokenizer)
+    prompts, turns = sample_prompts(cfg, tokenizer, draw)
     k = group_size(cfg.algo)  # whole groups per rank: a group's statistics need all its responses
     share = rank_slice(len(prompts) // k, rank, world)
     mine = prompts[share.start * k:share.stop * k]
     models = SampleModels(cfg, folder, sft_dir, turns)
-    share = models.scored_rollout(mine, sampling_seed(cfg, rank)) if mine else None
+    share = models.scored_rollout(mine, sampling_seed(cfg, rank, draw)) if mine else None
     del models
     release_memory()
     return share, tokenizer.pad_token_id
@@ -202,10 +203,26 @@ def analysis_sample(cfg, step: int, folder: Path, sft_dir: Path) -> Rollout:
     if path.exists():
         return Rollout.load(path)
     log.info("PPO G sample at step %d: %d responses from theta_%d", step, cfg.analysis.n_pairs, step)
-    share, pad = generate_share(cfg, folder, sft_dir, 0, 1)
-    sample = whole_sample(cfg, [share], pad)
+    shares = []
+    for draw in range(MAX_DRAWS if settings_of(cfg).dynamic_sampling else 1):
+        share, pad = generate_share(cfg, folder, sft_dir, 0, 1, draw)
+        shares.append(share)
+        sample = whole_sample(cfg, shares, pad)
+        if len(sample.valid) >= cfg.analysis.n_pairs:
+            break
+        log.info("PPO G sample at step %d: %d responses in groups with unequal scores, drawing more (dynamic "
+                 "sampling, as training does)", step, len(sample.valid))
     save_atomic(sample, path)
     return sample
+
+
+MAX_DRAWS = 4  # dynamic sampling: at most this many draws of analysis.n_pairs responses for one G sample
+
+
+def settings_of(cfg):
+    from ..objectives.policy_gradient import settings
+
+    return settings(cfg.algo)
 
 
 def share_ppo_samples(cfg, steps: dict[int, Path], sft_dir: Path) -> None:
