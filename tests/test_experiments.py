@@ -195,6 +195,13 @@ OBJECTIVE_METHODS = [m.strip() for m in yaml.safe_load((CONF / "experiment" / f"
                      ["hydra"]["sweeper"]["params"]["experiment/method"].split(",")]
 
 
+POOL_OBJECTIVES = ["dpo", "ppo", "simpo_controlled", "rpo", "grpo"]
+
+
+def pool_method(point) -> str:
+    return next(o.split("=", 1)[1] for o in point if o.startswith("experiment/method="))
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("method", OBJECTIVE_METHODS)
 def test_objectives_preset_composes_every_method(method, mode, composed):
@@ -266,11 +273,14 @@ def fast_pool(tmp_path_factory):
     land in its outputs/paper_fast/), sharing one cache: the tiny SFT model and pairs are built once."""
     work = tmp_path_factory.mktemp("presets")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PO_CACHE_DIR": str(work / "cache")}
-    methods = [m for m in OBJECTIVE_METHODS if not missing_algo([f"experiment/method={m}"])]
-    specs = [f"{p} experiment/method={','.join(methods)}" if p == OBJECTIVES_PRESET and methods != OBJECTIVE_METHODS
-             else p for p in PRESETS]
+    # The objectives preset here runs a few methods that cover its kinds (DPO and PPO, shared with the paper presets;
+    # the generic controlled schedule; an NLL anchor; GRPO's groups and KL term): the whole 19-method sweep is a
+    # measurement (the issue's note), and every objective has its own end-to-end run.py test
+    # (test_pairwise_objectives.py, test_pg_objectives.py).
+    methods = [m for m in POOL_OBJECTIVES if not missing_algo([f"experiment/method={m}"])]
+    specs = [f"{p} experiment/method={','.join(methods)}" if p == OBJECTIVES_PRESET else p for p in PRESETS]
     proc = subprocess.run([sys.executable, "-c", DRIVER, str(REPO), str(work / "status.json"), *specs], cwd=work,
-                          env=env, capture_output=True, text=True, timeout=2700)
+                          env=env, capture_output=True, text=True, timeout=2400)
     status = json.loads((work / "status.json").read_text()) if (work / "status.json").exists() else {}
     assert proc.returncode == 0 and status == {p: "ok" for p in PRESETS}, (status, proc.stderr[-6000:])
     return work / "outputs" / "paper_fast", status
@@ -350,7 +360,8 @@ def test_preset_runs_in_fast_mode_and_the_aggregation_draws_it(preset, fast_pool
     root, status = fast_pool
     assert status[preset] == "ok", status[preset]
     pool = pool_runs(root)
-    points = [frozenset(p) for p in sweep_points(preset, "fast") if not missing_algo(p)]
+    points = [frozenset(p) for p in sweep_points(preset, "fast") if not missing_algo(p)
+              and (preset != OBJECTIVES_PRESET or pool_method(p) in POOL_OBJECTIVES)]
     missing = [sorted(p) for p in points if p not in pool]
     assert not missing, f"no finished run for {missing}"
     runs = [pool[p] for p in points]
