@@ -35,7 +35,12 @@ NO_CASE = {("llama3", "cdpo"): "algo.t1", ("llama3", "cppo"): "algo.lam", ("llam
            ("llama3", "hppo"): "algo.t3"}
 
 
-@pytest.mark.parametrize("model,algo", list(product(options("model"), options("algo"))))
+PAPER_ALGOS = {"dpo", "cdpo", "ppo", "cppo", "cppo_mid", "hppo"}  # every model x these in the fast tier; others: tiny
+
+
+@pytest.mark.parametrize("model,algo", [(m, a) if m == "tiny" or a in PAPER_ALGOS else
+                                        pytest.param(m, a, marks=pytest.mark.slow)
+                                        for m, a in product(options("model"), options("algo"))])
 def test_every_model_and_algorithm_compose_and_validate(model, algo):
     cfg = make([f"model={model}", f"algo={algo}"])
     if (model, algo) in NO_CASE:

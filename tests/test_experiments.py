@@ -77,6 +77,24 @@ def first_seed(points: list[list[str]]) -> list[list[str]]:
     return [p for p in points if seed in p]
 
 
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_composes_and_validates_its_first_point(preset, mode):
+    """The fast tier's check of every preset: its first sweep point composes and validates (or, for a Llama-3 case
+    the paper does not state, stops naming the unset key); the slow tier composes every point."""
+    point = next(p for p in first_seed(sweep_points(preset, mode)) if not missing_algo(p))
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        cfg = _compose([f"experiment={preset}", *MODES[mode], *point, "paths.cache_dir=/nowhere"])
+    cfg.paths.output_dir = "/nowhere"
+    try:
+        validate(cfg)
+    except ConfigError as err:
+        algo = _method(point).rsplit("_case", 1)[0]
+        assert mode == "full" and "experiment/model=llama3" in point and LLAMA_UNSET[algo] in str(err), (point, err)
+        return
+    assert cfg.model.name == ("tiny" if mode == "fast" else cfg.model.name) and cfg.algo.name == method_algo(_method(point))
+
+
 @pytest.fixture(scope="module")
 def composed():
     """Every sweep point (first seed) of every preset in both modes: (preset, mode, point) -> (config or
@@ -105,6 +123,7 @@ def _method(point) -> str:
     return next(p.split("=", 1)[1] for p in point if p.startswith("experiment/method="))
 
 
+@pytest.mark.slow  # composes every sweep point of every preset (~2 min): the fast tier composes one per preset
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_sweep_point_composes_and_validates(preset, composed):
     """Full mode: the paper's model(s); fast mode: the same methods and settings on the tiny model, seed 0."""
@@ -140,8 +159,7 @@ def test_every_sweep_point_composes_and_validates(preset, composed):
     sizes = re.search(r"= (\d+) runs \(fast: (\d+) runs?,", text)
     assert sizes and (int(sizes[1]), int(sizes[2])) == (len(full), len(fast))
     assert preset in ("table1", OBJECTIVES_PRESET) or preset in FIGURES  # the aggregation knows how to draw it
-
-
+@pytest.mark.slow  # composes every sweep point of every preset (~2 min): the fast tier composes one per preset
 def test_sweep_points_that_share_a_run_dir_are_the_same_run(composed):
     """Presets share the pool outputs/<name>/: a run dir is named by its sweep point, not by the preset, so any two
     points that land in one run dir must compose to the same run config (Fig. 1's DPO seed 0 is Fig. 5's), up to
@@ -168,8 +186,7 @@ def test_sweep_points_that_share_a_run_dir_are_the_same_run(composed):
 
 
 G_KINDS_WITHOUT_G = {"win_rate", "advantages"}  # figures drawn from win rates / logged advantages: no G needed
-
-
+@pytest.mark.slow  # composes every sweep point of every preset (~2 min): the fast tier composes one per preset
 def test_g_runs_only_for_the_presets_whose_figure_draws_it(composed):
     """G (analysis.enabled) is on for every run of a G figure's preset (FIGURES: Fig. 1, 2, 5-10) and of the
     objectives' comparison, and off for the win-rate presets (Fig. 4, 11-19, Table 1) and Fig. 3, in full and fast
@@ -181,8 +198,7 @@ def test_g_runs_only_for_the_presets_whose_figure_draws_it(composed):
         assert result.analysis.enabled == uses_g, (preset, mode, point)
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):  # unless asked on the command line
         assert _compose(["experiment=fig4", "analysis.enabled=true"]).analysis.enabled
-
-
+@pytest.mark.slow  # composes every sweep point of every preset (~2 min): the fast tier composes one per preset
 def test_fig7_analyses_fig1s_runs(composed):
     """Fig. 7's points are Fig. 1's run dirs (no retraining), asked for with the in-distribution D'."""
     fig1 = {run_dir for (preset, _, _), (_, run_dir) in composed.items() if preset == "fig1"}
@@ -202,6 +218,7 @@ def pool_method(point) -> str:
     return next(o.split("=", 1)[1] for o in point if o.startswith("experiment/method="))
 
 
+@pytest.mark.slow  # composes every sweep point of every preset (~2 min): the fast tier composes one per preset
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("method", OBJECTIVE_METHODS)
 def test_objectives_preset_composes_every_method(method, mode, composed):
@@ -520,6 +537,7 @@ def test_g_figures_are_the_mean_over_seeds_per_model(tmp_path):
     assert fig12.at[("DPO", 20), "n"] == 2  # the dprime=train twin trains the same model: counted once
 
 
+@pytest.mark.slow  # composes every sweep point of every preset (~2 min): the fast tier composes one per preset
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_sweep_points_step_settings_lie_inside_its_run(preset, composed):
     """The plan's run length (the data's known size) holds every t1, t2, t3, ablation window and save interval of
