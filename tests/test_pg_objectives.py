@@ -76,7 +76,7 @@ def component_loss(r, new, algo, comp, step=3, batch_tokens=None):
 
 
 @pytest.mark.parametrize("weighting", ["ppo", *(pytest.param(w, marks=pytest.mark.slow)  # the fast tier: plain
-                                                 for w in ("cppo_top", "cppo_mid", "hppo"))])
+                                                 for w in sorted(WEIGHTINGS) if w != "ppo")])  # every registered one
 @pytest.mark.parametrize("name", PG_OBJECTIVES)
 def test_components_add_up_and_coefficients_are_the_loss_gradient(name, weighting):
     algo = algo_of(name, f"algo.weighting={weighting}", "algo.lam=0.3", "algo.t3=2", "algo.tau=0.08")
