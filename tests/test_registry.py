@@ -48,7 +48,8 @@ def new_objective(tmp_path):
     register_configs()  # what importing po_experiments.config does for the objectives registered at import
     conf = tmp_path / "conf"
     (conf / "algo").mkdir(parents=True)
-    (conf / "algo" / "margin_dpo.yaml").write_text("defaults: [margin_dpo_schema, _self_]\nname: margin_dpo\n")
+    (conf / "algo" / "margin_dpo.yaml").write_text(  # a per-model case, read from the model config when it has one
+        "defaults: [margin_dpo_schema, _self_]\nname: margin_dpo\nmargin: ${oc.select:model.cases.margin_dpo.margin,0.5}\n")
     yield conf
     del OBJECTIVES["margin_dpo"]
 
@@ -66,6 +67,9 @@ def test_a_new_objective_is_one_function_and_one_yaml(new_objective):
     assert describe(cfg)["method"] == "MarginDPO (margin=0.2)"
     assert row_of("dpo", describe(cfg)["variant"]) == "MarginDPO"
     assert components_of(cfg.algo) == ("TOT", "POS", "NEG", "TOP", "MID", "BOT", "ANCHOR")
+    assert compose_with(new_objective, ["algo=margin_dpo"]).algo.margin == 0.5  # no case for this model
+    per_model = compose_with(new_objective, ["algo=margin_dpo", "+model.cases={margin_dpo: {margin: 0.3}}"])
+    assert per_model.algo.margin == 0.3  # what conf/model/<model>.yaml's `cases:` would set
     with pytest.raises(ConfigError, match=r"algo\.margin: must be >= 0"):
         validate(compose_with(new_objective, ["algo=margin_dpo", "algo.margin=-1"]))
     with pytest.raises(Exception, match="mrgin"):  # a typo fails at composition, against the schema
