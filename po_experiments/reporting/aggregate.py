@@ -147,7 +147,7 @@ def table1(methods: pd.DataFrame) -> pd.DataFrame:
     table = pd.DataFrame(chosen, columns=columns)
     order = {"method": {r: i for i, r in enumerate(TABLE1)}, "model": {m: i for i, m in enumerate(MODEL_ORDER)}}
     return table.sort_values(["judge", "method", "model"], key=lambda s: s.map(order[s.name]).fillna(99)
-                             if s.name in order else s).reset_index(drop=True)
+                             if s.name in order else s, kind="stable").reset_index(drop=True)  # paper rows first
 
 
 def curves(rates: pd.DataFrame) -> pd.DataFrame:
