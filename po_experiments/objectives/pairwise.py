@@ -65,6 +65,14 @@ class PairwiseConfig:
         return out
 
 
+def below(a, key: str, bound: float = 0.0, *, strict: bool = False, why: str = "") -> list[tuple[str, str]]:
+    """A schema's `problems()` entry when algo.<key> is under `bound` (or at it, `strict`), else nothing."""
+    value = a[key]
+    if value > bound or (value == bound and not strict):
+        return []
+    return [(key, f"must be {'>' if strict else '>='} {bound:g}{f' ({why})' if why else ''}, got {value}")]
+
+
 @dataclass
 class PairTerms:
     """Sequence log-probs of a batch of pairs under the policy (with grad) and the reference (without)."""

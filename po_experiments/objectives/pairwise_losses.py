@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from omegaconf import MISSING
 
 from . import objective_of, register_objective
-from .pairwise import Decomposition, PairTerms, PairwiseConfig, controlled, schedule_lambda
+from .pairwise import Decomposition, PairTerms, PairwiseConfig, below, controlled, schedule_lambda
 
 
 def decompose(t: PairTerms, algo) -> Decomposition:
@@ -116,10 +116,7 @@ class SimPOConfig(PairwiseConfig):
 
     @staticmethod
     def problems(a) -> list[tuple[str, str]]:
-        out = PairwiseConfig.problems(a)
-        if a.gamma < 0:
-            out.append(("gamma", f"must be >= 0 (a target margin), got {a.gamma}"))
-        return out
+        return PairwiseConfig.problems(a) + below(a, "gamma", why="a target margin")
 
 
 @register_objective("simpo", family="dpo", schema=SimPOConfig, label="SimPO")
@@ -143,10 +140,7 @@ class NLLAnchoredConfig(PairwiseConfig):
 
     @staticmethod
     def problems(a) -> list[tuple[str, str]]:
-        out = PairwiseConfig.problems(a)
-        if a.alpha < 0:
-            out.append(("alpha", f"must be >= 0 (the NLL term's weight), got {a.alpha}"))
-        return out
+        return PairwiseConfig.problems(a) + below(a, "alpha", why="the NLL term's weight")
 
 
 @dataclass
@@ -206,10 +200,7 @@ class DPOPConfig(PairwiseConfig):
 
     @staticmethod
     def problems(a) -> list[tuple[str, str]]:
-        out = PairwiseConfig.problems(a)
-        if a.dpop_lambda < 0:
-            out.append(("dpop_lambda", f"must be >= 0, got {a.dpop_lambda}"))
-        return out
+        return PairwiseConfig.problems(a) + below(a, "dpop_lambda")
 
 
 @register_objective("dpop", family="dpo", schema=DPOPConfig, label="DPOP")
@@ -237,11 +228,8 @@ class KTOConfig(PairwiseConfig):
 
     @staticmethod
     def problems(a) -> list[tuple[str, str]]:
-        out = PairwiseConfig.problems(a)
-        for key in ("desirable_weight", "undesirable_weight"):
-            if a[key] <= 0:
-                out.append((key, f"must be > 0, got {a[key]}"))
-        return out
+        return PairwiseConfig.problems(a) + [p for key in ("desirable_weight", "undesirable_weight")
+                                             for p in below(a, key, strict=True)]
 
 
 @dataclass
