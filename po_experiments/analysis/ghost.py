@@ -7,7 +7,11 @@ g_t depends on its own row alone. A linear layer's per-row weight gradient is th
 
   K_ij   = grad v_i . grad v_j     (the Gram matrix of the per-row gradients: every component's gradient norm is
                                     c^T K c for its coefficients c over the rows)
-  s_i,k  = g'_k . grad v_i         (g' restricted to layer group k: every component's G is c^T s_k)
+  s_i,t,k = g'_t,k . grad v_i     (target t's g' restricted to layer group k: every component's G is c^T s_t,k)
+
+Several targets (D', the training chosen responses, ...) share the pass: their g' are stacked per parameter
+([T, *shape]) and each parameter's contribution is dotted with all of them at once, so K and every target's s
+cost one backward; only the dot products (not the per-row gradients or the Gram terms) grow with T.
 
 Each parameter's contribution is taken by whichever route is cheaper for its shape:
   ghost        K_ij += sum_{t in i, s in j} (a_t . a_s)(g_t . g_s)  and  s_i += sum_{t in i} g_t . (g' a_t):
@@ -78,13 +82,14 @@ def _normalised(module: nn.Module, kind: str, x: torch.Tensor) -> torch.Tensor:
 
 
 def _block_stats(block: torch.Tensor, gp: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(block @ g', block @ block.T) in float64 for per-row gradient blocks [n, m]: a component's G = c^T s and
+    """(block @ g'^T [n, T], block @ block.T) in float64 for per-row gradient blocks [n, m] and the targets' g'
+    [T, m...] (None: K only, dots [n, 0]): a component's G = c^T s and
     norm^2 = c^T K c sum large terms of both signs (chosen and rejected gradients nearly cancel), so rounding in
     s and K is amplified; float32 here cost ~1e-4 relative on the TOT norm at Pythia-160M shape, float64 ~1e-6
     (a plain backward's). Only n x m numbers are cast: cheap next to the per-row gradients themselves."""
     b64 = block.double()
-    dots = b64 @ gp.reshape(-1).double() if gp is not None else torch.zeros(len(b64), dtype=torch.float64,
-                                                                           device=b64.device)
+    dots = b64 @ gp.reshape(len(gp), -1).double().T if gp is not None else \
+        torch.zeros(len(b64), 0, dtype=torch.float64, device=b64.device)
     return dots, b64 @ b64.T
 
 
@@ -117,16 +122,17 @@ class _Call:
 @dataclass
 class _Accumulator:
     n: int
-    dots: torch.Tensor  # n x 3
+    dots: torch.Tensor  # n x T x 3
     gram: torch.Tensor  # n x n
     pending: dict = field(default_factory=dict)  # id(param) -> calls seen in the backward so far
 
 
 class SequenceGradientStats:
-    """Hooks that turn one backward of sum_i v_i into K (n x n) and s (n x 3), parameter by parameter.
+    """Hooks that turn one backward of sum_i v_i into K (n x n) and s (n x T x 3), parameter by parameter.
 
-    `dprime`: {name: g' tensor} over the trainable parameters (None: K only, s stays 0); `groups`: {name: 0/1/2}
-    their layer groups; `route`: auto (the cheaper per parameter) | ghost | materialise (tests force each)."""
+    `dprime`: {name: g' tensor} over the trainable parameters, or a `gradients.TargetGradients` (T targets' g'
+    stacked per parameter), or None (K only, s is n x 1 x 0s); `groups`: {name: 0/1/2} their layer groups;
+    `route`: auto (the cheaper per parameter) | ghost | materialise (tests force each)."""
 
     def __init__(self, model: nn.Module, dprime: dict, groups: dict, route: str = "auto",
                  block_elements: int = 2 ** 26):
@@ -135,16 +141,20 @@ class SequenceGradientStats:
         check_supported(model)
         self.model, self.route, self.block = model, route, block_elements
         self.named = {id(p): (name, p) for name, p in model.named_parameters() if p.requires_grad}
-        self.dprime, self.groups = dprime, groups
+        from .gradients import as_targets
+
+        self.dprime = None if dprime is None else as_targets(dprime).grads  # {name: [T, *shape]}
+        self.n_targets = 1 if dprime is None else len(next(iter(self.dprime.values())))
+        self.groups = groups
         self.routes_taken: dict[str, str] = {}
 
     # ------------------------------------------------------------------------------------------ the pass
     def __call__(self, values_fn, n: int):
         """Run `values_fn()` -> n per-row scalars (with the hooks on) and one backward of their sum.
-        Returns (values [n] float64, s [n, 3] float64, K [n, n] float64)."""
+        Returns (values [n] float64, s [n, T, 3] float64, K [n, n] float64)."""
         model = self.model
         device = next(model.parameters()).device
-        acc = _Accumulator(n, torch.zeros(n, 3, dtype=torch.float64, device=device),
+        acc = _Accumulator(n, torch.zeros(n, self.n_targets, 3, dtype=torch.float64, device=device),
                            torch.zeros(n, n, dtype=torch.float64, device=device))
         calls: dict[int, list[_Call]] = {}  # id(param) -> its module's calls in the forward
         handles = []
@@ -233,7 +243,7 @@ class SequenceGradientStats:
 
     def _add(self, name: str, p, calls: list[_Call], acc: _Accumulator) -> None:
         dtype = torch.promote_types(p.dtype, torch.float32)
-        gp = None if self.dprime is None else self.dprime[name].to(dtype)  # None: K only
+        gp = None if self.dprime is None else self.dprime[name].to(dtype)  # [T, *shape]; None: K only
         k = self.groups[name]
         if len(calls) == 1 and self._use_ghost(calls[0], p, acc.n):
             dots, gram = self._ghost(calls[0], p, gp, acc.n, dtype)
@@ -244,7 +254,8 @@ class SequenceGradientStats:
         else:
             dots, gram = self._materialise(calls, p, gp, acc.n, dtype)
             self.routes_taken[name] = "materialise"
-        acc.dots[:, k] += dots.double()
+        if gp is not None:
+            acc.dots[:, :, k] += dots.double()
         acc.gram += gram.double()
 
     def _use_ghost(self, call: _Call, p, n: int) -> bool:
@@ -254,7 +265,9 @@ class SequenceGradientStats:
             return True
         tokens = call.inp[..., 0].numel()
         d_in, d_out = call.inp.shape[-1], call.grad.shape[-1]
-        return tokens ** 2 * (d_in + d_out) + tokens * d_in * d_out < 2 * tokens * d_in * d_out + n * n * d_in * d_out
+        t = 0 if self.dprime is None else self.n_targets  # each target: g' a_t (ghost) or block @ g' (materialise)
+        return tokens ** 2 * (d_in + d_out) + t * tokens * d_in * d_out < \
+            2 * tokens * d_in * d_out + n * n * d_in * d_out + max(t - 1, 0) * n * d_in * d_out
 
     @staticmethod
     def _rows(t: torch.Tensor, n: int, dtype) -> torch.Tensor:
@@ -265,10 +278,10 @@ class SequenceGradientStats:
 
     def _ghost(self, call: _Call, p, gp, n: int, dtype):
         a, g = self._rows(call.inp, n, dtype), self._rows(call.grad, n, dtype)
-        dots = torch.zeros(n, dtype=torch.float64, device=a.device)
-        if gp is not None:
-            w = gp.T if call.kind == "conv1d" else gp  # Conv1D stores [in, out]
-            dots = ((a @ w.T) * g).double().sum((1, 2))  # sum_t g_t . (g' a_t), summed in float64
+        dots = torch.zeros(n, 0 if gp is None else len(gp), dtype=torch.float64, device=a.device)
+        for t in range(dots.shape[1]):  # each target's g' [out, in] (Conv1D stores [in, out])
+            w = gp[t].T if call.kind == "conv1d" else gp[t]
+            dots[:, t] = ((a @ w.T) * g).double().sum((1, 2))  # sum_t g_t . (g' a_t), summed in float64
         gram = torch.empty(n, n, dtype=torch.float64, device=a.device)
         flat_a, flat_g = a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])
         for i in range(n):  # one row against all: tokens x all tokens at a time, summed in float64 (_block_stats)
@@ -287,7 +300,7 @@ class SequenceGradientStats:
         slot = torch.full_like(ids, -1)
         slot[keep] = inv
         seq = torch.arange(n, device=ids.device)[:, None].expand_as(ids)
-        dots = torch.zeros(n, dtype=torch.float64, device=g.device)
+        dots = torch.zeros(n, 0 if gp is None else len(gp), dtype=torch.float64, device=g.device)
         gram = torch.zeros(n, n, dtype=torch.float64, device=g.device)
         step = max(1, self.block // (n * g.shape[-1]))
         for u0 in range(0, len(uniq), step):
@@ -295,7 +308,7 @@ class SequenceGradientStats:
             sel = (slot >= u0) & (slot < u1)
             block = torch.zeros(n * (u1 - u0), g.shape[-1], dtype=dtype, device=g.device)
             block.index_add_(0, (seq * (u1 - u0) + slot - u0)[sel], g[sel])
-            d, k = _block_stats(block.reshape(n, -1), None if gp is None else gp[uniq[u0:u1]])
+            d, k = _block_stats(block.reshape(n, -1), None if gp is None else gp[:, uniq[u0:u1]])
             dots += d
             gram += k
         return dots, gram
@@ -304,12 +317,12 @@ class SequenceGradientStats:
         rows = p.shape[0]
         per_row = max(1, p[0].numel())
         step = max(1, self.block // (n * per_row))
-        dots = torch.zeros(n, dtype=torch.float64, device=p.device)
+        dots = torch.zeros(n, 0 if gp is None else len(gp), dtype=torch.float64, device=p.device)
         gram = torch.zeros(n, n, dtype=torch.float64, device=p.device)
         for r0 in range(0, rows, step):
             r1 = min(rows, r0 + step)
             block = sum(self._per_row_block(c, p, n, r0, r1, dtype) for c in calls).reshape(n, -1)
-            d, k = _block_stats(block, None if gp is None else gp[r0:r1])
+            d, k = _block_stats(block, None if gp is None else gp[:, r0:r1])
             dots += d
             gram += k
         return dots, gram

@@ -15,6 +15,12 @@ Three ways to the same per-sequence numbers (`analysis.method`, `auto` picks by 
   jvp    s_i,k by forward-mode products, one layer group at a time, plus K from the ghost pass (a check).
 g' is kept per parameter ({name: tensor}) and layer groups by name, so nothing P-sized is ever concatenated.
 
+Several targets (`analysis.targets`: D' = `dprime`, the paper's, and others such as the training chosen
+responses) share every pass: their g'_t are stacked per parameter (`TargetGradients`), s becomes n x T x 3, and
+each component's G per target is c^T s_t; K does not depend on the target. The same per-sequence dots give each
+example's share of every component's G (`MinibatchAlignment.examples`), so per-example attribution costs nothing
+more and never holds a per-example gradient of the model.
+
 Layer groups: the transformer blocks split into bottom / middle / top thirds by index; the input embeddings
 count in `bottom`, the final norm and the output head in `top`, so the three groups partition the parameters
 and add up to `all` exactly.
@@ -112,17 +118,27 @@ def sequence_logps(model, input_ids, attention_mask, completion_mask) -> torch.T
     return (token_logps(model, params, input_ids, attention_mask) * completion_mask[:, 1:]).sum(1)
 
 
+def _accumulate_nll_gradient(model, named, batches) -> tuple[int, float]:
+    """sum over the batches' sequences of -grad log pi(y|x), left in the parameters' .grad (one gradient of memory);
+    returns (number of sequences, sum of their log-likelihoods: the forward gives them for free)."""
+    for _, p in named:
+        p.grad = None
+    count, total, device = 0, 0.0, named[0][1].device
+    for ids, mask, comp in batches:
+        lp = sequence_logps(model, ids.to(device), mask.to(device), comp.to(device))
+        (-lp.sum()).backward()
+        count, total = count + len(ids), total + lp.detach().double().sum().item()
+    if count == 0:
+        raise ValueError("a G target has no sequences (analysis.targets / analysis.n_target)")
+    return count, total
+
+
 def dprime_gradient(model, batches) -> dict[str, torch.Tensor]:
     """g' = E_D'[-grad log pi(y'|x')] (sequence log-likelihood, mean over D' sequences), per parameter. The
     model's own log pi, no sampling temperature (unlike PPO's loss, whose log-probs divide the logits by it).
     Accumulated in the parameters' .grad by autograd (one gradient of memory, no second copy), then taken."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    for _, p in named:
-        p.grad = None
-    count, device = 0, named[0][1].device
-    for ids, mask, comp in batches:
-        (-sequence_logps(model, ids.to(device), mask.to(device), comp.to(device)).sum()).backward()
-        count += len(ids)
+    count, _ = _accumulate_nll_gradient(model, named, batches)
     out = {}
     for n, p in named:
         out[n] = (p.grad if p.grad is not None else torch.zeros_like(p)).div_(count)
@@ -130,13 +146,66 @@ def dprime_gradient(model, batches) -> dict[str, torch.Tensor]:
     return out
 
 
+PAPER_TARGET = "dprime"
+
+
+@dataclass
+class TargetGradients:
+    """g'_t = E_t[-grad log pi(y|x)] of T targets, stacked per parameter ({name: [T, *shape]}: T gradients of
+    memory, never one flat P-sized copy), and each target's mean sequence log-likelihood under the model (from the
+    same forward: `target_logp`, whose change between checkpoints G predicts to first order)."""
+
+    names: tuple[str, ...]
+    grads: dict[str, torch.Tensor]
+    logp: dict[str, float]
+
+    def one(self, t: int) -> dict[str, torch.Tensor]:
+        """Target t's g' per parameter (views)."""
+        return {n: g[t] for n, g in self.grads.items()}
+
+
+def as_targets(g) -> TargetGradients:
+    """A plain {name: g'} is the one target D' (views, no copy); a TargetGradients stays as it is."""
+    if isinstance(g, TargetGradients):
+        return g
+    return TargetGradients((PAPER_TARGET,), {n: t[None] for n, t in g.items()}, {})
+
+
+def target_gradients(model, batches_by_target: dict[str, list]) -> TargetGradients:
+    """g'_t and the mean log-likelihood of every target ({name: mini-batches of (ids, mask, completion mask)}), one
+    backward per target mini-batch, written straight into the stacked tensors (no second copy of any g')."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    names = tuple(batches_by_target)
+    out = {n: torch.zeros((len(names), *p.shape), dtype=p.dtype, device=p.device) for n, p in named}
+    logp = {}
+    for t, name in enumerate(names):
+        count, total = _accumulate_nll_gradient(model, named, batches_by_target[name])
+        for n, p in named:
+            if p.grad is not None:
+                out[n][t] = p.grad.div_(count)
+            p.grad = None
+        logp[name] = total / count
+    return TargetGradients(names, out, logp)
+
+
 @dataclass
 class MinibatchAlignment:
-    """Per mini-batch b: G[b, component, group] and ||grad L_component(b)||[b, component]."""
+    """Per mini-batch b: G[b, component, group] (against D', the first target) and ||grad L_component(b)||[b,
+    component]; with several targets G_targets[b, target, component, group] (G = G_targets[:, 0]); where the
+    method gives per-sequence dots, examples[i, target, component] = example i's share of its mini-batch's G (layer
+    group all; the shares of a mini-batch add up to its G) and example_batch[i] its mini-batch."""
 
     components: tuple[str, ...]
     G: torch.Tensor  # n_batches x n_components x 4
     norms: torch.Tensor  # n_batches x n_components
+    targets: tuple[str, ...] = (PAPER_TARGET,)
+    G_targets: torch.Tensor | None = None  # n_batches x n_targets x n_components x 4
+    examples: torch.Tensor | None = None  # n_examples x n_targets x n_components
+    example_batch: torch.Tensor | None = None  # n_examples
+
+    def __post_init__(self):
+        if self.G_targets is None:
+            self.G_targets = self.G[:, None]
 
 
 DPO_COMPONENTS = BASE_COMPONENTS  # every pairwise objective's; its own terms (an NLL anchor) follow them
@@ -154,8 +223,8 @@ def dpo_coefficients(chosen, rejected, ref_chosen, ref_rejected, algo, step: int
 
 
 def _sequence_stats(model, ids, mask, comp, g, groups):
-    """For each sequence of one vmap call: its completion log-prob, g'_k . grad log pi (k = bottom, middle, top)
-    and the Gram matrix of the per-sequence gradients. Products are taken parameter by parameter in the model's
+    """For each sequence of one vmap call: its completion log-prob, g'_t,k . grad log pi (n x T x 3: every target
+    t, k = bottom, middle, top) and the Gram matrix of the per-sequence gradients. Products are taken parameter by parameter in the model's
     dtype and summed in float64: no flat copy of the per-sequence gradients, and sums over billions of entries
     never accumulate in float32."""
     params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
@@ -164,13 +233,15 @@ def _sequence_stats(model, ids, mask, comp, g, groups):
         lp = (token_logps(model, p, ids1[None], mask1[None])[0] * comp1[1:]).sum()
         return lp, lp.detach()
 
+    g = as_targets(g).grads
     grads, lp = vmap(grad(one, has_aux=True), in_dims=(None, 0, 0, 0))(params, ids, mask, comp)
-    dots = torch.zeros(len(ids), 3, dtype=torch.float64, device=ids.device)
+    n_targets = len(next(iter(g.values())))
+    dots = torch.zeros(len(ids), n_targets, 3, dtype=torch.float64, device=ids.device)
     gram = torch.zeros(len(ids), len(ids), dtype=torch.float64, device=ids.device)
     for name, v in grads.items():
         v = v.reshape(len(ids), -1)
         v = v.double()  # float64: c^T s and c^T K c cancel (ghost.py's _block_stats)
-        dots[:, groups[name]] += v @ g[name].reshape(-1).double()
+        dots[:, :, groups[name]] += v @ g[name].reshape(n_targets, -1).double().T  # every target at once
         gram += v @ v.T
     return lp.double(), dots, gram
 
@@ -184,29 +255,35 @@ def _ghost_sequence_stats(model, ids, mask, comp, g, groups, route: str = "auto"
 
 
 def _jvp_sequence_stats(model, ids, mask, comp, g, groups):
-    """`_sequence_stats` with s by forward-mode products (one layer group at a time), K from the ghost pass."""
+    """`_sequence_stats` with s by forward-mode products (one layer group and target at a time), K from the ghost
+    pass."""
     from .ghost import SequenceGradientStats
 
     lp, _, gram = SequenceGradientStats(model, None, groups)(lambda: sequence_logps(model, ids, mask, comp),
                                                              len(ids))
-    dots = group_directional_derivatives(
-        model, lambda p: (token_logps(model, p, ids, mask) * comp[:, 1:]).sum(1), g, groups)
-    return lp, dots.double().T.contiguous(), gram
+    dots = target_directional_derivatives(
+        model, lambda p: (token_logps(model, p, ids, mask) * comp[:, 1:]).sum(1), as_targets(g), groups)
+    return lp, dots.double().permute(2, 0, 1).contiguous(), gram  # [T, 3, n] -> [n, T, 3]
 
 
 def dpo_alignment(model, pairs, ref_logps, dprime: dict[str, torch.Tensor], algo, step: int,
                   batch_size: int = 4, chunk: int = 32, progress=None, method: str = "vmap",
                   route: str = "auto") -> MinibatchAlignment:
-    """G for every DPO component and layer group on mini-batches of `batch_size` pairs, and every component's
-    gradient norm: G_c(b) = c^T s_k and ||grad L_c(b)||^2 = c^T K c with s_i,k = g'_k . grad log pi(y_i) and K the
+    """G for every DPO component, layer group and target on mini-batches of `batch_size` pairs, every component's
+    gradient norm and each pair's share of every G: G_c(b) = c^T s_k and ||grad L_c(b)||^2 = c^T K c with s_i,k = g'_k . grad log pi(y_i) and K the
     Gram matrix of the per-sequence gradients, where the coefficients c (thirds of omega over the whole sample)
     are formed after the pass from its own log-probs. `method` (vmap | ghost | jvp) says how s and K are had;
     vmap takes `chunk` sequences per call, ghost and jvp one mini-batch; `route` is ghost.py's per-parameter
     choice (auto | ghost | materialise).
 
     `pairs`: dict of chosen_ids/chosen_mask/chosen_comp and rejected_* tensors (N rows each, right-padded);
-    `ref_logps`: (N, N) reference sequence log-probs of chosen and rejected; `dprime`: {name: g'}."""
-    device = next(iter(dprime.values())).device
+    `ref_logps`: (N, N) reference sequence log-probs of chosen and rejected; `dprime`: {name: g'} (D' alone) or a
+    `TargetGradients` (several targets, one pass for all).
+
+    Attribution: pair i of mini-batch b contributes (c_i+ s_i+ + c_i- s_i-) (coefficients over the mini-batch's
+    size, as in G_b) to G_b, so its pairs' shares add up to G_b exactly (`examples`, layer group all)."""
+    targets = as_targets(dprime)
+    device = next(iter(targets.grads.values())).device
     groups = layer_groups(model)
     stats = {"vmap": _sequence_stats, "jvp": _jvp_sequence_stats,
              "ghost": lambda *a: _ghost_sequence_stats(*a, route=route)}
@@ -223,7 +300,7 @@ def dpo_alignment(model, pairs, ref_logps, dprime: dict[str, torch.Tensor], algo
     logps, dots, grams = [], [], []
     for s in (progress(starts) if progress else starts):
         lp, d, gram = stats[method](model, stacked["ids"][s:s + chunk], stacked["mask"][s:s + chunk],
-                                    stacked["comp"][s:s + chunk], dprime, groups)
+                                    stacked["comp"][s:s + chunk], targets, groups)
         logps.append(lp)
         dots.append(d)
         grams.append(gram)
@@ -235,16 +312,22 @@ def dpo_alignment(model, pairs, ref_logps, dprime: dict[str, torch.Tensor], algo
                             rejected_completion=pairs["rejected_comp"][:, 1:], chosen_ids=pairs["chosen_ids"][:, 1:])
     components = tuple(coef)
     G, norms, row = [], [], 0
-    for idx in batches:
+    examples = torch.zeros(n, len(targets.names), len(components), dtype=torch.float64, device=device)
+    example_batch = torch.zeros(n, dtype=torch.long, device=device)
+    for b, idx in enumerate(batches):
         rows = slice(row, row + 2 * len(idx))
         gram_chunk, offset = grams[row // chunk], row % chunk
         gram = gram_chunk[offset:offset + 2 * len(idx), offset:offset + 2 * len(idx)]
         C = torch.stack([torch.cat([coef[c][idx], coef[c][n + idx]]) for c in components]).double() / len(idx)
-        g3 = C @ dots[rows]  # components x 3
-        G.append(torch.cat([g3.sum(1, keepdim=True), g3], dim=1))
+        g3 = torch.einsum("ci,itk->tck", C, dots[rows])  # targets x components x 3
+        G.append(torch.cat([g3.sum(-1, keepdim=True), g3], dim=-1))
         norms.append(torch.einsum("ci,ij,cj->c", C, gram, C).clamp(min=0).sqrt())
+        per_row = torch.einsum("ci,it->itc", C, dots[rows].sum(-1))  # each sequence's term of G_b (group all)
+        examples[idx] = per_row[:len(idx)] + per_row[len(idx):]  # a pair: its chosen and its rejected term
+        example_batch[idx] = b
         row += 2 * len(idx)
-    return MinibatchAlignment(components, torch.stack(G), torch.stack(norms))
+    G = torch.stack(G)
+    return MinibatchAlignment(components, G[:, 0], torch.stack(norms), targets.names, G, examples, example_batch)
 
 
 def iqr_outliers(norms: torch.Tensor) -> torch.Tensor:
@@ -255,11 +338,13 @@ def iqr_outliers(norms: torch.Tensor) -> torch.Tensor:
 
 def summarise(mb: MinibatchAlignment) -> dict:
     """G over D: the mean of the mini-batch G's, over all mini-batches and over the non-outliers (outliers by the
-    TOT gradient norm, the same batches excluded for every component so components stay additive)."""
+    TOT gradient norm, the same batches excluded for every component and target so components stay additive).
+    `*_targets`: the same per target [T, components, 4]; the first target's is G_filtered / G_unfiltered."""
     outliers = iqr_outliers(mb.norms[:, 0])
     kept = ~outliers
     return {"G_filtered": mb.G[kept].mean(0), "G_unfiltered": mb.G.mean(0), "outliers": outliers,
-            "n_batches": len(outliers), "n_outliers": int(outliers.sum())}
+            "n_batches": len(outliers), "n_outliers": int(outliers.sum()),
+            "G_filtered_targets": mb.G_targets[kept].mean(0), "G_unfiltered_targets": mb.G_targets.mean(0)}
 
 
 # ============================================================================================== PPO
@@ -317,9 +402,16 @@ def group_directional_derivatives(model, fn, dprime: dict[str, torch.Tensor], gr
     return torch.stack(out)
 
 
+def target_directional_derivatives(model, fn, targets: TargetGradients, groups: dict[str, int]) -> torch.Tensor:
+    """[T, 3, *fn's output]: `group_directional_derivatives` for every target (3 forward-mode passes each)."""
+    return torch.stack([group_directional_derivatives(model, fn, targets.one(t), groups)
+                        for t in range(len(targets.names))])
+
+
 def _weighted_gradient_stats(model, groups, dprime, logps_fn, weights: torch.Tensor):
-    """(g'_k . grad sum_t w_t log pi_t for k = 0..2, ||grad sum_t w_t log pi_t||^2) from one ghost pass with the
-    token weights folded into each sequence's scalar (rows = sequences: their sum is the weighted sum)."""
+    """(g'_t,k . grad sum_t w_t log pi_t [T, 3], ||grad sum_t w_t log pi_t||^2) from one ghost pass with the
+    token weights folded into each sequence's scalar (rows = sequences: their sum is the weighted sum); `dprime`
+    None: the norm only (dots are 0)."""
     from .ghost import SequenceGradientStats
 
     _, dots, gram = SequenceGradientStats(model, dprime, groups)(
@@ -346,7 +438,8 @@ def trimmed_rows(rollout, idx):
 def ppo_alignment(model, rollout, dprime: dict[str, torch.Tensor], coefficients: dict, temperature: float = 1.0,
                   batch_size: int = 6, progress=None, all_norms: bool = False,
                   aggregation: str = "token_mean", max_len: int | None = None) -> MinibatchAlignment:
-    """G for every PPO component and layer group on mini-batches of `batch_size` responses of a saved rollout.
+    """G for every PPO component, layer group and target on mini-batches of `batch_size` responses of a saved
+    rollout, and each response's share of every G (`examples`: its tokens' terms, which add up to G_b).
 
     Components are token-weighted (POS/NEG split a sequence): forward-mode products, one layer group at a time,
     give g'_k . grad log pi(y_t) for every token, so every component's G from 3 passes; the TOT gradient norm comes
@@ -358,14 +451,17 @@ def ppo_alignment(model, rollout, dprime: dict[str, torch.Tensor], coefficients:
     from `aggregation_weights`, the trainer's function); `max_len`: Dr-GRPO's constant (model.ppo.max_new_tokens)."""
     from ..objectives.policy_gradient import aggregation_weights
 
-    device = next(iter(dprime.values())).device
+    targets = as_targets(dprime)
+    device = next(iter(targets.grads.values())).device
     components = tuple(coefficients)
     groups = layer_groups(model)
     rollout = rollout.to(device)
     coefficients = {k: v.to(device) for k, v in coefficients.items()}
     n, G, norms = rollout.valid.shape[0], [], []
+    examples = torch.zeros(n, len(targets.names), len(components), dtype=torch.float64, device=device)
+    example_batch = torch.zeros(n, dtype=torch.long, device=device)
     starts = range(0, n, batch_size)
-    for s in (progress(starts) if progress else starts):
+    for b, s in enumerate(progress(starts) if progress else starts):
         idx = torch.arange(s, min(s + batch_size, n), device=device)
         rows, width = trimmed_rows(rollout, idx)
         valid = rows.valid
@@ -375,14 +471,18 @@ def ppo_alignment(model, rollout, dprime: dict[str, torch.Tensor], coefficients:
         def logps(p, rows=rows, valid=valid):
             return _response_logps(model, p, rows, slice(None), temperature).masked_fill(~valid, 0.0)
 
-        dlp = group_directional_derivatives(model, logps, dprime, groups)  # 3 x b x T
-        g3 = torch.einsum("cbt,kbt->ck", C, dlp.double())
-        G.append(torch.cat([g3.sum(1, keepdim=True), g3], dim=1))
+        dlp = target_directional_derivatives(model, logps, targets, groups).double()  # targets x 3 x b x tokens
+        g3 = torch.einsum("cbt,xkbt->xck", C, dlp)
+        G.append(torch.cat([g3.sum(-1, keepdim=True), g3], dim=-1))
+        examples[idx] = torch.einsum("cbt,xkbt->bxc", C, dlp)  # each response's share (its tokens, all groups)
+        example_batch[idx] = b
         sq = torch.full((len(components),), float("nan"), dtype=torch.float64, device=device)
         for c in range(len(components) if all_norms else 1):
-            sq[c] = _weighted_gradient_stats(model, groups, dprime, logps, C[c])[1] if C[c].any() else 0.0
+            sq[c] = _weighted_gradient_stats(model, groups, None, logps, C[c])[1] if C[c].any() else 0.0
         norms.append(sq.clamp(min=0).sqrt())
     if not G:  # no response carries gradient (DAPO's dynamic sampling dropped every group): no mini-batch
-        return MinibatchAlignment(components, torch.zeros(0, len(components), 4, dtype=torch.float64),
-                                  torch.zeros(0, len(components), dtype=torch.float64))
-    return MinibatchAlignment(components, torch.stack(G), torch.stack(norms))
+        empty = torch.zeros(0, len(targets.names), len(components), 4, dtype=torch.float64)
+        return MinibatchAlignment(components, empty[:, 0], torch.zeros(0, len(components), dtype=torch.float64),
+                                  targets.names, empty, examples, example_batch)
+    G = torch.stack(G)
+    return MinibatchAlignment(components, G[:, 0], torch.stack(norms), targets.names, G, examples, example_batch)
