@@ -393,6 +393,15 @@ class AnalysisConfig:
     # App. A: leave out of the G figures the checkpoints whose next update increased L on the G sample
     # (checkpoints/step-N/loss_check.json); the paper applied it. A filter of the figures, not of alignment.csv
     exclude_loss_increase: bool = how(default=True)
+    # G against several targets (alignment.csv's `target` column): dprime (D', the paper's; required), chosen /
+    # rejected (the G sample's training y+ / y-), sft (the SFT model's greedy answers to the D' questions),
+    # unrelated (each D' question with the SFT answer to another question)
+    targets: list[str] = field(default_factory=lambda: list(G_TARGETS))
+    n_target: int = 64  # sequences per target other than D'
+    attribution: bool = how(default=True)  # attribution.csv: each example's share of every component's G
+
+
+G_TARGETS = ("dprime", "chosen", "rejected", "sft", "unrelated")
 
 
 @dataclass
@@ -692,6 +701,7 @@ def _validate(cfg: DictConfig) -> None:
         _require(an[key] > 0, f"analysis.{key}", f"must be > 0, got {an[key]}")
     _require(an.dtype in ("float32", "bfloat16"), "analysis.dtype",
              f"must be float32 or bfloat16 (eager attention needs it), got {an.dtype!r}")
+    _validate_targets(an)
     _require(cfg.runtime.threads >= 0, "runtime.threads", f"must be >= 0 (0 = auto), got {cfg.runtime.threads}")
     _require(cfg.logger.mode in ("offline", "online", "disabled"), "logger.mode",
              f"must be offline, online or disabled, got {cfg.logger.mode!r}")
@@ -707,6 +717,15 @@ def _validate(cfg: DictConfig) -> None:
     for key in ("kill_at_step", "kill_at_sft_step", "kill_at_reward_step"):
         if cfg.debug[key] is not None:
             _require(cfg.debug[key] > 0, f"debug.{key}", f"must be > 0, got {cfg.debug[key]}")
+
+
+def _validate_targets(an) -> None:
+    targets = list(an.targets)
+    unknown = [t for t in targets if t not in G_TARGETS]
+    _require(not unknown, "analysis.targets", f"unknown target(s) {unknown}; choose from {', '.join(G_TARGETS)}")
+    _require("dprime" in targets, "analysis.targets", f"must include dprime (the paper's D'), got {targets}")
+    _require(len(set(targets)) == len(targets), "analysis.targets", f"names a target twice: {targets}")
+    _require(an.n_target > 0, "analysis.n_target", f"must be > 0, got {an.n_target}")
 
 
 def run_config(run_dir, overrides=()) -> DictConfig:

@@ -65,8 +65,21 @@ def test_a_table_of_before_the_records_is_the_runs_own(tmp_path):
     write_table(run, (4, 8), "heldout")
     train = make("analysis.dprime=train")
     assert variants.prepare(train, run).name.startswith("analysis_dprime-train-")
-    assert json.loads((run / variants.SETTINGS).read_text())["dprime"] == "heldout"
-    assert variants.table_dir(make(), run) == run and not variants.pending(make(), run)
+    recorded = json.loads((run / variants.SETTINGS).read_text())
+    assert recorded["dprime"] == "heldout" and recorded["targets"] == ["dprime"]  # no target column: D' alone
+    d_only = make("analysis.targets=[dprime]")
+    assert variants.table_dir(d_only, run) == run and not variants.pending(d_only, run)
+    # G against the other targets is not in that table: asked for, it goes to a folder of its own
+    assert variants.table_dir(make(), run).name.startswith("analysis_dprime-heldout-")
+
+
+def test_a_record_of_before_the_targets_holds_dprime_only(tmp_path):
+    run = finished_run(tmp_path)
+    settings = variants.analysis_settings(make())
+    old = {k: v for k, v in settings.items() if k not in ("targets", "n_target")}
+    (run / variants.SETTINGS).write_text(json.dumps(old))
+    assert variants.table_dir(make("analysis.targets=[dprime]"), run) == run
+    assert variants.table_dir(make(), run) != run
 
 
 def test_a_setting_added_later_at_its_default_matches_older_records(tmp_path):

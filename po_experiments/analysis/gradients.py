@@ -202,6 +202,8 @@ class MinibatchAlignment:
     G_targets: torch.Tensor | None = None  # n_batches x n_targets x n_components x 4
     examples: torch.Tensor | None = None  # n_examples x n_targets x n_components
     example_batch: torch.Tensor | None = None  # n_examples
+    target_logp: dict | None = None  # {target: mean sequence log-likelihood under the model} (the stage sets it)
+    sample: object = None  # PPO: the rollout analysed (the stage writes its responses' text)
 
     def __post_init__(self):
         if self.G_targets is None:

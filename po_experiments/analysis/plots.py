@@ -27,6 +27,8 @@ from matplotlib.figure import Figure  # no pyplot: no global backend switch, no 
 import numpy as np
 import pandas as pd
 
+from .tables import paper_target
+
 DPI = 120
 PANEL_SIZE = (4.6, 3.6)  # inches per panel
 
@@ -71,11 +73,14 @@ def _as_bool(series: pd.Series) -> pd.Series:
     return text.isin(("true", "1", "1.0", "yes"))
 
 
-def load_alignment(run_dir: Path) -> pd.DataFrame | None:
+def load_alignment(run_dir: Path, *, all_targets: bool = False) -> pd.DataFrame | None:
+    """A run's G table: the rows against the paper's D' (`tables.paper_target`), or every target's rows."""
     path = Path(run_dir) / "alignment.csv"
     if not path.exists():
         return None
     df = pd.read_csv(path)
+    if not all_targets:
+        df = paper_target(df)
     # App. A's flag comes from the measured loss check (loss_before / loss_after); tables written before it existed
     # hold a flag from logged losses 1000 steps apart, which does not say what the update did: not used
     measured = "loss_before" in df
@@ -84,10 +89,11 @@ def load_alignment(run_dir: Path) -> pd.DataFrame | None:
 
 
 def load_minibatches(run_dir: Path) -> pd.DataFrame | None:
+    """Per-mini-batch G and norms against D' (the norms are the same for every target)."""
     path = Path(run_dir) / "alignment_minibatches.csv"
     if not path.exists():
         return None
-    df = pd.read_csv(path)
+    df = paper_target(pd.read_csv(path))
     df["outlier"] = _as_bool(df["outlier"])
     return df
 

@@ -9,7 +9,11 @@ call are split between the ranks, a rank with nothing left takes a dummy row wit
 Per mini-batch and component c, one collective backward of sum_i c_i log pi(y_i) leaves each rank its
 partition of grad L_c (DeepSpeed averages over ranks, so each rank's share of the loss is scaled by N), from
 which G_c per layer group and ||grad L_c||^2 are local sums. Components with no weight in a mini-batch cost
-nothing. g' = E_D'[-grad log pi] is accumulated the same way, partition by partition.
+nothing. g' = E_D'[-grad log pi(y'|x')] is accumulated the same way, partition by partition.
+
+Several targets (`analysis.targets`): each target's g'_t is accumulated so (its partition on each rank), and every
+component's local gradient is dotted with all of them, so targets add dot products, not backwards. Per-example
+attribution needs per-sequence dots, which this path does not form: the stage skips it here (logged).
 """
 from __future__ import annotations
 
@@ -104,20 +108,29 @@ class ShardedModel:
 
     def dprime_gradient(self, batches) -> list[torch.Tensor]:
         """Local partitions of g' = E_D'[-grad log pi(y'|x')] (mean over every D' sequence)."""
+        return self.target_gradient(batches)[0]
+
+    def target_gradient(self, batches) -> tuple[list[torch.Tensor], float]:
+        """Local partitions of g'_t = E_t[-grad log pi(y|x)] (mean over the target's sequences) and the target's
+        mean log-likelihood (on every rank)."""
         total = sum(len(b[0]) for b in batches)
-        acc = None
+        acc, logp = None, torch.zeros((), dtype=torch.float64, device=self.device)
         for ids, mask, comp in batches:
             per_rank = math.ceil(len(ids) / self.world)
             idx, real = self._share(len(ids), per_rank, 0)
             lp = self._logps(ids[idx], mask[idx], comp[idx])
+            logp += (lp.detach().double() * real.to(lp.device)).sum()
             grads = self._local_gradient(-(lp * real.to(lp.device)).sum() * (self.world / total))
             acc = grads if acc is None else [a + g for a, g in zip(acc, grads)]
-        return acc
+        dist.all_reduce(logp)
+        return acc, logp.item() / total
 
-    def component_stats(self, ids, mask, comp, coef: torch.Tensor, dprime: list[torch.Tensor]) -> torch.Tensor:
-        """This rank's partial [component, (g'_bottom, g'_middle, g'_top) . grad L_c, ||grad L_c||^2] for one
-        mini-batch; `coef` [components, rows] are the coefficients of grad log pi(row) in grad L_c."""
-        out = torch.zeros(len(coef), 4, dtype=torch.float64, device=self.device)
+    def component_stats(self, ids, mask, comp, coef: torch.Tensor, dprime: list) -> torch.Tensor:
+        """This rank's partial [component, target, (g'_bottom, g'_middle, g'_top) . grad L_c, ||grad L_c||^2] for
+        one mini-batch; `coef` [components, rows] are the coefficients of grad log pi(row) in grad L_c; `dprime`:
+        one target's partitions, or a list of them (one per target)."""
+        targets = dprime if isinstance(dprime[0], (list, tuple)) else [dprime]
+        out = torch.zeros(len(coef), len(targets), 4, dtype=torch.float64, device=self.device)
         per_rank = math.ceil(len(ids) / self.world)
         idx, real = self._share(len(ids), per_rank, 0)
         for c, weights in enumerate(coef):
@@ -125,18 +138,23 @@ class ShardedModel:
                 continue
             w = (weights[idx] * real).to(self.device, torch.float32)
             grads = self._local_gradient((w * self._logps(ids[idx], mask[idx], comp[idx])).sum() * self.world)
-            for g, gp, k in zip(grads, dprime, self.groups):
-                out[c, k] += torch.dot(g.flatten().double(), gp.flatten().double())
-                out[c, 3] += g.double().pow(2).sum()
-        return out
+            for j, (g, k) in enumerate(zip(grads, self.groups)):
+                flat = g.flatten().double()
+                for t, target in enumerate(targets):
+                    out[c, t, k] += torch.dot(flat, target[j].flatten().double())
+                out[c, :, 3] += flat.pow(2).sum()
+        return out if isinstance(dprime[0], (list, tuple)) else out[:, 0]
 
 
 def sharded_dpo_alignment(folder: Path, cfg, pairs: dict, ref_logps, dprime_batches, step: int,
                           progress=None) -> MinibatchAlignment:
-    """`gradients.dpo_alignment` for a checkpoint folder, under ZeRO-3 on every rank of the job."""
+    """`gradients.dpo_alignment` for a checkpoint folder, under ZeRO-3 on every rank of the job. `dprime_batches`:
+    D' mini-batches, or {target: mini-batches} with D' first (G per target; no per-example shares)."""
+    targets = dprime_batches if isinstance(dprime_batches, dict) else {"dprime": dprime_batches}
     model = ShardedModel(folder, cfg)
     try:
-        dprime = model.dprime_gradient(dprime_batches)
+        local = {t: model.target_gradient(b) for t, b in targets.items()}
+        dprime = [g for g, _ in local.values()]
         n = len(pairs["chosen_ids"])
         lp = [model.sequence_logps(pairs[f"{s}_ids"], pairs[f"{s}_mask"], pairs[f"{s}_comp"])
               for s in ("chosen", "rejected")]
@@ -152,11 +170,12 @@ def sharded_dpo_alignment(folder: Path, cfg, pairs: dict, ref_logps, dprime_batc
             rows = {k: torch.cat([pairs[f"chosen_{k}"][idx], pairs[f"rejected_{k}"][idx]]) for k in ("ids", "mask", "comp")}
             C = torch.stack([torch.cat([coef[c][idx], coef[c][n + idx]]) for c in components]) / len(idx)
             partial.append(model.component_stats(rows["ids"], rows["mask"], rows["comp"], C, dprime))
-        stats = torch.stack(partial)
+        stats = torch.stack(partial)  # batches x components x targets x 4
         dist.all_reduce(stats)  # local partitions -> whole dot products and squared norms
         stats = stats.cpu()
-        G = torch.cat([stats[..., :3].sum(-1, keepdim=True), stats[..., :3]], dim=-1)
-        return MinibatchAlignment(components, G, stats[..., 3].clamp(min=0).sqrt())
+        G = torch.cat([stats[..., :3].sum(-1, keepdim=True), stats[..., :3]], dim=-1).transpose(1, 2)
+        return MinibatchAlignment(components, G[:, 0], stats[:, :, 0, 3].clamp(min=0).sqrt(), tuple(targets), G,
+                                  target_logp={t: lp for t, (_, lp) in local.items()})
     finally:
         model.close()
 

@@ -12,4 +12,4 @@ def paper_target(table: pd.DataFrame) -> pd.DataFrame:
     """The rows of G against the paper's D' (all rows of a table without a `target` column)."""
     if "target" not in table.columns:
         return table
-    return table[table["target"] == PAPER_TARGET].reset_index(drop=True)
+    return table[table["target"].fillna(PAPER_TARGET) == PAPER_TARGET].reset_index(drop=True)

@@ -41,10 +41,21 @@ def analysis_key(settings: dict) -> str:
     return f"dprime-{settings['dprime']}-{config_hash(settings)[:8]}"
 
 
+# what a table written before a field existed holds, where that is not the field's default: G against D' alone
+LEGACY = {"targets": ["dprime"]}
+
+
 def _defaults() -> dict:
     """The schema's defaults of the keyed fields: what a record written before a field existed meant by it."""
-    return {f.name: f.default for f in dataclasses.fields(AnalysisConfig)
-            if not f.metadata.get("how") and f.default is not dataclasses.MISSING}
+    out = {}
+    for f in dataclasses.fields(AnalysisConfig):
+        if f.metadata.get("how"):
+            continue
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return {**out, **LEGACY}
 
 
 def recorded_settings(folder: Path) -> dict | None:
@@ -62,7 +73,7 @@ def own_settings(run_dir: Path, wanted: dict) -> dict | None:
     table = pd.read_csv(run_dir / TABLE)
     dprime = str(table["dprime"].dropna().iloc[0]) if "dprime" in table and table["dprime"].notna().any() \
         else "heldout"
-    return {**wanted, "dprime": dprime}
+    return {**wanted, "dprime": dprime, **({} if "target" in table else LEGACY)}  # no target column: D' alone
 
 
 def table_dir(cfg, run_dir: Path) -> Path:
