@@ -8,6 +8,8 @@
 - ``G_filtering.png``   Fig. 6: TOT G with and without IQR outlier filtering, plus the outlier counts.
 - ``G_layers.png``      Fig. 9: TOT G restricted to all / bottom / middle / top layers.
 - ``grad_norms.png``    Fig. 5 / 7a: per-mini-batch TOT gradient norms (outliers in red); POS / NEG mean norms.
+- ``G_by_target.png``   beyond the paper: G of every component against every target (`analysis.targets`: D', the
+  training y+ / y-, the SFT model's answers, unrelated answers), one row of the three panels of Fig. 1 per target.
 - ``ppo_advantages.png`` Fig. 3 (PPO only): mean signed whitened advantage of the TOP / MID / BOT |A| thirds per
   update (the paper's "raw" = signed), and dashed the same tokens' mean advantage before whitening.
 
@@ -508,6 +510,71 @@ def plot_advantages(history: pd.DataFrame, path: Path) -> Path:
     return _save(fig, path)
 
 
+def target_series(alignment: pd.DataFrame, *, exclude_loss_increase: bool = False) -> dict[str, dict[str, pd.DataFrame]]:
+    """{target: {component: step, mean, std (NaN: one run), n}} of G (filtered, all layers) from a table holding
+    every target (`load_alignment(all_targets=True)`); a table without targets is D' alone."""
+    table = alignment if "target" in alignment else alignment.assign(target="dprime")
+    found = table["target"].fillna("dprime").drop_duplicates().tolist()
+    order = [t for t in TARGET_TITLES if t in found] + [t for t in found if t not in TARGET_TITLES]
+    out = {}
+    for target in order:
+        rows = table[table["target"].fillna("dprime") == target]
+        out[target] = {c: curve_data(rows, c, exclude_loss_increase=exclude_loss_increase)
+                       .rename(columns={"value": "mean"}).assign(std=float("nan"), n=1)
+                       for c in rows["component"].drop_duplicates()}
+    return out
+
+
+TARGET_TITLES = {"dprime": "D' (the paper's)", "chosen": "training y+ (chosen)", "rejected": "training y- (rejected)",
+                 "sft": "SFT model's answers", "unrelated": "unrelated answers"}
+
+
+def target_grid(series: dict[str, dict[str, pd.DataFrame]], *, title: str, notes: tuple = ()) -> Figure:
+    """One row per target, the three panels of Fig. 1 (TOT; POS / NEG and the objective's own terms; TOP / MID /
+    BOT) over checkpoints, one shared symlog axis; std bands where `std` is there (several seeds)."""
+    extras = list(dict.fromkeys(c for comps in series.values() for c in comps if c not in COMPONENT_STYLE))
+    panels = tuple((name, comps + tuple(extras)) if comps == ("POS", "NEG") else (name, comps)
+                   for name, comps in COMPONENT_PANELS)
+    values = pd.concat([d["mean"] for comps in series.values() for d in comps.values()] or [pd.Series([0.0])])
+    linthresh = choose_linthresh(values)
+    fig = Figure(figsize=(PANEL_SIZE[0] * len(panels), PANEL_SIZE[1] * len(series) + 0.9))
+    axes = fig.subplots(len(series), len(panels), squeeze=False, sharex=True)
+    for row, (target, comps) in zip(axes, series.items()):
+        for ax, (name, members) in zip(row, panels):
+            _symlog_axis(ax, linthresh, values)
+            for c in members:
+                data = comps.get(c)
+                if data is None or data.empty:
+                    continue
+                color, marker = component_style(c, extras)
+                ax.plot(data["step"], data["mean"], color=color, marker=marker, ms=4, lw=1.4, label=c,
+                        **({"ls": "--"} if c in extras else {}))
+                spread = np.nan_to_num(data["std"].to_numpy(float))
+                if spread.any():
+                    ax.fill_between(data["step"].to_numpy(float), data["mean"] - spread, data["mean"] + spread,
+                                    color=color, alpha=0.15, linewidth=0)
+            _empty_note(ax, [comps.get(c, pd.DataFrame()) for c in members])
+            _panel_title(ax, f"{TARGET_TITLES.get(target, target)}: {name}")
+            _step_axis(ax, pd.concat([d["step"] for d in comps.values()] or [pd.Series([0.0])]))
+            ax.set_ylabel("G")
+            _legend(ax)
+    lines = [title, *notes, _symlog_note(linthresh)]
+    fig.suptitle("\n".join(lines), fontsize=11)
+    height = fig.get_size_inches()[1]
+    fig.tight_layout(rect=(0, 0, 1, 1 - (0.22 * len(lines) + 0.1) / height))  # room for the title lines
+    return fig
+
+
+def plot_targets(alignment: pd.DataFrame, path: Path, *, exclude_loss_increase: bool = False) -> Path:
+    """G_by_target.png: every component against every target of one run."""
+    fig = target_grid(target_series(alignment, exclude_loss_increase=exclude_loss_increase),
+                      title=f"{algo_family(alignment)} G of each component against each target (IQR-filtered, all "
+                            "layers)".strip(),
+                      notes=("G > 0: the component's update raises the target's log-likelihood (first order)",))
+    fig.savefig(path, dpi=DPI)
+    return path
+
+
 # ================================================================================================ entry
 
 def draw_figures(run_dir: Path, *, exclude_loss_increase: bool = False) -> list[Path]:
@@ -523,6 +590,9 @@ def draw_figures(run_dir: Path, *, exclude_loss_increase: bool = False) -> list[
         for name, draw in (("G_components.png", plot_components), ("G_filtering.png", plot_filtering),
                            ("G_layers.png", plot_layers)):
             written.append(draw(alignment, out_dir / name, exclude_loss_increase=exclude_loss_increase))
+    every = load_alignment(run_dir, all_targets=True)
+    if every is not None and "target" in every and every["target"].nunique() > 1:
+        written.append(plot_targets(every, out_dir / "G_by_target.png", exclude_loss_increase=exclude_loss_increase))
     if minibatches is not None:
         written.append(plot_grad_norms(minibatches, alignment, out_dir / "grad_norms.png"))
     if history is not None:

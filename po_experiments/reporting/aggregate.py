@@ -260,4 +260,7 @@ def aggregate(root: Path, out: Path) -> dict[str, Path]:
                                                                    f"(mean ± std over seeds; judge: {judge})")
             fig.savefig(path, dpi=110, bbox_inches="tight")
             written[path.name] = path
+    from .targets import draw_targets  # G against several targets (targets.py): its figures and tables
+
+    written.update(draw_targets(root, out))
     return written

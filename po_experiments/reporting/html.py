@@ -18,7 +18,7 @@ import pandas as pd
 from .aggregate import aggregate, find_runs, table1_cells
 from .objectives import draw_objectives, headers, table_cells
 
-RUN_FIGURES = ("win_rate", "G_components", "G_layers", "G_filtering", "grad_norms", "ppo_advantages")
+RUN_FIGURES = ("win_rate", "G_components", "G_layers", "G_filtering", "G_by_target", "grad_norms", "ppo_advantages")
 STYLE = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222}
 h1{margin-bottom:.2em}.meta{color:#666}table{border-collapse:collapse;margin:1em 0;font-size:14px}
 td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top}th{background:#f3f3f3}td.num{text-align:right}
@@ -72,6 +72,23 @@ def objectives_html(table: pd.DataFrame) -> str:
     return "\n".join(parts)
 
 
+def targets_html(written: dict) -> list[str]:
+    """G against several targets (reporting/targets.py): the first-order check's correlations and where the
+    attribution lists are."""
+    if "targets_correlation.csv" not in written:
+        return []
+    table = pd.read_csv(written["targets_correlation.csv"])
+    head = ["scope", "model", "family", "method", "seed", "pearson_r", "n_points", "sign_agreement"]
+    rows = "".join("<tr>" + "".join(f"<td>{html.escape(str(round(v, 3) if isinstance(v, float) else v))}</td>"
+                                    for v in (r[h] for h in head)) + "</tr>" for _, r in table.iterrows())
+    links = " ".join(f'<a href="{html.escape(n)}">{html.escape(n)}</a>' for n in written
+                     if n.startswith("G_by_target_") or n == "attribution.md")
+    return ["<h2>G against several targets: first-order prediction vs measured log-likelihood change</h2>",
+            "<p>Pearson r between G_TOT(target, checkpoint) x steps to the next checkpoint and the measured change of "
+            f"the target's mean log-likelihood, over checkpoints x targets. {links}</p>",
+            "<table><tr>" + "".join(f"<th>{h}</th>" for h in head) + f"</tr>{rows}</table>"]
+
+
 def samples_html(run_dir: Path, judge: str, step: int, n: int) -> str:
     path = run_dir / "eval" / judge / f"step-{step}.json"
     if not path.exists():
@@ -119,7 +136,7 @@ def build_report(root: Path, out: Path, *, title: str | None = None, n_samples: 
             f"<p class=meta>{len(runs)} runs under {html.escape(str(root))}; built "
             f"{datetime.datetime.now():%Y-%m-%d %H:%M}; <span id=image-status>images loading</span></p>",
             "<h2>Table 1: final win rate vs SFT (mean ± std over seeds of the best case), beside the paper's</h2>",
-            table1_html(table), *objectives,
+            table1_html(table), *objectives, *targets_html(written),
             "<h2>Figures</h2>", f"<div>{figures}</div>",
             "<h2>Runs</h2>", *(run_section(r, root, out, n_samples, expanded=i == 0) for i, r in enumerate(runs))]
     page = out / "index.html"
