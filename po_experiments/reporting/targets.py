@@ -159,7 +159,12 @@ def attribution_markdown(run_name: str, attribution: pd.DataFrame, examples: dic
     parts = [f"## {run_name}\n", f"Top {TOP_K} examples per component and target ({what}; contribution to G, "
                                  "outlier mini-batches left out). Up: raise the target's log-likelihood.\n",
              "| component | target | direction | contribution | step | example | text |", "|---|---|---|---:|---:|---:|---|"]
-    for (component, target), group in ranked.groupby(["component", "target"], sort=False):
+    order = {c: i for i, c in enumerate((*plots.COMPONENT_STYLE, *plots.TARGET_TITLES))}
+    keys = sorted(ranked.groupby(["component", "target"]).groups, key=lambda k: (order.get(k[0], 99), k[0],
+                                                                                  order.get(k[1], 99), k[1]))
+    groups = dict(list(ranked.groupby(["component", "target"])))
+    for component, target in keys:
+        group = groups[(component, target)]
         ordered = group.sort_values("contribution")
         for direction, chosen in (("up", ordered.iloc[::-1][:TOP_K]), ("down", ordered[:TOP_K])):
             chosen = chosen[chosen["contribution"] > 0] if direction == "up" else chosen[chosen["contribution"] < 0]
