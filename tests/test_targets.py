@@ -227,3 +227,18 @@ def test_first_order_correlation_over_checkpoints_and_targets():
     r = correlation_table([({"model": "tiny", "family": "dpo"}, flipped)]).iloc[0]["pearson_r"]
     assert r == pytest.approx(-1.0)
     assert math.isnan(correlation_table([({}, table[table["step"] < 40])]).iloc[0]["pearson_r"])  # 2 points
+
+
+def test_batched_forward_mode_over_targets_equals_one_pass_per_target(setup):
+    """PPO / jvp: the T targets' tangents vmapped in one forward-mode pass per layer group give the loop's numbers."""
+    from po_experiments.analysis.gradients import layer_groups, target_directional_derivatives, token_logps
+
+    model, pairs, _, targets = setup
+    g = target_gradients(model, targets)
+    ids, mask = pairs["chosen_ids"][:4], pairs["chosen_mask"][:4]
+    fn = lambda p: token_logps(model, p, ids, mask)  # noqa: E731
+    groups = layer_groups(model)
+    batched = target_directional_derivatives(model, fn, g, groups)
+    looped = target_directional_derivatives(model, fn, g, groups, batched=False)
+    assert batched.shape == (5, 3, *ids[:, 1:].shape)
+    assert torch.allclose(batched, looped, rtol=1e-9, atol=1e-12 * looped.abs().max())
