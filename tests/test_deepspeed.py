@@ -93,11 +93,11 @@ def test_g_under_zero3_equals_single_process_g(runs, tmp_path):
                     "deepspeed.config=null", "runtime.threads=1"], cwd=REPO, env=env, check=True,
                    capture_output=True, timeout=600)
     single = pd.read_csv(copy / "alignment.csv")
-    keys = ["step", "component", "layer_group"]
+    keys = ["step", "target", "component", "layer_group"]  # G against every target of analysis.targets
     both = sharded.merge(single, on=keys, suffixes=("_sharded", "_single"))
-    assert len(both) == len(single) == len(sharded) == 2 * 6 * 4
+    assert len(both) == len(single) == len(sharded) == 2 * 5 * 6 * 4
     assert (both["n_outliers_sharded"] == both["n_outliers_single"]).all()
-    for column in ("G", "G_unfiltered", "grad_norm"):
+    for column in ("G", "G_unfiltered", "grad_norm", "target_logp"):
         a, b = both[f"{column}_sharded"], both[f"{column}_single"]
         scale = b.abs().groupby(both["step"]).transform("max")  # components near 0 are judged at the step's scale
         rel = ((a - b).abs() / scale).max()

@@ -250,11 +250,11 @@ def read_table(run_dir: Path):
 def assert_additive(table):
     """POS + NEG = TOT, TOP + MID + BOT = TOT, bottom + middle + top = all, for every step (rel. 1e-4)."""
     for column in ("G", "G_unfiltered"):
-        g = table.pivot_table(index=["step", "layer_group"], columns="component", values=column)
+        g = table.pivot_table(index=["step", "target", "layer_group"], columns="component", values=column)
         scale = g.abs().max(axis=1) + 1e-12
         assert ((g["POS"] + g["NEG"] - g["TOT"]).abs() / scale).max() < 1e-4
         assert ((g["TOP"] + g["MID"] + g["BOT"] - g["TOT"]).abs() / scale).max() < 1e-4
-        by_group = table.pivot_table(index=["step", "component"], columns="layer_group", values=column)
+        by_group = table.pivot_table(index=["step", "target", "component"], columns="layer_group", values=column)
         scale = by_group.abs().max(axis=1) + 1e-12
         assert ((by_group["bottom"] + by_group["middle"] + by_group["top"] - by_group["all"]).abs() / scale).max() < 1e-4
 
@@ -265,14 +265,21 @@ def test_alignment_table_covers_every_checkpoint(fixture, request):
     table = read_table(run_dir)
     steps = sorted(int(p.name.split("-")[1]) for p in (run_dir / "checkpoints").glob("step-*"))
     assert len(steps) >= 3 and sorted(table["step"].unique()) == steps
-    assert len(table) == len(steps) * 6 * 4 and table["G"].notna().all()
+    targets = ["dprime", "chosen", "rejected", "sft", "unrelated"]  # analysis.targets' default, every one there
+    assert sorted(table["target"].unique()) == sorted(targets)
+    assert len(table) == len(steps) * 5 * 6 * 4 and table["G"].notna().all() and table["target_logp"].notna().all()
     assert_additive(table)
     assert (table["n_batches"] > 0).all()
     import pandas as pd
 
     mb = pd.read_csv(run_dir / "alignment_minibatches.csv")
-    assert not mb.duplicated(["step", "batch", "component"]).any()
-    for name in ("G_components", "G_filtering", "G_layers", "grad_norms"):
+    assert not mb.duplicated(["step", "batch", "target", "component"]).any()
+    attribution = pd.read_csv(run_dir / "attribution.csv")
+    kept = attribution[~attribution["outlier_batch"]].groupby(["step", "target", "component"])["contribution"].sum()
+    g = table[table["layer_group"] == "all"].set_index(["step", "target", "component"])["G"]
+    assert ((kept - g.loc[kept.index]).abs() <= 1e-4 * g.abs().max()).all()  # the shares add up to G
+    assert (run_dir / "examples.json").exists()
+    for name in ("G_components", "G_filtering", "G_layers", "G_by_target", "grad_norms"):
         assert (run_dir / "figures" / f"{name}.png").stat().st_size > 5000
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["alignment"].endswith("alignment.csv")
