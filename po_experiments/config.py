@@ -398,10 +398,16 @@ class AnalysisConfig:
     # unrelated (each D' question with the SFT answer to another question)
     targets: list[str] = field(default_factory=lambda: list(G_TARGETS))
     n_target: int = 64  # sequences per target other than D'
+    # stacked: one pass for every target (their g' held together, T x parameters) | per_target: one pass per target
+    # (one g' at a time; the per-sequence statistics recomputed per target) | auto: stacked while the T g' take at
+    # most a quarter of the GPU's memory (always on CPU). The same G either way
+    targets_pass: str = how(default="auto")
     attribution: bool = how(default=True)  # attribution.csv: each example's share of every component's G
 
 
 G_TARGETS = ("dprime", "chosen", "rejected", "sft", "unrelated")
+TARGETS_PASSES = ("auto", "stacked", "per_target")
+STACKED_SHARE = 0.25  # targets_pass=auto: stacked while the targets' g' take at most this share of a GPU's memory
 
 
 @dataclass
@@ -726,6 +732,8 @@ def _validate_targets(an) -> None:
     _require("dprime" in targets, "analysis.targets", f"must include dprime (the paper's D'), got {targets}")
     _require(len(set(targets)) == len(targets), "analysis.targets", f"names a target twice: {targets}")
     _require(an.n_target > 0, "analysis.n_target", f"must be > 0, got {an.n_target}")
+    _require(an.targets_pass in TARGETS_PASSES, "analysis.targets_pass",
+             f"must be one of {', '.join(TARGETS_PASSES)}, got {an.targets_pass!r}")
 
 
 def run_config(run_dir, overrides=()) -> DictConfig:

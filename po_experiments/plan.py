@@ -464,18 +464,20 @@ class Planner:
         prec = Precision(dtype, dtype, False)
         model = self.P * dtype / shard
         method = self.method()
+        targets = len(an.get("targets") or ["dprime"])  # analysis.targets: one g' per target
+        gp = self.P * dtype * (targets if self._stacked_targets(targets, dtype) else 1)
         if shard > 1 and self.cfg.algo.family == "dpo":
             # analysis/sharded.py: a mini-batch's rows split over the ranks, each rank its gradient and g' partition
             method = "zero3-sharded"
             rows_per_rank = math.ceil(sequences / shard)
-            work = 2 * self.P * 4 / shard + activation_bytes(self.shape, prec, rows_per_rank * seq, False)
+            work = (1 + targets) * self.P * 4 / shard + activation_bytes(self.shape, prec, rows_per_rank * seq, False)
         else:
             acts = activation_bytes(self.shape, prec, sequences * seq, checkpointing=False)
             if method == "vmap":
-                work = min(an.chunk, sequences) * self.P * dtype + acts  # a chunk's per-sequence gradients
+                work = min(an.chunk, sequences) * self.P * dtype + gp + acts  # a chunk's per-sequence gradients
             else:  # ghost / forward mode: g' (per parameter, the model's dtype; tangents are views of it) and one
                 # mini-batch's activations (the ghost pass's backward; forward mode keeps one layer's at a time)
-                work = self.P * dtype + acts
+                work = gp + acts
         device = self._device_peak(model + work)
         host = self._host(self.P * dtype)
         fits = self._fits(device, host)
@@ -483,6 +485,15 @@ class Planner:
                          peak_gpu_gb=device / GB, host_gb=host / GB, fits=fits,
                          detail=f"method={method}, {an.n_pairs} samples in mini-batches of {sequences} sequences",
                          advice="" if fits else self._analysis_advice(method))
+
+    def _stacked_targets(self, targets: int, dtype: int) -> bool:
+        """analysis.targets_pass (the stage's rule, analysis.stage.stacked_targets): stacked g' or one per pass."""
+        from .config import STACKED_SHARE
+
+        mode = self.cfg.analysis.get("targets_pass", "auto")
+        if mode != "auto":
+            return mode == "stacked"
+        return self.hw.gpus == 0 or targets * self.P * dtype <= STACKED_SHARE * self.hw.gpu_memory_gb * GB
 
     def _analysis_advice(self, method: str) -> str:
         tips = ["analysis.dtype=bfloat16"] if self.cfg.analysis.dtype == "float32" else []

@@ -242,3 +242,25 @@ def test_batched_forward_mode_over_targets_equals_one_pass_per_target(setup):
     looped = target_directional_derivatives(model, fn, g, groups, batched=False)
     assert batched.shape == (5, 3, *ids[:, 1:].shape)
     assert torch.allclose(batched, looped, rtol=1e-9, atol=1e-12 * looped.abs().max())
+
+
+def test_one_pass_per_target_gives_the_stacked_numbers(setup, tmp_path):
+    """analysis.targets_pass=per_target (one g' in memory at a time) and stacked: the same alignment at a saved
+    checkpoint, every target, its log-likelihood and every pair's share."""
+    from po_experiments.analysis.stage import minibatch_alignment, stacked_targets
+
+    model, pairs, ref_logps, targets = setup
+    model.float().save_pretrained(tmp_path / "ckpt")
+    cfg = OmegaConf.create({"algo": {"family": "dpo", "name": "dpo", "beta": 0.1}, "deepspeed": {"config": None},
+                            "analysis": {"method": "vmap", "vmap_max_params": 2e7, "dtype": "float32",
+                                         "dpo_batch_size": 4, "chunk": 32, "targets_pass": "stacked"}})
+    stacked = minibatch_alignment(cfg, 0, tmp_path / "ckpt", targets, (pairs, ref_logps))
+    cfg.analysis.targets_pass = "per_target"
+    assert not stacked_targets(cfg, model, 5)
+    one_by_one = minibatch_alignment(cfg, 0, tmp_path / "ckpt", targets, (pairs, ref_logps))
+    assert one_by_one.targets == stacked.targets == TARGETS
+    assert torch.allclose(one_by_one.G_targets, stacked.G_targets, rtol=1e-5, atol=1e-6 * stacked.G.abs().max())
+    assert torch.allclose(one_by_one.examples, stacked.examples, rtol=1e-5, atol=1e-6 * stacked.examples.abs().max())
+    assert one_by_one.target_logp == pytest.approx(stacked.target_logp, rel=1e-6)
+    cfg.analysis.targets_pass = "auto"
+    assert stacked_targets(cfg, model, 5)  # CPU: stacked

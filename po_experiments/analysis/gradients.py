@@ -332,6 +332,17 @@ def dpo_alignment(model, pairs, ref_logps, dprime: dict[str, torch.Tensor], algo
     return MinibatchAlignment(components, G[:, 0], torch.stack(norms), targets.names, G, examples, example_batch)
 
 
+def merge_targets(parts: list[MinibatchAlignment]) -> MinibatchAlignment:
+    """Alignments of the same sample against different targets (one pass each) as one: targets side by side; norms,
+    mini-batches and the sample from the first (they do not depend on the target)."""
+    first = parts[0]
+    cat = lambda name: None if getattr(first, name) is None else torch.cat([getattr(p, name) for p in parts], 1)  # noqa: E731
+    logp = {k: v for p in parts for k, v in (p.target_logp or {}).items()}
+    G = cat("G_targets")
+    return MinibatchAlignment(first.components, G[:, 0], first.norms, tuple(t for p in parts for t in p.targets), G,
+                              cat("examples"), first.example_batch, logp or None, first.sample)
+
+
 def iqr_outliers(norms: torch.Tensor) -> torch.Tensor:
     """Mini-batches whose gradient norm exceeds Q3 + 1.5 IQR (paper App. C.2)."""
     q1, q3 = torch.quantile(norms.double(), torch.tensor([0.25, 0.75], dtype=torch.float64))

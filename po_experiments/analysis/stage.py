@@ -34,8 +34,8 @@ from ..generation.backend import shared_generate_texts
 from ..models import DTYPES
 from ..tasks import task_of
 from .gradients import (
-    GROUPS, PAPER_TARGET, MinibatchAlignment, choose_method, dpo_alignment, encode, encode_pairs, ppo_alignment,
-    ppo_token_coefficients, sequence_logps, summarise, target_gradients,
+    GROUPS, PAPER_TARGET, MinibatchAlignment, choose_method, dpo_alignment, encode, encode_pairs, merge_targets,
+    ppo_alignment, ppo_token_coefficients, sequence_logps, summarise, target_gradients,
 )
 
 from .ppo_sample import analysis_sample, share_ppo_samples
@@ -171,10 +171,36 @@ def minibatch_alignment(cfg, step: int, folder: Path, dprime, pairs=None):
     method = analysis_method(cfg, model)
     if method == "ghost" and cfg.algo.family == "dpo":
         model.config._attn_implementation = "sdpa"  # reverse mode only: fused attention, no T x T probabilities
-    g = target_gradients(model, targets)
-    mb = _alignment(cfg, step, folder, model, method, g, pairs, ppo_sample, bar)
-    mb.target_logp = g.logp
-    return mb
+    if stacked_targets(cfg, model, len(targets)):
+        g = target_gradients(model, targets)
+        mb = _alignment(cfg, step, folder, model, method, g, pairs, ppo_sample, bar)
+        mb.target_logp = g.logp
+        return mb
+    parts = []
+    for name, batches in targets.items():  # one g' in memory at a time
+        g = target_gradients(model, {name: batches})
+        parts.append(_alignment(cfg, step, folder, model, method, g, pairs, ppo_sample, bar))
+        parts[-1].target_logp = g.logp
+        del g
+    return merge_targets(parts)
+
+
+def stacked_targets(cfg, model, n_targets: int) -> bool:
+    """`analysis.targets_pass`: every target's g' held for one pass, or one target per pass (auto: stacked while
+    they take at most config.STACKED_SHARE of the GPU's memory; always on CPU)."""
+    from ..config import STACKED_SHARE
+
+    mode = cfg.analysis.get("targets_pass", "auto")
+    if mode != "auto" or n_targets == 1:
+        return mode != "per_target"
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        return True
+    need = n_targets * sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    stacked = need <= STACKED_SHARE * torch.cuda.get_device_properties(device).total_memory
+    if not stacked:
+        log.info("G targets: one pass per target (their %d g' would take %.1f GB)", n_targets, need / 1e9)
+    return stacked
 
 
 def _alignment(cfg, step, folder, model, method, g, pairs, ppo_sample, bar) -> MinibatchAlignment:
