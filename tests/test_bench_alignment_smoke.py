@@ -71,3 +71,17 @@ def test_ghost_method_against_vmap(tmp_path):
     agree = res["agreement"]
     assert agree["full_norms_present"] == ["TOT", "POS", "NEG", "TOP", "MID", "BOT"]
     assert agree["vmap"]["all_components_G_rel"] < 1e-5 and agree["vmap"]["all_components_norm_rel"] < 1e-5
+
+
+@pytest.mark.parametrize("family, size", [("dpo", ["--pairs", "8"]), ("ppo", ["--rollout", "6"])])
+def test_five_targets_against_tot_only(tmp_path, family, size):
+    """`--targets 5`: the full method measures G against five targets in its pass (its g' passes timed with it),
+    reports t5/t1 and the per-target ratio, and still agrees with TOT-only on D'."""
+    out = tmp_path / "bench.json"
+    argv = ["--family", family, *size, "--dprime", "4", "--targets", "5", "--n-target", "4", "--repeats", "1",
+            "--warmup", "0", "--device", "cpu", "--threads", "1", "--methods", "tot_only", "full", "--out", str(out)]
+    assert load_bench().main(argv) == 0
+    res = json.loads(out.read_text())
+    r = res["ratios"]
+    assert r["full_targets/tot_only_1"] == res["ratio"] and r["per_target"] == pytest.approx(res["ratio"] / 5)
+    assert res["agreement"]["tot_only"]["per_batch_G_rel"] < 1e-4
