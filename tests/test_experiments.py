@@ -329,9 +329,12 @@ def check_g_figure(table: pd.DataFrame, runs: list[Path], dprime: str) -> None:
     """Every number of a G figure is one of its run's (one seed: the mean over runs is the run's value)."""
     assert len(runs) == 1, runs
     run = runs[0]
-    alignment = pd.concat([pd.read_csv(p) for p in [run / "alignment.csv", *run.glob("analysis_*/alignment.csv")]])
+    from po_experiments.analysis.tables import paper_target  # the paper's figures: G against D' only
+
+    alignment = pd.concat([paper_target(pd.read_csv(p))
+                           for p in [run / "alignment.csv", *run.glob("analysis_*/alignment.csv")]])
     alignment = alignment[alignment["dprime"] == dprime]
-    batches = pd.read_csv(run / "alignment_minibatches.csv")
+    batches = paper_target(pd.read_csv(run / "alignment_minibatches.csv"))
     history = json.loads((run / "model" / "log_history.json").read_text())
     for row in table.itertuples():
         if row.series == LEFT_OUT:  # App. A: a checkpoint whose next update raised L on the G sample
@@ -360,7 +363,9 @@ def check_objectives(aggregated: Path, runs: list[Path], summaries: list[dict]) 
     for run, s in zip(runs, summaries):
         row = table.loc[s["method"]]
         assert row["n_seeds"] == 1 and row["win_rate_mean"] == pytest.approx(s["win_rate"], abs=1e-6)
-        alignment = pd.read_csv(run / "alignment.csv")
+        from po_experiments.analysis.tables import paper_target
+
+        alignment = paper_target(pd.read_csv(run / "alignment.csv"))
         final = alignment[(alignment["layer_group"] == "all") & (alignment["step"] == alignment["step"].max())]
         extras = set(final["component"]) - {"TOT", "POS", "NEG", "TOP", "MID", "BOT"}
         for component in ("TOT", "POS", "NEG", *extras):
