@@ -16,9 +16,9 @@ import logging
 import math
 import re
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import pandas as pd
 
@@ -153,7 +153,7 @@ def wide(g: pd.DataFrame, names, column: str = "G") -> pd.DataFrame:
 
 
 def fraction(mask: pd.Series) -> tuple[int, int]:
-    return int(mask.sum()), int(len(mask))
+    return int(mask.sum()), len(mask)
 
 
 def frac_text(k: int, n: int) -> str:
@@ -211,8 +211,9 @@ def ppo_pos_shapes_neg_offsets(e: Evidence) -> Outcome:
         return "no checkpoint with G_POS and G_NEG", None
     k, n = fraction((table["POS"] > 0) & (table["NEG"] < table["POS"]))
     k_neg, _ = fraction(table["NEG"] < 0)
-    return (f"G_POS > 0 and G_NEG < G_POS at {frac_text(k, n)}; G_NEG < 0 at {frac_text(k_neg, n)}; median G_POS "
-            f"{num(table['POS'].median())}, G_NEG {num(table['NEG'].median())}", k / n > MOST)
+    measured = (f"G_POS > 0 and G_NEG < G_POS at {frac_text(k, n)}; G_NEG < 0 at {frac_text(k_neg, n)}; "
+                f"median G_POS {num(table['POS'].median())}, G_NEG {num(table['NEG'].median())}")
+    return measured, k / n > MOST
 
 
 def rate_text(e: Evidence, role: str) -> str:
@@ -241,10 +242,11 @@ def filtering_matters_more_for_dpo(e: Evidence) -> Outcome:
         if tot.empty or tot["G"].abs().mean() == 0:
             return f"{family}: no checkpoint with G", None
         shares[family] = (tot["G"] - tot["G_unfiltered"]).abs().mean() / tot["G"].abs().mean()
-        outliers[family] = tot["n_outliers"].sum() / tot["n_batches"].sum() if "n_outliers" in tot else math.nan
-    return (f"mean|G - G_unfiltered| / mean|G| (TOT): DPO {num(shares['dpo'])}, PPO {num(shares['ppo'])}; "
-            f"outlier mini-batches: DPO {num(outliers['dpo'])}, PPO {num(outliers['ppo'])}",
-            bool(shares["dpo"] > shares["ppo"]))
+        batches = tot["n_batches"].sum() if "n_batches" in tot else 0
+        outliers[family] = tot["n_outliers"].sum() / batches if batches else math.nan
+    measured = (f"mean|G - G_unfiltered| / mean|G| (TOT): DPO {num(shares['dpo'])}, PPO {num(shares['ppo'])}; "
+                f"outlier mini-batches: DPO {num(outliers['dpo'])}, PPO {num(outliers['ppo'])}")
+    return measured, bool(shares["dpo"] > shares["ppo"])
 
 
 def medians(g: pd.DataFrame, names) -> dict[str, float]:
@@ -309,7 +311,8 @@ class Claim:
 
 CLAIMS = (
     Claim("dpo_g_positive", "Sec. 3.1, Fig. 1(a)",
-          "\"G keeps positive and notably larger than 0, indicating stable targets with supervised learning behaviors\"",
+          "\"G keeps positive and notably larger than 0, indicating stable targets with supervised learning "
+          "behaviors\"",
           f"DPO's G_TOT > 0 at more than {MOST:g} of (seed, checkpoint) pairs", ("G:dpo",), dpo_g_positive),
     Claim("ppo_g_near_zero", "Sec. 3.2, Fig. 2(a)",
           "\"G keeps close to 0 but slightly negative, thus aligning well with reinforcement behaviors\"",
