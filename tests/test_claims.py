@@ -114,7 +114,8 @@ def test_every_claim_is_held_on_runs_built_to_hold_it(held, tmp_path):
     assert "median PPO G_TOT -0.1; median DPO |G_TOT| 5; ratio -0.02" in measured["ppo_g_near_zero"]
     assert measured["dpo_roles_exchange"] == "median over 3 seed(s) of mean(G_POS - G_NEG): early 2, late -2"
     assert "mean|G - G_unfiltered| / mean|G| (TOT): DPO 1, PPO 0" in measured["filtering_matters_more_for_dpo"]
-    assert measured["ppo_wo_top_below_wo_mid"] == "ppo_wo_top 51 ± 1 (n=3); ppo_wo_mid 56 ± 1 (n=3)"
+    assert measured["ppo_wo_top_below_wo_mid"] == ("ppo_wo_top 51 ± 1 (n=3); ppo_wo_mid 56 ± 1 (n=3); "
+                                                   "ppo_wo_top - ppo_wo_mid -5 (standard error 0.8165)")  # sqrt(2/3)
     assert table.at["ppo_wo_top_below_wo_mid", "judge"] == "gold" and pd.isna(table.at["dpo_g_positive", "judge"])
 
 

@@ -222,15 +222,24 @@ def rate_text(e: Evidence, role: str) -> str:
     return f"{role} {num(s.mean())}{spread} (n={len(s)})"
 
 
+def difference_text(e: Evidence, a: str, b: str) -> str:
+    """mean(a) - mean(b) and its standard error over seeds (nan with one seed): how far from noise a verdict is."""
+    x, y = e.win[a], e.win[b]
+    se = math.sqrt(x.var() / len(x) + y.var() / len(y)) if len(x) > 1 and len(y) > 1 else math.nan
+    return f"{a} - {b} {num(x.mean() - y.mean())} (standard error {num(se)})"
+
+
 def wo_top_below_wo_mid(e: Evidence) -> Outcome:
     top, mid = e.win["ppo_wo_top"].mean(), e.win["ppo_wo_mid"].mean()
-    return f"{rate_text(e, 'ppo_wo_top')}; {rate_text(e, 'ppo_wo_mid')}", bool(top < mid)
+    texts = [rate_text(e, "ppo_wo_top"), rate_text(e, "ppo_wo_mid"), difference_text(e, "ppo_wo_top", "ppo_wo_mid")]
+    return "; ".join(texts), bool(top < mid)
 
 
 def ablations_below(baseline: str, ablations: tuple[str, ...]) -> Callable[[Evidence], Outcome]:
     def measure(e: Evidence) -> Outcome:
         base = e.win[baseline].mean()
-        texts = [rate_text(e, r) for r in (baseline, *ablations)]
+        texts = [rate_text(e, r) for r in (baseline, *ablations)] + [difference_text(e, r, baseline)
+                                                                     for r in ablations]
         return "; ".join(texts), all(e.win[r].mean() < base for r in ablations)
     return measure
 
