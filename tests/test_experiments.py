@@ -34,7 +34,9 @@ PAPER_MODELS = {"pythia", "qwen3", "llama3"}
 LLAMA_UNSET = {"cdpo": "algo.t1", "cppo": "algo.lam", "cppo_mid": "algo.lam", "hppo": "algo.t3"}
 PLAIN = {"experiment", "mode", "runtime.threads"}  # command-line keys of the launch, not of the sweep point
 OBJECTIVES_PRESET = "objectives"  # every objective on the embedded task: the tiny model at full size, not a paper model
-FULL_MODELS = {OBJECTIVES_PRESET: {"tiny"}}  # the presets whose full mode is not on the paper's models
+CLAIMS_PRESET = "claims"  # the paper's claims as a table: its own small tiny-model pool (outputs/claims)
+FULL_MODELS = {OBJECTIVES_PRESET: {"tiny"}, CLAIMS_PRESET: {"tiny"}}  # full mode not on the paper's models
+FULL_NAMES = {CLAIMS_PRESET: "claims"}  # the presets whose full-mode runs are not in the paper pool
 
 
 def _compose(overrides):
@@ -136,7 +138,8 @@ def test_every_sweep_point_composes_and_validates(preset, composed):
             assert "experiment/model=llama3" in point and algo in LLAMA_UNSET, (point, result)
             assert LLAMA_UNSET[algo] in str(result)
         else:
-            assert result.model.name in FULL_MODELS.get(preset, PAPER_MODELS) and result.name == "paper", point
+            assert result.model.name in FULL_MODELS.get(preset, PAPER_MODELS), point
+            assert result.name == FULL_NAMES.get(preset, "paper"), point
     for point, result, _ in sweeps["fast"]:
         assert not isinstance(result, ConfigError), (point, result)
         assert (result.model.name, result.name, result.seed, result.logger.name) == ("tiny", "paper_fast", 0, "none")
@@ -158,7 +161,7 @@ def test_every_sweep_point_composes_and_validates(preset, composed):
         assert command in text
     sizes = re.search(r"= (\d+) runs \(fast: (\d+) runs?,", text)
     assert sizes and (int(sizes[1]), int(sizes[2])) == (len(full), len(fast))
-    assert preset in ("table1", OBJECTIVES_PRESET) or preset in FIGURES  # the aggregation knows how to draw it
+    assert preset in ("table1", OBJECTIVES_PRESET, CLAIMS_PRESET) or preset in FIGURES  # the aggregation draws it
 @pytest.mark.slow  # composes every sweep point of every preset (~2 min): the fast tier composes one per preset
 def test_sweep_points_that_share_a_run_dir_are_the_same_run(composed):
     """Presets share the pool outputs/<name>/: a run dir is named by its sweep point, not by the preset, so any two
@@ -194,7 +197,8 @@ def test_g_runs_only_for_the_presets_whose_figure_draws_it(composed):
     for (preset, mode, point), (result, _) in composed.items():
         if isinstance(result, ConfigError):
             continue
-        uses_g = preset == OBJECTIVES_PRESET or preset in FIGURES and FIGURES[preset].kind not in G_KINDS_WITHOUT_G
+        uses_g = preset in (OBJECTIVES_PRESET, CLAIMS_PRESET) or \
+            preset in FIGURES and FIGURES[preset].kind not in G_KINDS_WITHOUT_G
         assert result.analysis.enabled == uses_g, (preset, mode, point)
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):  # unless asked on the command line
         assert _compose(["experiment=fig4", "analysis.enabled=true"]).analysis.enabled
@@ -392,6 +396,14 @@ def test_preset_runs_in_fast_mode_and_the_aggregation_draws_it(preset, fast_pool
 
     if preset == OBJECTIVES_PRESET:  # one row and one G panel per objective, holding its run's numbers
         check_objectives(aggregated, runs, summaries)
+        return
+    if preset == CLAIMS_PRESET:  # every claim measured: the pool holds each run the claims read (seed 0)
+        claims = pd.read_csv(aggregated / "claims.csv")
+        from po_experiments.reporting.claims import CLAIMS, NOT_MEASURABLE
+        tiny = claims[claims["model"] == "tiny"]
+        assert list(tiny["claim"]) == [c.id for c in CLAIMS]
+        assert not (tiny["verdict"] == NOT_MEASURABLE).any(), tiny[["claim", "measured"]]
+        assert "### The paper's claims (tiny)" in (aggregated / "claims.md").read_text()
         return
     if preset == "table1":  # each row: the best of its cases (every case of the sweep is in cases.csv)
         cases = pd.read_csv(aggregated / "cases.csv").set_index("method")

@@ -2,7 +2,8 @@
 
 Reads only the output contract: each run's `summary.json` (method, model, seed) and `win_rate.csv` (one row per
 judge and checkpoint). Writes `table1.csv`, `table1.md`, `table1_<judge>.png`, `cases.csv` (every method and
-case, ablations included: mean ± std over seeds), `curves.csv` and `fig4_<model>_<judge>.png`.
+case, ablations included: mean ± std over seeds), `curves.csv`, `fig4_<model>_<judge>.png` and, where the pool holds
+DPO / PPO runs, the paper's claims (`claims.md` / `.csv`, reporting/claims.py).
 
 Table 1 (the paper: "five runs with different random seeds using the best-performing hyperparameters"): each
 row's runs are grouped into cases by their method label (which carries the case's parameters), and the case with
@@ -260,7 +261,8 @@ def aggregate(root: Path, out: Path) -> dict[str, Path]:
                                                                    f"(mean ± std over seeds; judge: {judge})")
             fig.savefig(path, dpi=110, bbox_inches="tight")
             written[path.name] = path
+    from .claims import write_claims  # here: claims reads this module's runs (a top-level import would be circular)
+    written.update(write_claims(root, out))  # claims.md / .csv where the pool has DPO / PPO runs
     from .targets import draw_targets  # G against several targets (targets.py): its figures and tables
-
     written.update(draw_targets(root, out))
     return written

@@ -1,7 +1,7 @@
 """The sweep report as one static HTML page with its PNGs beside it: what a user on an air-gapped cluster opens.
 
-`build_report(root, out)` aggregates the runs under `root` (Table 1, Fig. 4 panels, the objectives' table and G
-figure where runs of `experiment=objectives` have G), copies each run's figures
+`build_report(root, out)` aggregates the runs under `root` (Table 1, Fig. 4 panels, the paper's claims, the objectives'
+table and G figure where runs of `experiment=objectives` have G), copies each run's figures
 (win-rate curve, G curves) and shows a few outputs of the final model with the judge's verdicts. Every path is
 relative, so the folder can be copied anywhere; a script on the page records how many images loaded.
 """
@@ -72,6 +72,19 @@ def objectives_html(table: pd.DataFrame) -> str:
     return "\n".join(parts)
 
 
+def claims_html(table: pd.DataFrame) -> str:
+    """The paper's claims (claims.csv): per model, one row per claim with its verdict."""
+    parts = []
+    for model, rows in table.groupby("model", sort=False):
+        parts.append(f"<h3>{html.escape(str(model))}</h3><table><tr><th>Claim</th><th>Paper</th><th>Verdict</th>"
+                     "<th>Measured</th><th>Rule</th></tr>")
+        for row in rows.fillna("").itertuples():
+            parts.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in (
+                row.claim, f"{row.source}: {row.statement}", row.verdict, row.measured, row.rule)) + "</tr>")
+        parts.append("</table>")
+    return "\n".join(parts)
+
+
 def targets_html(written: dict) -> list[str]:
     """G against several targets (reporting/targets.py): the first-order check's correlations and where the
     attribution lists are."""
@@ -130,13 +143,15 @@ def build_report(root: Path, out: Path, *, title: str | None = None, n_samples: 
     table = pd.read_csv(written["table1.csv"])
     objectives = ["<h2>Objectives: final win rate vs SFT and the final checkpoint's G (mean ± std over seeds)</h2>",
                   objectives_html(pd.read_csv(written["objectives.csv"]))] if "objectives.csv" in written else []
+    claims = ["<h2>The paper's claims: held / not held / not measurable at this scale</h2>",
+              claims_html(pd.read_csv(written["claims.csv"]))] if "claims.csv" in written else []
     runs = find_runs(root)
     figures = "".join(_img(p.name, p.stem) for name, p in written.items() if name.endswith(".png"))
     body = [f"<h1>{html.escape(title or root.name)}</h1>",
             f"<p class=meta>{len(runs)} runs under {html.escape(str(root))}; built "
             f"{datetime.datetime.now():%Y-%m-%d %H:%M}; <span id=image-status>images loading</span></p>",
             "<h2>Table 1: final win rate vs SFT (mean ± std over seeds of the best case), beside the paper's</h2>",
-            table1_html(table), *objectives, *targets_html(written),
+            table1_html(table), *objectives, *claims, *targets_html(written),
             "<h2>Figures</h2>", f"<div>{figures}</div>",
             "<h2>Runs</h2>", *(run_section(r, root, out, n_samples, expanded=i == 0) for i, r in enumerate(runs))]
     page = out / "index.html"
