@@ -435,7 +435,9 @@ def _run_alignment(cfg, run_dir: Path, sft_dir: Path, wandb_run=None) -> Path:
             if attribution:
                 if mb.sample is not None:
                     add_ppo_examples(run_dir, step, mb.sample, tokenizer)
-                append_rows(run_dir / ATTRIBUTION, attribution_rows(step, mb, summary))
+                shares = attribution_rows(step, mb, summary)
+                if shares:  # none where no mini-batch carries gradient (G is NaN there)
+                    append_rows(run_dir / ATTRIBUTION, shares)
             append_rows(run_dir / TABLE, rows)  # last: a step is done once it is in the main table
             log_to_wandb(wandb_run, rows)
             g = {r["component"]: r["G"] for r in rows if r["target"] == PAPER_TARGET and r["layer_group"] == "all"}
