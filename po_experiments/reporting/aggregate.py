@@ -22,6 +22,7 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from ..config import _run_name
+from .controller import controller_report
 from .figures import panels_figure, table_figure
 from .methods import PANELS, label_of, table1_row
 from .paper_values import TABLE1, TABLE1_SEEDS, paper_value
@@ -260,4 +261,5 @@ def aggregate(root: Path, out: Path) -> dict[str, Path]:
                                                                    f"(mean ± std over seeds; judge: {judge})")
             fig.savefig(path, dpi=110, bbox_inches="tight")
             written[path.name] = path
+    written.update(controller_report(training_runs(runs), final_rates(rates), out))  # controller runs present
     return written

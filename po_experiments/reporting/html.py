@@ -16,9 +16,10 @@ from pathlib import Path
 import pandas as pd
 
 from .aggregate import aggregate, find_runs, table1_cells
+from .controller import html_table as controller_html
 from .objectives import draw_objectives, headers, table_cells
 
-RUN_FIGURES = ("win_rate", "G_components", "G_layers", "G_filtering", "grad_norms", "ppo_advantages")
+RUN_FIGURES = ("win_rate", "G_components", "G_layers", "G_filtering", "grad_norms", "ppo_advantages", "controller")
 STYLE = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222}
 h1{margin-bottom:.2em}.meta{color:#666}table{border-collapse:collapse;margin:1em 0;font-size:14px}
 td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top}th{background:#f3f3f3}td.num{text-align:right}
@@ -113,13 +114,15 @@ def build_report(root: Path, out: Path, *, title: str | None = None, n_samples: 
     table = pd.read_csv(written["table1.csv"])
     objectives = ["<h2>Objectives: final win rate vs SFT and the final checkpoint's G (mean ± std over seeds)</h2>",
                   objectives_html(pd.read_csv(written["objectives.csv"]))] if "objectives.csv" in written else []
+    controller = ["<h2>Closed-loop controller vs DPO and the cDPO cases (mean ± std over seeds)</h2>",
+                  controller_html(pd.read_csv(written["controller.csv"]))] if "controller.csv" in written else []
     runs = find_runs(root)
     figures = "".join(_img(p.name, p.stem) for name, p in written.items() if name.endswith(".png"))
     body = [f"<h1>{html.escape(title or root.name)}</h1>",
             f"<p class=meta>{len(runs)} runs under {html.escape(str(root))}; built "
             f"{datetime.datetime.now():%Y-%m-%d %H:%M}; <span id=image-status>images loading</span></p>",
             "<h2>Table 1: final win rate vs SFT (mean ± std over seeds of the best case), beside the paper's</h2>",
-            table1_html(table), *objectives,
+            table1_html(table), *objectives, *controller,
             "<h2>Figures</h2>", f"<div>{figures}</div>",
             "<h2>Runs</h2>", *(run_section(r, root, out, n_samples, expanded=i == 0) for i, r in enumerate(runs))]
     page = out / "index.html"
