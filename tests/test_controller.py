@@ -40,13 +40,13 @@ def _compose(*overrides):
 def test_law_moves_toward_negative_learning_while_it_does_not_hurt_and_back_when_it_does():
     bound = LAW.step_bound(100)  # every 5 of 100 steps, 0 -> 1 in half the run: 0.1 per estimate
     assert bound == pytest.approx(0.1)
-    up, _, ratio = next_lambda(0.2, None, g_pos=2.0, g_neg=1.0, law=LAW, total_steps=100)
+    up, _, _, ratio = next_lambda(0.2, None, g_pos=2.0, g_neg=1.0, law=LAW, total_steps=100)
     assert ratio == pytest.approx(0.5) and up == pytest.approx(0.3)  # saturated at the bound (ratio = band)
-    small, _, _ = next_lambda(0.2, None, g_pos=-2.0, g_neg=0.25, law=LAW, total_steps=100)
+    small = next_lambda(0.2, None, g_pos=-2.0, g_neg=0.25, law=LAW, total_steps=100)[0]
     assert small == pytest.approx(0.2 + 0.1 * 0.25)  # proportional inside the band; |G_POS| scales it
-    down, _, _ = next_lambda(0.2, None, g_pos=2.0, g_neg=-3.0, law=LAW, total_steps=100)
+    down = next_lambda(0.2, None, g_pos=2.0, g_neg=-3.0, law=LAW, total_steps=100)[0]
     assert down == pytest.approx(0.1)
-    hold, _, _ = next_lambda(0.2, None, g_pos=2.0, g_neg=0.0, law=LAW, total_steps=100)
+    hold = next_lambda(0.2, None, g_pos=2.0, g_neg=0.0, law=LAW, total_steps=100)[0]
     assert hold == 0.2
     assert next_lambda(0.0, None, 1.0, -1.0, LAW, 100)[0] == 0.0  # clipped to [0, lambda_max]
     capped = Law(**{**LAW.__dict__, "lambda_max": 0.95})
@@ -55,12 +55,15 @@ def test_law_moves_toward_negative_learning_while_it_does_not_hurt_and_back_when
 
 def test_law_smooths_the_ratio_so_one_noisy_estimate_does_not_reverse_it():
     smooth = Law(**{**LAW.__dict__, "smoothing": 0.25})
-    lam, s = 0.5, None
+    lam, ema = 0.5, None
     for g_neg in (1.0, 1.0, 1.0):
-        lam, s, _ = next_lambda(lam, s, 1.0, g_neg, smooth, 100)
+        lam, ema, s, _ = next_lambda(lam, ema, 1.0, g_neg, smooth, 100)
     assert s == pytest.approx(1.0) and lam == pytest.approx(0.8)
-    lam2, s2, ratio = next_lambda(lam, s, 1.0, -1.0, smooth, 100)  # one negative estimate
+    lam2, ema2, s2, ratio = next_lambda(lam, ema, 1.0, -1.0, smooth, 100)  # one negative estimate
     assert ratio == -1.0 and s2 == pytest.approx(0.5) and lam2 > lam  # still moving up
+    # one estimate with G_POS near 0 (its ratio 1e6) does not swamp the average: |G_POS| is smoothed apart
+    lam3, _, s3, ratio3 = next_lambda(lam2, ema2, 1e-9, 1.0, smooth, 100)
+    assert ratio3 > 1e8 and s3 == pytest.approx((0.75 * 0.5 + 0.25) / 0.75)
     assert Law(**{**LAW.__dict__, "every": 10, "ramp": 0.1}).step_bound(50) == 1.0  # never more than [0, 1]
 
 
@@ -209,14 +212,14 @@ def test_proxy_questions_are_held_out_and_not_the_win_rate_prompts():
 def test_state_is_saved_in_the_checkpoint_and_restored(tokenizer, tmp_path):
     cfg = _compose("algo=cdpo", "controller=g_balance")
     first = GBalance(cfg, tokenizer, tmp_path)
-    first.state.lam, first.state.smoothed, first.state.last_step, first.state.estimates = 0.35, 0.2, 40, 5
+    first.state.lam, first.state.ema, first.state.last_step, first.state.estimates = 0.35, [1.0, 0.2], 40, 5
     first.state.rows, first.state.answers, first.state.seconds = [{"step": 40, "lambda": 0.35}], [" t1 t2"], 1.5
     folder = tmp_path / "checkpoint-40"
     folder.mkdir()
     first.save(folder)
     resumed = GBalance(cfg, tokenizer, tmp_path)
     assert resumed.lam == 0.0 and resumed.restore(folder)
-    assert (resumed.lam, resumed.state.smoothed, resumed.state.last_step) == (0.35, 0.2, 40)
+    assert (resumed.lam, resumed.state.ema, resumed.state.last_step) == (0.35, [1.0, 0.2], 40)
     assert resumed.state.rows == first.state.rows and resumed.state.answers == [" t1 t2"]
     assert not resumed.due(40) and resumed.due(50)  # the step of the last estimate is not measured twice
     assert not GBalance(cfg, tokenizer, tmp_path).restore(tmp_path)  # no state: starts again (warned)

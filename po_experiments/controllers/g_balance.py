@@ -16,14 +16,16 @@ touched. To first order an update along -grad L_c changes log pi(y') by lr * G_c
 learning does not lower the likelihood of what the model now answers.
 
 Law (no per-run tuning; every constant is a fraction of the run or of |G_POS|):
-    r_k   = G_NEG / |G_POS|                                     (scale-free: the two components' relative effect)
-    s_k   = r_1 if k = 1 else (1 - smoothing) s_{k-1} + smoothing r_k           (EMA over estimates)
-    step  = every / (ramp * total_steps)                        (lambda can cross [0, 1] in `ramp` of the run)
+    P_k, N_k = EMAs over estimates of |G_POS| and G_NEG  (weight `smoothing` on the newest; P_1 = |G_POS_1|, ...)
+    s_k   = N_k / P_k                                  (scale-free: negative learning's effect relative to positive's;
+                                                        each side smoothed apart, so one near-zero G_POS cannot blow
+                                                        the ratio up)
+    step  = every / (ramp * total_steps)               (lambda can cross [0, 1] in `ramp` of the run, no faster)
     lambda_k = clip(lambda_{k-1} + step * clip((s_k - threshold) / band, -1, 1), 0, lambda_max)
 lambda starts at `lambda_init` (0: supervised learning first). While the smoothed ratio is above `threshold`
-(default 0: negative learning does not hurt the proxy) lambda moves toward negative learning, proportionally
-within `band` and by at most `step`; when negative learning starts to hurt (ratio below threshold) it moves back.
-The lambda set at an estimate is used from that step's update until the next estimate.
+(default 0: negative learning does not lower the proxy's likelihood) lambda moves toward negative learning,
+proportionally within `band` and by at most `step`; when negative learning starts to hurt (ratio below threshold)
+it moves back. The lambda set at an estimate is used from that step's update until the next estimate.
 
 Outputs: `controller.csv` in the run dir (step, lambda, G_POS, G_NEG, ratio, smoothed, seconds, refreshed), written
 atomically after each estimate; `controller/*` in the trainer's logs (W&B); `figures/controller.png`;
@@ -84,14 +86,16 @@ def ratio_of(g_pos: float, g_neg: float) -> float:
     return g_neg / scale
 
 
-def next_lambda(lam: float, smoothed: float | None, g_pos: float, g_neg: float, law: Law,
-                total_steps: int) -> tuple[float, float, float]:
-    """(lambda, smoothed ratio, ratio) after one estimate (the module docstring's law)."""
-    ratio = ratio_of(g_pos, g_neg)
-    smoothed = ratio if smoothed is None else (1 - law.smoothing) * smoothed + law.smoothing * ratio
+def next_lambda(lam: float, ema: list | None, g_pos: float, g_neg: float, law: Law,
+                total_steps: int) -> tuple[float, list, float, float]:
+    """(lambda, [EMA of |G_POS|, EMA of G_NEG], smoothed ratio, this estimate's ratio) after one estimate (the
+    module docstring's law)."""
+    a = law.smoothing
+    ema = [abs(g_pos), g_neg] if ema is None else [(1 - a) * ema[0] + a * abs(g_pos), (1 - a) * ema[1] + a * g_neg]
+    smoothed = ratio_of(ema[0], ema[1])
     drive = min(max((smoothed - law.threshold) / law.band, -1.0), 1.0)
     lam = min(max(lam + law.step_bound(total_steps) * drive, 0.0), law.lambda_max)
-    return lam, smoothed, ratio
+    return lam, ema, smoothed, ratio_of(g_pos, g_neg)
 
 
 # ------------------------------------------------------------------------------------------------ measurement
@@ -174,7 +178,7 @@ def proxy_prompts(cfg, tokenizer, n: int) -> list[str]:
 @dataclass
 class ControllerState:
     lam: float
-    smoothed: float | None = None
+    ema: list | None = None  # [EMA of |G_POS|, EMA of G_NEG]
     last_step: int | None = None  # the optimizer step of the last estimate
     estimates: int = 0
     seconds: float = 0.0  # spent estimating (and answering the proxy questions)
@@ -242,12 +246,12 @@ class GBalance:
         g = proxy_gradient(model, batches)
         terms.lam = self.state.lam  # the weights at the lambda in use (cDPO's omega depends on it)
         G = alignment(model, component_losses(terms, algo), g)
-        lam, smoothed, ratio = next_lambda(self.state.lam, self.state.smoothed, G["POS"], G["NEG"], self.law,
-                                           total_steps)
+        lam, ema, smoothed, ratio = next_lambda(self.state.lam, self.state.ema, G["POS"], G["NEG"], self.law,
+                                                total_steps)
         seconds = time.perf_counter() - started
         row = {"step": step, "lambda_before": self.state.lam, "lambda": lam, "G_POS": G["POS"], "G_NEG": G["NEG"],
                "ratio": ratio, "smoothed": smoothed, "refreshed": refreshed, "seconds": round(seconds, 4)}
-        self.state = ControllerState(lam, smoothed, step, self.state.estimates + 1, self.state.seconds + seconds,
+        self.state = ControllerState(lam, ema, step, self.state.estimates + 1, self.state.seconds + seconds,
                                      self.state.train_seconds, [*self.state.rows, row], self.state.answers)
         write_csv(self.run_dir / CSV, pd.DataFrame(self.state.rows))
         return row
