@@ -679,6 +679,10 @@ def _validate_controller(cfg: DictConfig) -> None:
     _require(0.0 < c.smoothing <= 1.0, "controller.smoothing", f"must be in (0, 1], got {c.smoothing}")
     reason = controllable(cfg.algo)
     _require(reason is None, "controller.name", f"controller={c.name} with algo={cfg.algo.name}: {reason}")
+    zero = (cfg.deepspeed.config or {}).get("zero_optimization") or {}
+    _require(zero.get("stage") != 3, "controller.name",
+             f"controller={c.name} takes whole-parameter gradients (torch.autograd.grad); ZeRO-3 partitions them: "
+             "use deepspeed=none or zero2")
 
 
 def _validate(cfg: DictConfig) -> None:

@@ -179,6 +179,8 @@ def test_validation_names_controller_and_algo():
                           ("controller.smoothing=0", "controller.smoothing"), ("controller.band=-1", "controller.band")):
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             validate(_compose("controller=g_balance", "algo=cdpo", override))
+    with pytest.raises(ConfigError, match=r"controller.name: .*ZeRO-3"):
+        validate(_compose("controller=g_balance", "algo=cdpo", "deepspeed=zero3"))
     validate(_compose("controller=g_balance", "algo=cdpo"))
     validate(_compose("controller=g_balance", "algo=simpo", "algo.t1=30", "algo.t2=80"))  # the controlled schedule
     with pytest.raises(Exception, match="controller"):  # a typo fails at composition

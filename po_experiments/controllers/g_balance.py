@@ -155,6 +155,19 @@ def alignment(model, losses: dict[str, torch.Tensor], g: list[torch.Tensor]) -> 
     return out
 
 
+def mean_over_ranks(G: dict[str, float]) -> dict[str, float]:
+    """A multi-process job: each rank measured its own micro-batch against the same proxy (the same weights and
+    greedy answers), so the mean over ranks is the global batch's G and every rank sets the same lambda."""
+    from .. import distributed
+
+    if distributed.world() == 1 or not torch.distributed.is_initialized():
+        return G
+    values = torch.tensor([G[k] for k in G], dtype=torch.float64,
+                          device="cuda" if torch.cuda.is_available() else "cpu")
+    torch.distributed.all_reduce(values)
+    return {k: float(v) / distributed.world() for k, v in zip(G, values)}
+
+
 def proxy_prompts(cfg, tokenizer, n: int) -> list[str]:
     """`n` held-out questions the win rate is not judged on (see the module docstring)."""
     from ..models import chat_template_text
@@ -245,7 +258,7 @@ class GBalance:
         refreshed, batches = self.proxy_batches(model)
         g = proxy_gradient(model, batches)
         terms.lam = self.state.lam  # the weights at the lambda in use (cDPO's omega depends on it)
-        G = alignment(model, component_losses(terms, algo), g)
+        G = mean_over_ranks(alignment(model, component_losses(terms, algo), g))  # every rank: one lambda
         lam, ema, smoothed, ratio = next_lambda(self.state.lam, self.state.ema, G["POS"], G["NEG"], self.law,
                                                 total_steps)
         seconds = time.perf_counter() - started
