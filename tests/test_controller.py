@@ -306,3 +306,67 @@ def test_run_py_writes_controller_outputs_and_a_resumed_run_continues_the_same_l
     columns = ["step", "lambda_before", "lambda", "G_POS", "G_NEG", "smoothed", "refreshed"]
     pd.testing.assert_frame_equal(resumed[columns], rows[columns], rtol=1e-6)
     assert json.loads((killed / "summary.json").read_text())["resumed_from"].endswith("step-8")
+
+
+# ------------------------------------------------------------------------------------------------ PPO family
+
+def test_ppo_controlled_weights_put_lambda_on_the_weightings_tokens():
+    from po_experiments.objectives.policy_gradient import MID, TOP, controlled_weights, token_thirds
+
+    adv = torch.tensor([[0.5, -0.2, 1.5, -2.0, 0.1, 0.0]], dtype=torch.float64)
+    valid = torch.ones_like(adv, dtype=torch.bool)
+    thirds = token_thirds(adv, valid)
+    hppo, scalars = controlled_weights(adv, thirds, valid, "hppo", 0.25)
+    assert torch.equal(hppo, torch.full_like(adv, 0.25).masked_fill(adv >= 0, 1.0)) and scalars == {"lambda": 0.25}
+    for name, third in (("cppo_top", TOP), ("cppo_mid", MID)):
+        w, _ = controlled_weights(adv, thirds, valid, name, 0.4)
+        assert torch.equal(w, torch.full_like(adv, 0.4).masked_fill(thirds != third, 1.0)) and (w == 0.4).sum() == 2
+
+
+def test_ppo_validation_and_labels():
+    validate(_compose("controller=g_balance", "algo=hppo"))
+    validate(_compose("controller=g_balance", "algo=cppo"))
+    with pytest.raises(ConfigError, match=r"controller.name: controller=g_balance with algo=grpo: .*no lambda"):
+        validate(_compose("controller=g_balance", "algo=grpo"))
+    assert describe(_compose("controller=g_balance", "algo=hppo"))["method"] == "hPPO (g_balance)"
+    assert describe(_compose("controller=g_balance", "algo=cppo"))["method"] == "cPPO-top (g_balance)"
+
+
+def test_ppo_component_losses_are_the_surrogate_gradient_at_the_rollout_policy(ppo):
+    """G_c of the controller (unscheduled: weight 1 on the component's tokens) equals that of the trainer's own
+    clipped-surrogate loss with the component's mask, at the rollout's policy (ratio 1)."""
+    from po_experiments.objectives.policy_gradient import TOKEN_COMPONENTS, thirds_of
+
+    trainer = ppo(algo={"name": "cppo", "weighting": "cppo_top", "lam": 0.3})
+    r = trainer.make_rollout(trainer.batch_for(1))
+    policy = trainer.accelerator.unwrap_model(trainer.model).policy
+    params = [p for p in policy.parameters() if p.requires_grad]
+    torch.manual_seed(3)
+    direction = [torch.randn_like(p) for p in params]
+    idx = torch.arange(8)
+    G = alignment(policy, trainer.component_losses(r, idx, ("REST", "TOP")), direction)
+    thirds = thirds_of(r.advantages, r.valid, trainer.algo)
+    top = TOKEN_COMPONENTS["TOP"](r.advantages, thirds, r.valid)
+    for name, mask in (("TOP", top), ("REST", r.valid & ~top)):
+        loss = trainer.micro_batch_losses(r, idx, torch.ones_like(r.advantages), mask.to(r.advantages.dtype),
+                                          kl_on=False)["policy"]
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        brute = sum((d * g).sum() for d, g in zip(direction, grads) if g is not None).item()
+        assert G[name] == pytest.approx(brute, rel=1e-8), name
+    assert all(p.grad is None for p in params)
+
+
+def test_ppo_trainer_with_the_controller(ppo, tokenizer, tmp_path):
+    cfg = _compose("algo=hppo", "controller=g_balance", "controller.every=1", "controller.n_questions=4")
+    controller = GBalance(cfg, tokenizer, tmp_path)
+    trainer = ppo(algo={"name": "hppo", "weighting": "hppo", "t3": 2, "tau": 0.08})
+    trainer.controller = controller
+    trainer.train()
+    rows = pd.read_csv(tmp_path / "controller.csv")
+    assert list(rows["step"]) == list(range(trainer.state.max_steps)) and {"G_POS", "G_NEG"} <= set(rows.columns)
+    assert rows["lambda"].between(0, 1).all() and rows["lambda_before"].iloc[0] == 0.0
+    r = trainer.make_rollout(trainer.batch_for(1))
+    weights, _, scalars = trainer.token_weights(r, 0)
+    assert scalars["lambda"] == controller.lam
+    assert torch.equal(weights, torch.full_like(weights, controller.lam).masked_fill(~(r.advantages < 0), 1.0))
+    assert any("controller/G_NEG" in h for h in trainer.state.log_history)

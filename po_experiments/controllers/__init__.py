@@ -34,14 +34,28 @@ def active(cfg) -> bool:
 def controllable(algo) -> str | None:
     """Why a controller cannot set this objective's lambda, or None when it can: cDPO (its lambda is Eq. 32's) or a
     pairwise objective under the controlled schedule (algo.t1/t2 set: (1 - lambda) w+ and lambda w-)."""
+    from ..objectives.policy_gradient import CONTROLLED
+
     spec = objective_of(algo)
     if spec.family != "dpo":
-        return (f"objective {spec.name!r} is of the policy-gradient family; the controller sets a pairwise "
-                f"objective's balance lambda (cPPO / hPPO weights are not controlled yet): use algo=cdpo")
+        if algo.get("weighting") in CONTROLLED:
+            return None
+        return (f"objective {spec.name!r} (weighting {algo.get('weighting')!r}) has no lambda to set: use a "
+                f"weighting with one ({', '.join(CONTROLLED)}: algo=hppo, cppo, cppo_mid) or algo=cdpo")
     if spec.schedules_itself or algo.get("t1") is not None:
         return None
     return (f"objective {spec.name!r} has no lambda to set: use algo=cdpo, or put it under the controlled "
             f"schedule (algo.t1=... algo.t2=..., whose lambda the controller then replaces)")
+
+
+def measured(algo) -> tuple[str, str]:
+    """(the component whose weight lambda is, the rest it is compared with): cDPO and the controlled schedule:
+    (NEG, POS); hPPO: (NEG, POS); cPPO-top / -mid: (TOP / MID, REST = every other token)."""
+    from ..objectives.policy_gradient import CONTROLLED
+
+    if objective_of(algo).family == "dpo" or CONTROLLED[algo.weighting] == "NEG":
+        return "NEG", "POS"
+    return CONTROLLED[algo.weighting], "REST"
 
 
 def build_controller(cfg, tokenizer, run_dir):
@@ -53,4 +67,4 @@ def build_controller(cfg, tokenizer, run_dir):
 
 from . import g_balance  # noqa: E402,F401  (registers it)
 
-__all__ = ["CONTROLLERS", "active", "build_controller", "controllable", "register_controller"]
+__all__ = ["CONTROLLERS", "active", "build_controller", "controllable", "measured", "register_controller"]

@@ -48,13 +48,12 @@ import torch
 from ..atomic import write_csv, write_json
 from ..objectives import objective_of
 from ..objectives.pairwise import Decomposition, PairTerms, coefficients, coverage, thirds_of
-from . import register_controller
+from . import measured, register_controller
 
 log = logging.getLogger(__name__)
 STATE_FILE = "controller_state.json"
 CSV = "controller.csv"
 SUMMARY = "controller.json"
-COMPONENTS = ("POS", "NEG")
 
 
 # ------------------------------------------------------------------------------------------------ the law
@@ -133,7 +132,7 @@ def unscheduled(t: PairTerms, algo) -> Decomposition:
     return Decomposition(d.loss, d.rank_pos, d.rank_neg, d.rank_pos, d.rank_neg, d.extras, d.scalars)
 
 
-def component_losses(t: PairTerms, algo, components=COMPONENTS) -> dict[str, torch.Tensor]:
+def component_losses(t: PairTerms, algo, components=("POS", "NEG")) -> dict[str, torch.Tensor]:
     """Per component, a scalar whose gradient is that component's (unscheduled) loss gradient on this batch: the
     trainer's surrogate mean(c+ log pi(y+) + c- log pi(y-)) restricted to the component."""
     d = unscheduled(t, algo)
@@ -202,14 +201,16 @@ class ControllerState:
 
 @register_controller("g_balance")
 class GBalance:
-    """The g_balance loop (module docstring). The trainer calls `before_update(model, terms, algo, total_steps)`
-    on each training mini-batch and uses `lam`; `save(folder)` / `restore(folder)` carry its state over
+    """The g_balance loop (module docstring). The pairwise trainer calls `before_update(model, terms, algo,
+    total_steps)` on each training mini-batch, the policy-gradient one `measure(policy, losses, step, total)` before
+    each update, and both use `lam`; `save(folder)` / `restore(folder)` carry its state over
     checkpoints; `finish()` writes controller.csv, the figure and controller.json."""
 
     def __init__(self, cfg, tokenizer, run_dir):
         c = cfg.controller
         self.cfg, self.tokenizer, self.run_dir = cfg, tokenizer, Path(run_dir)
         self.law = Law.of(c)
+        self.controlled, self.reference = measured(cfg.algo)  # lambda weighs the first; G of both is measured
         self.n_questions, self.refresh = c.n_questions, c.refresh
         self.max_new_tokens = min(int(cfg.data.max_new_tokens), int(c.max_new_tokens))
         self.state = ControllerState(lam=float(c.lambda_init))
@@ -250,20 +251,28 @@ class GBalance:
 
     # -------------------------------------------------------------------------------------------- the loop
     def before_update(self, model, terms: PairTerms, algo, total_steps: int) -> dict | None:
-        """At a due step: measure G_POS / G_NEG on this mini-batch, move lambda; returns the row (else None)."""
-        step = int(terms.step)
+        """Pairwise family, at a due step: G of POS and NEG on this mini-batch (unscheduled weights, at the lambda
+        in use: cDPO's omega depends on it), then lambda moves; returns the row (else None)."""
+        def losses():
+            terms.lam = self.state.lam
+            return component_losses(terms, algo, (self.reference, self.controlled))
+        return self.measure(model, losses, int(terms.step), total_steps)
+
+    def measure(self, model, losses, step: int, total_steps: int) -> dict | None:
+        """At a due step: g' on the proxy, G = g' . grad L_c for the two components of `losses()` ({name: scalar
+        whose gradient is the component's, unscheduled}), the law; returns the row (else None)."""
         if not self.due(step):
             return None
         started = time.perf_counter()
         refreshed, batches = self.proxy_batches(model)
         g = proxy_gradient(model, batches)
-        terms.lam = self.state.lam  # the weights at the lambda in use (cDPO's omega depends on it)
-        G = mean_over_ranks(alignment(model, component_losses(terms, algo), g))  # every rank: one lambda
-        lam, ema, smoothed, ratio = next_lambda(self.state.lam, self.state.ema, G["POS"], G["NEG"], self.law,
-                                                total_steps)
+        G = mean_over_ranks(alignment(model, losses(), g))  # every rank: one lambda
+        ref, ctl = G[self.reference], G[self.controlled]
+        lam, ema, smoothed, ratio = next_lambda(self.state.lam, self.state.ema, ref, ctl, self.law, total_steps)
         seconds = time.perf_counter() - started
-        row = {"step": step, "lambda_before": self.state.lam, "lambda": lam, "G_POS": G["POS"], "G_NEG": G["NEG"],
-               "ratio": ratio, "smoothed": smoothed, "refreshed": refreshed, "seconds": round(seconds, 4)}
+        row = {"step": step, "lambda_before": self.state.lam, "lambda": lam, f"G_{self.reference}": ref,
+               f"G_{self.controlled}": ctl, "ratio": ratio, "smoothed": smoothed, "refreshed": refreshed,
+               "seconds": round(seconds, 4)}
         self.state = ControllerState(lam, ema, step, self.state.estimates + 1, self.state.seconds + seconds,
                                      self.state.train_seconds, [*self.state.rows, row], self.state.answers)
         write_csv(self.run_dir / CSV, pd.DataFrame(self.state.rows))

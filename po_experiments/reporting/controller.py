@@ -7,7 +7,7 @@
                                    and the wall time against the cDPO runs of the same seed (mean over their cases);
   controller_lambda_<model>.png   lambda over training (mean ± std over seeds of controller.csv) beside the cDPO
                                    cases' t1/t2 schedules.
-`run_figure(frame)` is one run's figures/controller.png (lambda, G_POS and G_NEG at each estimate).
+`run_figure(frame)` is one run's figures/controller.png (lambda and the two measured G at each estimate).
 """
 from __future__ import annotations
 
@@ -33,10 +33,11 @@ def run_figure(frame: pd.DataFrame, title: str) -> Figure:
     left.set_ylim(-0.05, 1.05)
     left.set_xlabel("training step")
     left.set_ylabel("lambda (weight of negative learning)")
-    for column, color in (("G_POS", COLORS[3]), ("G_NEG", COLORS[2])):
+    measured = [c for c in frame.columns if c.startswith("G_")]  # G_POS, G_NEG (hPPO too); cPPO: G_REST, G_TOP
+    for column, color in zip(measured, (COLORS[3], COLORS[2])):
         right.plot(frame["step"], frame[column], marker="o", ms=3, color=color, label=column)
     right.axhline(0, color="#999999", lw=0.8, ls=":")
-    right.set_yscale("symlog", linthresh=max(float(frame[["G_POS", "G_NEG"]].abs().median().median()) / 10, 1e-12))
+    right.set_yscale("symlog", linthresh=max(float(frame[measured].abs().median().median()) / 10, 1e-12))
     right.set_xlabel("training step")
     right.set_ylabel("G on the proxy (current model's answers)")
     for ax in (left, right):

@@ -9,6 +9,7 @@ from omegaconf import OmegaConf
 from ..objectives import OBJECTIVES
 
 PARAMS = ("t1", "t2", "lam", "t3", "tau")  # the parameters that make the method: always in its label
+SCHEDULE = PARAMS  # what a controller's lambda replaces (cDPO's t1/t2, cPPO's lam, hPPO's t3/tau): not in its label
 NOT_PARAMS = ("name", "family", "components")  # what the label says otherwise (name, [components])
 # Fig. 4: (panel, title, family whose plain run is the baseline, the variant drawn against it)
 PANELS = (
@@ -66,7 +67,7 @@ def describe(cfg) -> dict:
     controller = controller_tag(cfg)
     controlled = controller != "none"  # its lambda replaces t1/t2: they are no part of the method
     every = {k: algo[k] for k in algo if k not in NOT_PARAMS and algo[k] is not None
-             and not (controlled and k in ("t1", "t2"))}
+             and not (controlled and k in SCHEDULE)}
     defaults = algo_defaults(algo)
     shown = {k: v for k, v in every.items() if k in PARAMS or k not in defaults or v != defaults[k]}
     params = dict(sorted(every.items(), key=lambda kv: (kv[0] not in PARAMS, PARAMS.index(kv[0])
