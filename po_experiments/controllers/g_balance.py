@@ -1,7 +1,11 @@
-"""`controller=g_balance`: cDPO's lambda set in closed loop from G_POS and G_NEG measured during training.
+"""`controller=g_balance`: an objective's lambda set in closed loop from G measured during training.
 
 The paper (App. E) found cDPO best when positive learning comes first and negative learning is brought in later,
 but not so far that it dominates: its t1/t2 were tuned per model. Here the move is decided by measurement.
+What lambda weighs (`controllers.measured`): cDPO and the controlled schedule on any pairwise objective: NEG
+(Eq. 32: (1 - lambda) on y+, lambda on y-), compared with POS; hPPO: the A < 0 tokens (Eq. 35's lambda, here in
+[0, 1] instead of the sine's [1 - tau, 1]), compared with POS; cPPO-top / -mid: the top / middle third (Eq. 33,
+34's lambda), compared with the other tokens (REST). Below, "NEG" and "POS" stand for that pair.
 
 Proxy target. The CURRENT model's greedy answers y' to `n_questions` held-out questions x' (the embedded task:
 held-out prompts after the first `data.n_heldout`, so disjoint from the win-rate prompts by position; the paper's
@@ -9,9 +13,10 @@ data: the last rows of `data.questions`, disjoint from D' and from HH win-rate p
 n_questions <= rows), regenerated every `refresh` estimates: g' = E[-grad log pi(y'|x')].
 
 Measurement. Every `every` optimizer steps (first at step 0), on the training mini-batch of that step (the pairs
-the update is about to use: no extra forward, the loss's own graph), G_c = g' . grad L_c for c = POS and NEG with
-the UNSCHEDULED weights (omega on both sides; the objective's own weights for the controlled schedule), so G_NEG is
-measurable while lambda is 0. Both by torch.autograd.grad on the trainable parameters: the trainer's .grad is never
+the update is about to use: no extra forward, the loss's own graph; policy gradient: the first micro-batch of the
+update's rollout at the rollout's policy, ratio 1), G_c = g' . grad L_c for c = POS and NEG with the UNSCHEDULED
+weights (omega on both sides; the objective's own weights for the controlled schedule; weight 1 on every token for
+the policy-gradient family), so G_NEG is measurable while lambda is 0. Both by torch.autograd.grad on the trainable parameters: the trainer's .grad is never
 touched. To first order an update along -grad L_c changes log pi(y') by lr * G_c: G_NEG >= 0 means negative
 learning does not lower the likelihood of what the model now answers.
 
