@@ -300,9 +300,13 @@ class GBalance:
                  self.state.lam, self.state.last_step)
         return True
 
+    def start(self) -> None:
+        """The training loop starts now (the stage calls it right before trainer.train): the overhead's denominator."""
+        self.started = time.monotonic()
+
     def finish(self) -> dict:
         """controller.csv, figures/controller.png and controller.json (overhead: seconds / training seconds, the
-        training measured from the controller's start or restore, plus the time before a resume)."""
+        training measured from `start()` (trainer.train, estimates included), plus the time before a resume)."""
         total = self.state.train_seconds + (time.monotonic() - self.started)
         info = {"controller": "g_balance", "estimates": self.state.estimates, "final_lambda": self.state.lam,
                 "seconds": round(self.state.seconds, 2), "train_seconds": round(total, 2),

@@ -143,6 +143,8 @@ def train_policy(cfg, sft_dir: Path, train_data, run_dir: Path, report_to: list[
     run_length.check_training(cfg, len(trainer.train_dataset), run_dir)
     if check:
         check.bind(trainer)
+    if controller is not None:
+        controller.start()  # its overhead is over the training loop's wall time
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if check:
         log.info("loss check (App. A): %.1f s of this job's training", check.seconds)

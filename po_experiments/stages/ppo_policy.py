@@ -89,6 +89,8 @@ def train_ppo_policy(cfg, sft_dir: Path, run_dir: Path, report_to: list[str]) ->
         generation_batch_size=cfg.model.ppo.generation_batch_size, pure_low_precision=cfg.model.pure_low_precision,
         controller=controller,
     )
+    if controller is not None:
+        controller.start()  # its overhead is over the training loop's wall time
     trainer.train(resume_from=resume)
     if controller is not None and distributed.is_main():
         controller.finish()
