@@ -214,16 +214,16 @@ def test_proxy_questions_are_held_out_and_not_the_win_rate_prompts():
 def test_state_is_saved_in_the_checkpoint_and_restored(tokenizer, tmp_path):
     cfg = _compose("algo=cdpo", "controller=g_balance")
     first = GBalance(cfg, tokenizer, tmp_path)
-    first.state.lam, first.state.ema, first.state.last_step, first.state.estimates = 0.35, [1.0, 0.2], 40, 5
-    first.state.rows, first.state.answers, first.state.seconds = [{"step": 40, "lambda": 0.35}], [" t1 t2"], 1.5
+    first.state.lam, first.state.ema, first.state.last_step, first.state.estimates = 0.35, [1.0, 0.2], 30, 5
+    first.state.rows, first.state.answers, first.state.seconds = [{"step": 30, "lambda": 0.35}], [" t1 t2"], 1.5
     folder = tmp_path / "checkpoint-40"
     folder.mkdir()
     first.save(folder)
     resumed = GBalance(cfg, tokenizer, tmp_path)
     assert resumed.lam == 0.0 and resumed.restore(folder)
-    assert (resumed.lam, resumed.state.ema, resumed.state.last_step) == (0.35, [1.0, 0.2], 40)
+    assert (resumed.lam, resumed.state.ema, resumed.state.last_step) == (0.35, [1.0, 0.2], 30)
     assert resumed.state.rows == first.state.rows and resumed.state.answers == [" t1 t2"]
-    assert not resumed.due(40) and resumed.due(50)  # the step of the last estimate is not measured twice
+    assert not resumed.due(30) and resumed.due(45)  # the step of the last estimate is not measured twice (every=15)
     assert not GBalance(cfg, tokenizer, tmp_path).restore(tmp_path)  # no state: starts again (warned)
 
 
