@@ -65,6 +65,6 @@ def build_controller(cfg, tokenizer, run_dir):
     return CONTROLLERS[cfg.controller.name](cfg, tokenizer, run_dir)
 
 
-from . import g_balance  # noqa: E402,F401  (registers it)
+from . import g_balance  # noqa: F401  (registers it)
 
 __all__ = ["CONTROLLERS", "active", "build_controller", "controllable", "measured", "register_controller"]
