@@ -74,7 +74,7 @@ class Law:
     lambda_max: float
 
     @classmethod
-    def of(cls, c) -> "Law":
+    def of(cls, c) -> Law:
         return cls(c.every, c.ramp, c.threshold, c.band, c.smoothing, c.lambda_max)
 
     def step_bound(self, total_steps: int) -> float:
