@@ -256,6 +256,28 @@ class AblationConfig:
     init_from: Optional[str] = None  # a checkpoint dir (e.g. a DPO run's step-6000) to continue from
 
 
+# --------------------------------------------------------------------------------------------- controllers
+
+
+@dataclass
+class ControllerConfig:
+    """Closed-loop coordination of positive and negative learning (paper Sec. 5.2, App. E): `none` trains as
+    before; `g_balance` sets the objective's lambda from G_POS / G_NEG measured on a proxy target during training
+    (po_experiments/controllers/g_balance.py documents the law). Every field is part of the run's identity."""
+
+    name: str = "none"
+    every: int = 15  # estimate G every k optimizer steps (first at step 0); 15: overhead <= 10 % on the tiny run
+    n_questions: int = 16  # held-out questions the current model answers greedily: the proxy target
+    refresh: int = 2  # regenerate those answers every k estimates (1: at every estimate)
+    lambda_init: float = 0.0  # lambda before the first estimate: supervised (positive) learning first
+    lambda_max: float = 1.0  # the largest lambda the controller may set
+    ramp: float = 0.4  # the fastest 0 -> 1 move of lambda takes this fraction of the run's steps (the step bound)
+    threshold: float = 0.0  # G_NEG / |G_POS| at which lambda holds; above it more negative learning
+    band: float = 0.5  # the distance from `threshold` at which the step reaches its bound (proportional inside)
+    smoothing: float = 0.5  # weight of the newest ratio in its exponential moving average (1 = no smoothing)
+    max_new_tokens: int = 64  # the proxy answers' length cap (below data.max_new_tokens: its cost at paper scale)
+
+
 # --------------------------------------------------------------------------------------------- data
 
 
@@ -483,6 +505,7 @@ class Config:
     model: ModelConfig = MISSING
     algo: Any = MISSING
     ablation: AblationConfig = MISSING
+    controller: ControllerConfig = field(default_factory=ControllerConfig)  # a run saved before it: none
     data: Any = MISSING
     logger: LoggerConfig = MISSING
     reward: RewardConfig = MISSING
@@ -507,6 +530,7 @@ def register_configs() -> None:
         cs.store(group="algo", name=f"{name}_schema", node=spec.schema)
     cs.store(group="reward", name="reward_schema", node=RewardConfig)
     cs.store(group="ablation", name="ablation_schema", node=AblationConfig)
+    cs.store(group="controller", name="controller_schema", node=ControllerConfig)
     cs.store(group="data", name="synthetic_schema", node=SyntheticDataConfig)
     cs.store(group="data", name="paper_schema", node=PaperDataConfig)
     cs.store(group="logger", name="logger_schema", node=LoggerConfig)
@@ -650,6 +674,32 @@ def _validate_eval(e: DictConfig) -> None:
                  f"must be float32, bfloat16 or float16, got {value!r}")
 
 
+def _validate_controller(cfg: DictConfig) -> None:
+    """The controller is registered, its settings in range, and the objective has a lambda it can set."""
+    from .controllers import CONTROLLERS, controllable
+
+    c = cfg.get("controller")
+    if c is None or c.name == "none":
+        return
+    _require(c.name in CONTROLLERS, "controller.name",
+             f"unknown controller {c.name!r}; registered: {', '.join(sorted(CONTROLLERS))}")
+    for key in ("every", "n_questions", "refresh", "max_new_tokens"):
+        _require(c[key] >= 1, f"controller.{key}", f"must be >= 1, got {c[key]}")
+    for key in ("lambda_init", "lambda_max"):
+        _require(0.0 <= c[key] <= 1.0, f"controller.{key}", f"must be in [0, 1], got {c[key]}")
+    _require(c.lambda_init <= c.lambda_max, "controller.lambda_init",
+             f"must be <= controller.lambda_max ({c.lambda_max}), got {c.lambda_init}")
+    _require(0.0 < c.ramp <= 1.0, "controller.ramp", f"must be in (0, 1], got {c.ramp}")
+    _require(c.band > 0, "controller.band", f"must be > 0, got {c.band}")
+    _require(0.0 < c.smoothing <= 1.0, "controller.smoothing", f"must be in (0, 1], got {c.smoothing}")
+    reason = controllable(cfg.algo)
+    _require(reason is None, "controller.name", f"controller={c.name} with algo={cfg.algo.name}: {reason}")
+    zero = (cfg.deepspeed.config or {}).get("zero_optimization") or {}
+    _require(zero.get("stage") != 3, "controller.name",
+             f"controller={c.name} takes whole-parameter gradients (torch.autograd.grad); ZeRO-3 partitions them: "
+             "use deepspeed=none or zero2")
+
+
 def _validate(cfg: DictConfig) -> None:
     from .trainers.ablations import ABLATIONS  # registry, imported late to keep config import light
 
@@ -665,6 +715,8 @@ def _validate(cfg: DictConfig) -> None:
     if cfg.ablation.stop_step is not None:
         _require(cfg.ablation.stop_step > cfg.ablation.start_step, "ablation.stop_step",
                  f"must be > ablation.start_step ({cfg.ablation.start_step}), got {cfg.ablation.stop_step}")
+
+    _validate_controller(cfg)
 
     _check_stage(cfg, "model.sft")
     _require(cfg.model.dtype in ("float32", "bfloat16", "float16"), "model.dtype",

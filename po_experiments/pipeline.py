@@ -17,6 +17,7 @@ from transformers import set_seed
 from . import distributed, run_length, tracking
 from .data.sources import preflight_sources
 from .analysis import variants
+from .controllers.g_balance import controller_summary
 from .config import EvalConfig, stage_settings
 from .models import resolve_model_source, set_threads
 from .evaluation import judges
@@ -137,6 +138,7 @@ def run(cfg) -> dict:
         "sft_dir": str(sft_dir), "sft": cfg.sft.enabled, "reference": reference_kind(cfg),
         "wall_time_s": round(time.time() - started, 1), "eval_settings": output_settings(cfg),
         "step_unit": run_length.unit(cfg), "run_length": _read_json(run_dir / "run_length.json"),
+        **controller_summary(run_dir),  # controller_overhead: its seconds / the training's (controllers/)
     }
     write_json(summary_path, summary)
     tracking.finish(wandb_run, summary)

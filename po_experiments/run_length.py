@@ -98,7 +98,11 @@ def step_settings(cfg, total: int) -> list[StepSetting]:
     if hp.save_steps:
         add(f"model.{stage(cfg)}.save_steps", hp.save_steps, hp.save_steps < total,
             "a checkpoint before the end (G and win-rate curves need more than the final model)")
+    from .controllers import active
+
     for key, value, inside, rule in objective_of(cfg.algo).schema.step_settings(cfg.algo, total):
+        if active(cfg) and key in ("t1", "t2", "t3"):
+            continue  # a controller's lambda replaces the t1/t2 (hPPO: t3) schedule (controllers/)
         add(f"algo.{key}", value, inside, rule)  # the objective's own step-valued settings (its schema says which)
     ab = cfg.ablation
     if ab.name != "none":

@@ -35,7 +35,8 @@ LLAMA_UNSET = {"cdpo": "algo.t1", "cppo": "algo.lam", "cppo_mid": "algo.lam", "h
 PLAIN = {"experiment", "mode", "runtime.threads"}  # command-line keys of the launch, not of the sweep point
 OBJECTIVES_PRESET = "objectives"  # every objective on the embedded task: the tiny model at full size, not a paper model
 CLAIMS_PRESET = "claims"  # the paper's claims as a table: its own small tiny-model pool (outputs/claims)
-FULL_MODELS = {OBJECTIVES_PRESET: {"tiny"}, CLAIMS_PRESET: {"tiny"}}  # full mode not on the paper's models
+CONTROLLER_PRESET = "controller"  # closed-loop cDPO (beyond the paper) on the embedded task: the tiny model, 5 seeds
+FULL_MODELS = {OBJECTIVES_PRESET: {"tiny"}, CLAIMS_PRESET: {"tiny"}, CONTROLLER_PRESET: {"tiny"}}  # full mode not on the paper's models
 FULL_NAMES = {CLAIMS_PRESET: "claims"}  # the presets whose full-mode runs are not in the paper pool
 
 
@@ -161,7 +162,7 @@ def test_every_sweep_point_composes_and_validates(preset, composed):
         assert command in text
     sizes = re.search(r"= (\d+) runs \(fast: (\d+) runs?,", text)
     assert sizes and (int(sizes[1]), int(sizes[2])) == (len(full), len(fast))
-    assert preset in ("table1", OBJECTIVES_PRESET, CLAIMS_PRESET) or preset in FIGURES  # the aggregation draws it
+    assert preset in ("table1", OBJECTIVES_PRESET, CLAIMS_PRESET, CONTROLLER_PRESET) or preset in FIGURES  # the aggregation draws it
 @pytest.mark.slow  # composes every sweep point of every preset (~2 min): the fast tier composes one per preset
 def test_sweep_points_that_share_a_run_dir_are_the_same_run(composed):
     """Presets share the pool outputs/<name>/: a run dir is named by its sweep point, not by the preset, so any two
@@ -404,6 +405,16 @@ def test_preset_runs_in_fast_mode_and_the_aggregation_draws_it(preset, fast_pool
         assert list(tiny["claim"]) == [c.id for c in CLAIMS]
         assert not (tiny["verdict"] == NOT_MEASURABLE).any(), tiny[["claim", "measured"]]
         assert "### The paper's claims (tiny)" in (aggregated / "claims.md").read_text()
+        return
+    if preset == CONTROLLER_PRESET:  # DPO, the cDPO cases and the controller run, each holding its run's numbers
+        table = pd.read_csv(aggregated / "controller.csv").set_index("method")
+        for s in summaries:
+            assert table.at[s["method"], "mean"] == pytest.approx(s["win_rate"], abs=1e-3)
+        controlled = [s for s in summaries if s.get("controller") == "g_balance"]
+        assert len(controlled) == 1 and controlled[0]["method"] == "cDPO (g_balance)"
+        assert table.at["cDPO (g_balance)", "controller_overhead"] == pytest.approx(
+            controlled[0]["controller_overhead"], abs=1e-3)
+        assert (aggregated / "controller_lambda_tiny.png").stat().st_size > 10_000
         return
     if preset == "table1":  # each row: the best of its cases (every case of the sweep is in cases.csv)
         cases = pd.read_csv(aggregated / "cases.csv").set_index("method")

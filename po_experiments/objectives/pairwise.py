@@ -85,6 +85,7 @@ class PairTerms:
     rejected_len: Optional[torch.Tensor] = None
     step: int = 0  # optimizer steps completed, the paper's t
     side_key: Optional[torch.Tensor] = None  # a content hash per pair: which side an unpaired objective sees
+    lam: Optional[float] = None  # a controller's lambda (controllers/), replacing the t1/t2 schedule's
 
 
 def side_key(ids: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
@@ -128,12 +129,18 @@ def schedule_lambda(step: int, t1: int, t2: int) -> float:
     return float(min(max((step - t1) / (t2 - t1), 0.0), 1.0))
 
 
+def lambda_at(t: PairTerms, algo) -> float:
+    """The balance lambda of this batch: a controller's (`t.lam`, set by the trainer when controller != none),
+    else the t1/t2 schedule's at step t."""
+    return float(t.lam) if t.lam is not None else schedule_lambda(t.step, algo.t1, algo.t2)
+
+
 def controlled(d: Decomposition, t: PairTerms, algo) -> Decomposition:
     """The controlled schedule on any pairwise objective: (1 - lambda) w+ and lambda w- (and extras untouched).
     The thirds keep ranking the uncontrolled weights, so they do not collapse to ties when lambda is 0 or 1."""
-    if algo.get("t1") is None:
+    if algo.get("t1") is None and t.lam is None:
         return d
-    lam = schedule_lambda(t.step, algo.t1, algo.t2)
+    lam = lambda_at(t, algo)
     rank_pos = d.rank_pos if d.rank_pos is not None else d.w_pos.abs()
     rank_neg = d.rank_neg if d.rank_neg is not None else d.w_neg.abs()
     return Decomposition(d.loss, (1 - lam) * d.w_pos, lam * d.w_neg, rank_pos, rank_neg, d.extras,
@@ -233,5 +240,5 @@ def objective(d: Decomposition, t: PairTerms, cov: Coverage) -> torch.Tensor:
 
 
 __all__ = ["BASE_COMPONENTS", "BOT", "MID", "TOP", "Coverage", "Decomposition", "PairTerms", "PairwiseConfig",
-           "Thirds", "build_pair_terms", "coefficients", "component_coefficients", "controlled", "coverage",
+           "Thirds", "build_pair_terms", "coefficients", "component_coefficients", "controlled", "coverage", "lambda_at",
            "objective", "rank_thirds", "schedule_lambda", "side_key", "thirds_of"]

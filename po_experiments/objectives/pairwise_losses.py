@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from omegaconf import MISSING
 
 from . import objective_of, register_objective
-from .pairwise import Decomposition, PairTerms, PairwiseConfig, below, controlled, schedule_lambda
+from .pairwise import Decomposition, PairTerms, PairwiseConfig, below, controlled, lambda_at, schedule_lambda
 
 
 def decompose(t: PairTerms, algo) -> Decomposition:
@@ -54,8 +54,8 @@ def cdpo_lambda(step: int, t1: int, t2: int) -> float:
 
 @register_objective("cdpo", family="dpo", schema=CDPOConfig, label="cDPO", schedules_itself=True)
 def cdpo(t: PairTerms, algo) -> Decomposition:
-    """Eq. 32: -log sigmoid(beta[(1 - lambda) logratio+ - lambda logratio-])."""
-    lam = schedule_lambda(t.step, algo.t1, algo.t2)
+    """Eq. 32: -log sigmoid(beta[(1 - lambda) logratio+ - lambda logratio-]); lambda from t1/t2 or a controller."""
+    lam = lambda_at(t, algo)
     z = algo.beta * ((1 - lam) * (t.chosen - t.ref_chosen) - lam * (t.rejected - t.ref_rejected))
     return _sigmoid_pair_loss(z, algo.beta, 1.0 - lam, lam, {"lambda": lam})
 

@@ -248,6 +248,18 @@ def downweight_middle(adv, thirds, step, algo):
     return torch.where(thirds == MID, algo.lam, 1.0).to(adv.dtype), {"lambda": float(algo.lam)}
 
 
+# A controller's lambda (controllers/, controller=g_balance) replaces a weighting's own (cPPO's fixed lambda, hPPO's
+# sine schedule), on the same tokens: the component each weighting's lambda weighs.
+CONTROLLED = {"hppo": "NEG", "cppo_top": "TOP", "cppo_mid": "MID"}
+
+
+def controlled_weights(adv, thirds, valid, weighting: str, lam: float):
+    """(weights, scalars) of a weighting whose lambda a controller sets: lambda on CONTROLLED[weighting]'s tokens
+    (Eq. 33's top third, Eq. 34's middle third, Eq. 35's A < 0), 1 elsewhere."""
+    on = TOKEN_COMPONENTS[CONTROLLED[weighting]](adv, thirds, valid)
+    return torch.full_like(adv, float(lam)).masked_fill(~on, 1.0), {"lambda": float(lam)}  # lambda in adv's dtype
+
+
 def hppo_lambda(step: int, t3: float, tau: float) -> float:
     """Eq. 35: lambda = max(min(sin(pi t / t3), 0), -tau) + 1: 1 for t in [0, t3] (reinforcement), then down to
     1 - tau for t in (t3, 2 t3) (towards supervised), with period 2 t3."""

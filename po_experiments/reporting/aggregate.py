@@ -23,6 +23,7 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from ..config import _run_name
+from .controller import controller_report
 from .figures import panels_figure, table_figure
 from .methods import PANELS, label_of, table1_row
 from .paper_values import TABLE1, TABLE1_SEEDS, paper_value
@@ -265,4 +266,5 @@ def aggregate(root: Path, out: Path) -> dict[str, Path]:
     written.update(write_claims(root, out))  # claims.md / .csv where the pool has DPO / PPO runs
     from .targets import draw_targets  # G against several targets (targets.py): its figures and tables
     written.update(draw_targets(root, out))
+    written.update(controller_report(training_runs(runs), final_rates(rates), out))  # controller runs present
     return written

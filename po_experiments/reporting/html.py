@@ -16,9 +16,11 @@ from pathlib import Path
 import pandas as pd
 
 from .aggregate import aggregate, find_runs, table1_cells
+from .controller import html_table as controller_html
 from .objectives import draw_objectives, headers, table_cells
 
-RUN_FIGURES = ("win_rate", "G_components", "G_layers", "G_filtering", "G_by_target", "grad_norms", "ppo_advantages")
+RUN_FIGURES = ("win_rate", "G_components", "G_layers", "G_filtering", "G_by_target", "grad_norms",
+               "ppo_advantages", "controller")
 STYLE = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222}
 h1{margin-bottom:.2em}.meta{color:#666}table{border-collapse:collapse;margin:1em 0;font-size:14px}
 td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top}th{background:#f3f3f3}td.num{text-align:right}
@@ -145,13 +147,15 @@ def build_report(root: Path, out: Path, *, title: str | None = None, n_samples: 
                   objectives_html(pd.read_csv(written["objectives.csv"]))] if "objectives.csv" in written else []
     claims = ["<h2>The paper's claims: held / not held / not measurable at this scale</h2>",
               claims_html(pd.read_csv(written["claims.csv"]))] if "claims.csv" in written else []
+    controller = ["<h2>Closed-loop controller vs DPO and the cDPO cases (mean ± std over seeds)</h2>",
+                  controller_html(pd.read_csv(written["controller.csv"]))] if "controller.csv" in written else []
     runs = find_runs(root)
     figures = "".join(_img(p.name, p.stem) for name, p in written.items() if name.endswith(".png"))
     body = [f"<h1>{html.escape(title or root.name)}</h1>",
             f"<p class=meta>{len(runs)} runs under {html.escape(str(root))}; built "
             f"{datetime.datetime.now():%Y-%m-%d %H:%M}; <span id=image-status>images loading</span></p>",
             "<h2>Table 1: final win rate vs SFT (mean ± std over seeds of the best case), beside the paper's</h2>",
-            table1_html(table), *objectives, *claims, *targets_html(written),
+            table1_html(table), *objectives, *claims, *controller, *targets_html(written),
             "<h2>Figures</h2>", f"<div>{figures}</div>",
             "<h2>Runs</h2>", *(run_section(r, root, out, n_samples, expanded=i == 0) for i, r in enumerate(runs))]
     page = out / "index.html"

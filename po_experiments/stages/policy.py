@@ -22,6 +22,7 @@ from ..checkpoints import STEP_DIR, StepCheckpoints, debug_callbacks, last_check
 from ..errors import ConfigError
 from ..models import load_model
 from ..analysis.sample import select_pair_sample
+from ..controllers import build_controller
 from ..trainers.dpo import ComponentDPOTrainer
 from ..trainers.loss_check import LOSS_CHECK, LossCheck
 from .pairs import preference_data
@@ -129,19 +130,26 @@ def train_policy(cfg, sft_dir: Path, train_data, run_dir: Path, report_to: list[
     )
     model = load_model(sft_dir, cfg.model)  # after the arguments: under ZeRO-3 it loads partitioned
     check = loss_check(cfg, checkpoint_root, args)
+    controller = build_controller(cfg, tokenizer, run_dir)  # None for controller=none
+    if controller is not None and resume is not None:
+        controller.restore(resume)
     trainer = ComponentDPOTrainer(
         model=model, args=args, train_dataset=train_data, processing_class=tokenizer,
         eval_dataset=select_pair_sample(cfg, train_data) if check else None,  # TRL adds its reference log-probs
-        algo=cfg.algo, ablation=cfg.ablation,
+        algo=cfg.algo, ablation=cfg.ablation, controller=controller,
         callbacks=[StepCheckpoints(checkpoint_root), *debug_callbacks(cfg), *([check] if check else [])],
     )
     # on the pairs TRL kept (a prompt alone filling max_length is dropped); every rank, so all stop together
     run_length.check_training(cfg, len(trainer.train_dataset), run_dir)
     if check:
         check.bind(trainer)
+    if controller is not None:
+        controller.start()  # its overhead is over the training loop's wall time
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if check:
         log.info("loss check (App. A): %.1f s of this job's training", check.seconds)
+    if controller is not None and distributed.is_main():
+        controller.finish()
 
     return write_final_policy(run_dir, lambda folder: trainer.save_model(str(folder)), tokenizer, trainer.state,
                               resume)

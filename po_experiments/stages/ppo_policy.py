@@ -15,6 +15,7 @@ from trl.experimental.ppo import PPOConfig
 
 from .. import distributed, run_length
 from ..checkpoints import debug_callbacks, last_checkpoint
+from ..controllers import build_controller
 from ..models import DTYPES, load_model, placement
 from ..objectives.policy_gradient import group_size, needs_critic, settings
 from ..rewards import build_reward, reward_model_dir
@@ -75,6 +76,9 @@ def train_ppo_policy(cfg, sft_dir: Path, run_dir: Path, report_to: list[str]) ->
     # frozen: inference only, so in model.dtype
     reference = AutoModelForCausalLM.from_pretrained(sft_dir, dtype=DTYPES[cfg.model.dtype], **placement())
     set_seed(cfg.seed)  # the value head's init must not depend on whether SFT was trained in this process
+    controller = build_controller(cfg, tokenizer, run_dir)  # None for controller=none
+    if controller is not None and resume is not None:
+        controller.restore(resume)
     trainer = ComponentPPOTrainer(
         args=args, processing_class=tokenizer, model=policy,
         ref_model=reference, value_model=value_model(cfg, sft_dir) if needs_critic(cfg.algo) else None,
@@ -83,8 +87,13 @@ def train_ppo_policy(cfg, sft_dir: Path, run_dir: Path, report_to: list[str]) ->
         algo=cfg.algo, ablation=cfg.ablation, top_p=cfg.model.ppo.top_p, max_grad_norm=cfg.model.ppo.max_grad_norm,
         checkpoint_root=checkpoint_root, save_steps=cfg.model.ppo.save_steps, callbacks=debug_callbacks(cfg),
         generation_batch_size=cfg.model.ppo.generation_batch_size, pure_low_precision=cfg.model.pure_low_precision,
+        controller=controller,
     )
+    if controller is not None:
+        controller.start()  # its overhead is over the training loop's wall time
     trainer.train(resume_from=resume)
+    if controller is not None and distributed.is_main():
+        controller.finish()
 
     done = write_final_policy(run_dir, trainer.save_policy, tokenizer, trainer.state, resume)
     distributed.end_of_training()

@@ -3,9 +3,12 @@
 TRL keeps data preparation, the reference model (or precomputed reference log-probs), the Trainer loop,
 checkpointing and DeepSpeed; we replace only the loss: per-pair sequence log-probs go through a registered
 pairwise objective (dpo, cdpo, ipo, simpo, ...) and are masked by the active components (POS/NEG/TOP/MID/BOT and
-the objective's own terms, minus what the ablation drops at this step).
+the objective's own terms, minus what the ablation drops at this step). With a controller (controller=g_balance)
+the objective's lambda is the controller's, set before the update from G measured on the same mini-batch.
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 from trl import DPOTrainer
@@ -25,8 +28,9 @@ def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, completion_mas
 
 
 class ComponentDPOTrainer(ExactResumeMixin, DPOTrainer):
-    def __init__(self, *args, algo, ablation, **kwargs):
+    def __init__(self, *args, algo, ablation, controller=None, **kwargs):
         self.spec = objective_of(algo)
+        self.controller = controller  # None: the objective's own schedule (controllers/)
         if self.spec.family != "dpo":
             raise ValueError(f"objective {algo.name!r} is not pairwise (family {self.spec.family!r})")
         self.algo, self.ablation = algo, ablation
@@ -56,16 +60,38 @@ class ComponentDPOTrainer(ExactResumeMixin, DPOTrainer):
         of App. A's loss check (`loss_check.LossCheck`)."""
         terms = self.pair_terms(model, inputs)
         terms.step = step
+        if self.controller is not None:
+            terms.lam = self.controller.lam  # the lambda of the next update
         return decompose(terms, self.algo).loss
 
     def _compute_loss(self, model, inputs, return_outputs):
         terms = self.pair_terms(model, inputs)
+        if self.controller is not None:
+            self._control(model, terms)
         decomposition = decompose(terms, self.algo)
         dropped = self.drop_components(terms.step, self.ablation)
         covered = coverage(self.algo.components, dropped, thirds_of(decomposition), decomposition.extras)
         loss = objective(decomposition, terms, covered)
         self._record_metrics(terms, decomposition, covered)
         return (loss, None) if return_outputs else loss
+
+    def _control(self, model, terms: PairTerms) -> None:
+        """The controller's lambda on this batch; at its due steps (first micro-batch of the update, training mode)
+        it first measures G on the batch's own graph and moves lambda."""
+        if model.training:
+            row = self.controller.before_update(self.accelerator.unwrap_model(model), terms, self.algo,
+                                                self.state.max_steps)
+            if row is not None:
+                m = self._metrics["train"]
+                for key in (k for k in row if k.startswith("G_") or k in ("ratio", "seconds")):
+                    m[f"controller/{key}"].append(row[key])
+            self._metrics["train"]["controller/lambda"].append(self.controller.lam)
+        terms.lam = self.controller.lam
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.controller is not None and self.is_world_process_zero():  # before StepCheckpoints renames it
+            self.controller.save(Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}")
 
     # ----------------------------------------------------------------------------------------- logging
     @torch.no_grad()

@@ -40,7 +40,8 @@ from ..atomic import replace_dir, write_json
 from .ablations import ABLATIONS
 from ..objectives import objective_of
 from ..objectives.policy_gradient import (
-    WEIGHTINGS, clip_range, kl_active, settings, surrogate_loss, thirds_of, token_mask,
+    TOKEN_COMPONENTS, WEIGHTINGS, aggregation_weights, clip_range, controlled_weights, kl_active, settings,
+    surrogate_loss, thirds_of, token_mask,
 )
 
 log = logging.getLogger(__name__)
@@ -344,12 +345,13 @@ def advantage_third_means(r: Rollout, thirds: torch.Tensor | None = None) -> dic
 class ComponentPPOTrainer(PPOTrainer):
     def __init__(self, *args, reward, algo, ablation, top_p: float = 1.0, max_grad_norm: float | None = 1.0,
                  checkpoint_root: Path | None = None, save_steps: int = 0, generation_batch_size: int | None = None,
-                 pure_low_precision: bool = False, **kwargs):
+                 pure_low_precision: bool = False, controller=None, **kwargs):
         if algo.weighting not in WEIGHTINGS:
             raise KeyError(f"unknown weighting {algo.weighting!r}; registered: {sorted(WEIGHTINGS)}")
         if generation_batch_size is not None and generation_batch_size < 1:
             raise ValueError(f"generation_batch_size must be >= 1 or None, got {generation_batch_size}")
         self.reward, self.algo, self.ablation = reward, algo, ablation
+        self.controller = controller  # None: the weighting's own lambda (controllers/: controller=g_balance)
         self.weighting = WEIGHTINGS[algo.weighting]
         self.estimator = objective_of(algo).fn  # the advantage estimator (GAE, GRPO, RLOO, REINFORCE++)
         self.group_size = settings(algo).group_size if self.estimator.needs_groups else 1
@@ -457,7 +459,11 @@ class ComponentPPOTrainer(PPOTrainer):
     def token_weights(self, r: Rollout, step: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """Per-token weight (the variant) and 0/1 mask (the active components) for this rollout at step t."""
         thirds = thirds_of(r.advantages, r.valid, self.algo)
-        weights, scalars = self.weighting(r.advantages, thirds, step, self.algo)
+        if self.controller is not None:  # the controller's lambda on the weighting's own tokens
+            weights, scalars = controlled_weights(r.advantages, thirds, r.valid, self.algo.weighting,
+                                                  self.controller.lam)
+        else:
+            weights, scalars = self.weighting(r.advantages, thirds, step, self.algo)
         mask = token_mask(self.algo.components, self.drop_components(step, self.ablation), r.advantages, thirds,
                           r.valid)
         return weights, mask, scalars
@@ -509,11 +515,43 @@ class ComponentPPOTrainer(PPOTrainer):
         tokens = self.accelerator.reduce(r.valid[rows].sum().to(torch.float64), "sum").item()
         return tokens / self.accelerator.num_processes / micro_batches
 
+    # ========================================================================================= the controller
+    def component_losses(self, r: Rollout, idx, names) -> dict[str, torch.Tensor]:
+        """Per component (POS, NEG, TOP, MID or REST = the tokens not in the other one), a scalar whose gradient is
+        its unscheduled policy-loss gradient on rows `idx` at the rollout's policy (ratio 1, inside the clip):
+        the aggregated sum of -A_t grad log pi_t over its tokens (weight 1: measurable while lambda is 0)."""
+        ids, att = r.query_responses[idx], r.attention_mask[idx]
+        length = ids.shape[1] - r.context_length
+        logits, _ = self.model(ids, att, length)
+        new_logprobs = response_logprobs(logits, ids[:, -length:], self.args.temperature)
+        adv, valid = r.advantages[idx], r.valid[idx]
+        thirds = thirds_of(r.advantages, r.valid, self.algo)[idx]  # ranked over the rollout, as the update ranks
+        f = aggregation_weights(valid, self.pg.loss_aggregation, max_len=self.args.response_length).to(adv.dtype)
+        masks = {n: TOKEN_COMPONENTS[n](adv, thirds, valid) for n in names if n != "REST"}
+        if "REST" in names:
+            masks["REST"] = valid & ~next(iter(masks.values()))
+        return {n: (f * -adv * m.to(adv.dtype) * new_logprobs).sum() for n, m in masks.items()}
+
+    def controller_step(self, r: Rollout, step: int) -> dict[str, float]:
+        """At the controller's due updates: G of its two components on the first micro-batch of this rollout, then
+        its lambda moves (used by this update's weights); the row's numbers for the log."""
+        c = self.controller
+        idx = torch.arange(min(self.args.per_device_train_batch_size, r.valid.shape[0]), device=r.valid.device)
+        policy = self.accelerator.unwrap_model(self.model).policy
+        row = c.measure(policy, lambda: self.component_losses(r, idx, (c.reference, c.controlled)), step,
+                        self.state.max_steps)
+        out = {"controller/lambda": c.lam}
+        if row is not None:
+            out.update({f"controller/{k}": row[k] for k in row if k.startswith("G_") or k in ("ratio", "seconds")})
+        return out
+
     # ========================================================================================= the update
     def update(self, r: Rollout, step: int) -> dict[str, float]:
         """num_ppo_epochs passes over the rollout in shuffled minibatches (gradient accumulation over micro-batches)."""
         args = self.args
+        controlled = self.controller_step(r, step) if self.controller is not None else {}
         weights, mask, scalars = self.token_weights(r, step)
+        scalars = {**scalars, **controlled}
         kl_on = self.kl_on(step)
         sums: dict[str, float] = {}
         count = 0
@@ -690,6 +728,8 @@ class ComponentPPOTrainer(PPOTrainer):
         record = {"step": step, "loss": losses[-1] if losses else None, "epoch": self.state.epoch,
                   "mean_score": rollout.scores.mean().item()}
         (tmp / "record.json").write_text(json.dumps(record, indent=2))
+        if self.controller is not None:
+            self.controller.save(tmp)
         replace_dir(tmp, target)
 
     def restore(self, folder: Path) -> tuple[int, Rollout]:
