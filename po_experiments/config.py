@@ -272,9 +272,7 @@ class ControllerConfig:
     lambda_init: float = 0.0  # lambda before the first estimate: supervised (positive) learning first
     lambda_max: float = 1.0  # the largest lambda the controller may set
     ramp: float = 0.4  # the fastest 0 -> 1 move of lambda takes this fraction of the run's steps (the step bound)
-    threshold: float = 0.0  # G_NEG / |G_POS| at which lambda holds; above it more negative learning
-    band: float = 0.5  # the distance from `threshold` at which the step reaches its bound (proportional inside)
-    smoothing: float = 0.5  # weight of the newest ratio in its exponential moving average (1 = no smoothing)
+    smoothing: float = 0.5  # weight of the newest G in the EMAs of G_POS and G_NEG (1 = no smoothing)
     max_new_tokens: int = 64  # the proxy answers' length cap (below data.max_new_tokens: its cost at paper scale)
 
 
@@ -690,7 +688,6 @@ def _validate_controller(cfg: DictConfig) -> None:
     _require(c.lambda_init <= c.lambda_max, "controller.lambda_init",
              f"must be <= controller.lambda_max ({c.lambda_max}), got {c.lambda_init}")
     _require(0.0 < c.ramp <= 1.0, "controller.ramp", f"must be in (0, 1], got {c.ramp}")
-    _require(c.band > 0, "controller.band", f"must be > 0, got {c.band}")
     _require(0.0 < c.smoothing <= 1.0, "controller.smoothing", f"must be in (0, 1], got {c.smoothing}")
     reason = controllable(cfg.algo)
     _require(reason is None, "controller.name", f"controller={c.name} with algo={cfg.algo.name}: {reason}")

@@ -17,14 +17,14 @@ from omegaconf import OmegaConf
 
 from conftest import make_pairs
 from po_experiments.config import _run_name, is_identity_key, validate
-from po_experiments.controllers.g_balance import (GBalance, Law, alignment, component_losses, next_lambda,
-                                                  proxy_gradient, proxy_prompts)
+from po_experiments.controllers.g_balance import (GBalance, Law, alignment, balance_point, component_losses,
+                                                  next_lambda, proxy_gradient, proxy_prompts)
 from po_experiments.errors import ConfigError
 from po_experiments.objectives.pairwise import PairTerms, schedule_lambda
 from po_experiments.reporting.methods import describe
 
 REPO = Path(__file__).resolve().parents[1]
-LAW = Law(every=5, ramp=0.5, threshold=0.0, band=0.5, smoothing=1.0, lambda_max=1.0)
+LAW = Law(every=5, ramp=0.5, smoothing=1.0, lambda_max=1.0)
 
 
 def _compose(*overrides):
@@ -37,33 +37,40 @@ def _compose(*overrides):
 
 # ------------------------------------------------------------------------------------------------ the law
 
-def test_law_moves_toward_negative_learning_while_it_does_not_hurt_and_back_when_it_does():
+def test_balance_point_is_the_most_negative_learning_that_does_not_lower_the_proxy():
+    assert balance_point(2.0, 1.0, 1.0) == 1.0  # negative learning raises the proxy too: all of it
+    assert balance_point(-1.0, 0.0, 0.9) == 0.9  # G_NEG >= 0: as far as lambda_max
+    assert balance_point(3.0, -1.0, 1.0) == pytest.approx(0.75)  # (1 - l) 3 - l = 0
+    assert balance_point(1.0, -1.0, 1.0) == pytest.approx(0.5)  # DPO's own balance (w+ = w-): net G_TOT = 0
+    assert balance_point(-1.0, -2.0, 1.0) == 0.0  # both lower it: supervised learning only
+    for g_pos, g_neg in ((3.0, -1.0), (0.2, -5.0), (7.0, -0.1)):  # at the point, the scheduled net effect is 0
+        lam = balance_point(g_pos, g_neg, 1.0)
+        assert (1 - lam) * g_pos + lam * g_neg == pytest.approx(0.0, abs=1e-12)
+        assert (1 - (lam + 1e-3)) * g_pos + (lam + 1e-3) * g_neg < 0  # one step further would lower it
+
+
+def test_law_follows_the_balance_point_at_a_bounded_pace():
     bound = LAW.step_bound(100)  # every 5 of 100 steps, 0 -> 1 in half the run: 0.1 per estimate
     assert bound == pytest.approx(0.1)
-    up, _, _, ratio = next_lambda(0.2, None, g_pos=2.0, g_neg=1.0, law=LAW, total_steps=100)
-    assert ratio == pytest.approx(0.5) and up == pytest.approx(0.3)  # saturated at the bound (ratio = band)
-    small = next_lambda(0.2, None, g_pos=-2.0, g_neg=0.25, law=LAW, total_steps=100)[0]
-    assert small == pytest.approx(0.2 + 0.1 * 0.25)  # proportional inside the band; |G_POS| scales it
-    down = next_lambda(0.2, None, g_pos=2.0, g_neg=-3.0, law=LAW, total_steps=100)[0]
-    assert down == pytest.approx(0.1)
-    hold = next_lambda(0.2, None, g_pos=2.0, g_neg=0.0, law=LAW, total_steps=100)[0]
-    assert hold == 0.2
-    assert next_lambda(0.0, None, 1.0, -1.0, LAW, 100)[0] == 0.0  # clipped to [0, lambda_max]
+    up, _, target = next_lambda(0.2, None, g_pos=2.0, g_neg=1.0, law=LAW, total_steps=100)
+    assert target == 1.0 and up == pytest.approx(0.3)  # toward the point, by the bound
+    near, _, target = next_lambda(0.7, None, g_pos=3.0, g_neg=-1.0, law=LAW, total_steps=100)
+    assert target == pytest.approx(0.75) and near == pytest.approx(0.75)  # within the bound: onto the point
+    down = next_lambda(0.5, None, g_pos=1.0, g_neg=-3.0, law=LAW, total_steps=100)[0]
+    assert down == pytest.approx(0.4)  # the point (0.25) lies below: back by the bound
+    assert next_lambda(0.0, None, -1.0, -1.0, LAW, 100)[0] == 0.0  # never below 0
     capped = Law(**{**LAW.__dict__, "lambda_max": 0.95})
-    assert next_lambda(0.9, None, 1.0, 1.0, capped, 100)[0] == 0.95
+    assert next_lambda(0.9, None, 1.0, 1.0, capped, 100)[0] == 0.95  # never above lambda_max
 
 
-def test_law_smooths_the_ratio_so_one_noisy_estimate_does_not_reverse_it():
+def test_law_smooths_g_so_one_noisy_estimate_does_not_reverse_it():
     smooth = Law(**{**LAW.__dict__, "smoothing": 0.25})
     lam, ema = 0.5, None
-    for g_neg in (1.0, 1.0, 1.0):
-        lam, ema, s, _ = next_lambda(lam, ema, 1.0, g_neg, smooth, 100)
-    assert s == pytest.approx(1.0) and lam == pytest.approx(0.8)
-    lam2, ema2, s2, ratio = next_lambda(lam, ema, 1.0, -1.0, smooth, 100)  # one negative estimate
-    assert ratio == -1.0 and s2 == pytest.approx(0.5) and lam2 > lam  # still moving up
-    # one estimate with G_POS near 0 (its ratio 1e6) does not swamp the average: |G_POS| is smoothed apart
-    _, _, s3, ratio3 = next_lambda(lam2, ema2, 1e-9, 1.0, smooth, 100)
-    assert ratio3 > 1e8 and s3 == pytest.approx((0.75 * 0.5 + 0.25) / 0.75)
+    for _ in range(3):
+        lam, ema, target = next_lambda(lam, ema, 1.0, 1.0, smooth, 100)
+    assert target == 1.0 and lam == pytest.approx(0.8)
+    lam2, ema2, target2 = next_lambda(lam, ema, 1.0, -3.0, smooth, 100)  # one estimate where NEG hurts
+    assert ema2 == pytest.approx([1.0, 0.0]) and target2 == 1.0 and lam2 > lam  # the EMA of G_NEG is still >= 0
     assert Law(**{**LAW.__dict__, "every": 10, "ramp": 0.1}).step_bound(50) == 1.0  # never more than [0, 1]
 
 
@@ -175,7 +182,7 @@ def test_validation_names_controller_and_algo():
         validate(_compose("controller=g_balance", "algo=ppo"))
     for override, key in (("controller.every=0", "controller.every"), ("controller.ramp=0", "controller.ramp"),
                           ("controller.lambda_init=1.5", "controller.lambda_init"),
-                          ("controller.smoothing=0", "controller.smoothing"), ("controller.band=-1", "controller.band")):
+                          ("controller.smoothing=0", "controller.smoothing")):
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             validate(_compose("controller=g_balance", "algo=cdpo", override))
     with pytest.raises(ConfigError, match=r"controller.name: .*ZeRO-3"):
@@ -302,7 +309,7 @@ def test_run_py_writes_controller_outputs_and_a_resumed_run_continues_the_same_l
     assert not (killed / "summary.json").exists()
     _run(killed, cache)  # resumes from step-8: lambda, the EMA and the proxy answers come back
     resumed = pd.read_csv(killed / "controller.csv")
-    columns = ["step", "lambda_before", "lambda", "G_POS", "G_NEG", "smoothed", "refreshed"]
+    columns = ["step", "lambda_before", "lambda", "G_POS", "G_NEG", "lambda_target", "refreshed"]
     pd.testing.assert_frame_equal(resumed[columns], rows[columns], rtol=1e-6)
     assert json.loads((killed / "summary.json").read_text())["resumed_from"].endswith("step-8")
 

@@ -20,19 +20,22 @@ the policy-gradient family), so G_NEG is measurable while lambda is 0. Both by t
 touched. To first order an update along -grad L_c changes log pi(y') by lr * G_c: G_NEG >= 0 means negative
 learning does not lower the likelihood of what the model now answers.
 
-Law (no per-run tuning; every constant is a fraction of the run or of |G_POS|):
-    P_k, N_k = EMAs over estimates of |G_POS| and G_NEG  (weight `smoothing` on the newest; P_1 = |G_POS_1|, ...)
-    s_k   = N_k / P_k                                  (scale-free: negative learning's effect relative to positive's;
-                                                        each side smoothed apart, so one near-zero G_POS cannot blow
-                                                        the ratio up)
-    step  = every / (ramp * total_steps)               (lambda can cross [0, 1] in `ramp` of the run, no faster)
-    lambda_k = clip(lambda_{k-1} + step * clip((s_k - threshold) / band, -1, 1), 0, lambda_max)
-lambda starts at `lambda_init` (0: supervised learning first). While the smoothed ratio is above `threshold`
-(default 0: negative learning does not lower the proxy's likelihood) lambda moves toward negative learning,
-proportionally within `band` and by at most `step`; when negative learning starts to hurt (ratio below threshold)
-it moves back. The lambda set at an estimate is used from that step's update until the next estimate.
+Law (no per-run tuning; every constant is a fraction of the run):
+    P_k, N_k = EMAs over estimates of G_POS and G_NEG  (weight `smoothing` on the newest; P_1 = G_POS_1, ...)
+    lambda*_k = the most negative learning whose scheduled update does not lower the proxy to first order:
+                the largest lambda in [0, lambda_max] with (1 - lambda) P_k + lambda N_k >= 0, i.e.
+                lambda_max           where N_k >= 0          (negative learning does not hurt the proxy),
+                P_k / (P_k - N_k)    where N_k < 0 < P_k     (the balance: the two effects cancel),
+                0                    where both are <= 0     (nothing to balance: supervised learning only)
+    step  = every / (ramp * total_steps)                (lambda can cross [0, 1] in `ramp` of the run, no faster)
+    lambda_k = lambda_{k-1} + clip(lambda*_k - lambda_{k-1}, -step, step)
+lambda starts at `lambda_init` (0: supervised learning first) and follows the balance point at a bounded pace, so
+negative learning is brought in as far as it stops hurting the current answers, and taken back when it does.
+DPO's own balance is lambda = 1/2 (w+ = w- = omega): where DPO's net G on the proxy is positive the balance point
+lies beyond it (more negative learning than DPO), where it is negative, short of it. The lambda set at an estimate
+is used from that step's update until the next estimate.
 
-Outputs: `controller.csv` in the run dir (step, lambda, G_POS, G_NEG, ratio, smoothed, seconds, refreshed), written
+Outputs: `controller.csv` in the run dir (step, lambda, G_POS, G_NEG, lambda_target, seconds, refreshed), written
 atomically after each estimate; `controller/*` in the trainer's logs (W&B); `figures/controller.png`;
 `controller.json` (seconds spent, training seconds, overhead = their ratio), read into summary.json. The state
 (lambda, EMA, last estimated step, the rows, the proxy answers) is saved in each checkpoint folder
@@ -68,38 +71,36 @@ SUMMARY = "controller.json"
 class Law:
     every: int
     ramp: float
-    threshold: float
-    band: float
     smoothing: float
     lambda_max: float
 
     @classmethod
     def of(cls, c) -> Law:
-        return cls(c.every, c.ramp, c.threshold, c.band, c.smoothing, c.lambda_max)
+        return cls(c.every, c.ramp, c.smoothing, c.lambda_max)
 
     def step_bound(self, total_steps: int) -> float:
         """The largest move of lambda per estimate: `ramp` of the run's steps cross [0, 1]."""
         return min(1.0, self.every / max(self.ramp * max(total_steps, 1), 1e-12))
 
 
-def ratio_of(g_pos: float, g_neg: float) -> float:
-    """G_NEG relative to |G_POS| (0 when neither moves the proxy)."""
-    scale = abs(g_pos)
-    if scale < 1e-30:
-        return 0.0 if abs(g_neg) < 1e-30 else math.copysign(1e6, g_neg)
-    return g_neg / scale
+def balance_point(g_pos: float, g_neg: float, lambda_max: float) -> float:
+    """The largest lambda in [0, lambda_max] with (1 - lambda) G_POS + lambda G_NEG >= 0 (0 where no lambda has it)."""
+    if g_neg >= 0:
+        return lambda_max
+    if g_pos <= 0:
+        return 0.0
+    return min(g_pos / (g_pos - g_neg), lambda_max)
 
 
 def next_lambda(lam: float, ema: list | None, g_pos: float, g_neg: float, law: Law,
-                total_steps: int) -> tuple[float, list, float, float]:
-    """(lambda, [EMA of |G_POS|, EMA of G_NEG], smoothed ratio, this estimate's ratio) after one estimate (the
-    module docstring's law)."""
+                total_steps: int) -> tuple[float, list, float]:
+    """(lambda, [EMA of G_POS, EMA of G_NEG], the balance point lambda*) after one estimate (the module
+    docstring's law)."""
     a = law.smoothing
-    ema = [abs(g_pos), g_neg] if ema is None else [(1 - a) * ema[0] + a * abs(g_pos), (1 - a) * ema[1] + a * g_neg]
-    smoothed = ratio_of(ema[0], ema[1])
-    drive = min(max((smoothed - law.threshold) / law.band, -1.0), 1.0)
-    lam = min(max(lam + law.step_bound(total_steps) * drive, 0.0), law.lambda_max)
-    return lam, ema, smoothed, ratio_of(g_pos, g_neg)
+    ema = [g_pos, g_neg] if ema is None else [(1 - a) * ema[0] + a * g_pos, (1 - a) * ema[1] + a * g_neg]
+    target = balance_point(ema[0], ema[1], law.lambda_max)
+    bound = law.step_bound(total_steps)
+    return lam + min(max(target - lam, -bound), bound), ema, target
 
 
 # ------------------------------------------------------------------------------------------------ measurement
@@ -195,7 +196,7 @@ def proxy_prompts(cfg, tokenizer, n: int) -> list[str]:
 @dataclass
 class ControllerState:
     lam: float
-    ema: list | None = None  # [EMA of |G_POS|, EMA of G_NEG]
+    ema: list | None = None  # [EMA of G_POS, EMA of G_NEG]
     last_step: int | None = None  # the optimizer step of the last estimate
     estimates: int = 0
     seconds: float = 0.0  # spent estimating (and answering the proxy questions)
@@ -273,10 +274,10 @@ class GBalance:
         g = proxy_gradient(model, batches)
         G = mean_over_ranks(alignment(model, losses(), g))  # every rank: one lambda
         ref, ctl = G[self.reference], G[self.controlled]
-        lam, ema, smoothed, ratio = next_lambda(self.state.lam, self.state.ema, ref, ctl, self.law, total_steps)
+        lam, ema, target = next_lambda(self.state.lam, self.state.ema, ref, ctl, self.law, total_steps)
         seconds = time.perf_counter() - started
         row = {"step": step, "lambda_before": self.state.lam, "lambda": lam, f"G_{self.reference}": ref,
-               f"G_{self.controlled}": ctl, "ratio": ratio, "smoothed": smoothed, "refreshed": refreshed,
+               f"G_{self.controlled}": ctl, "lambda_target": target, "refreshed": refreshed,
                "seconds": round(seconds, 4)}
         self.state = ControllerState(lam, ema, step, self.state.estimates + 1, self.state.seconds + seconds,
                                      self.state.train_seconds, [*self.state.rows, row], self.state.answers)

@@ -83,7 +83,7 @@ class ComponentDPOTrainer(ExactResumeMixin, DPOTrainer):
                                                 self.state.max_steps)
             if row is not None:
                 m = self._metrics["train"]
-                for key in (k for k in row if k.startswith("G_") or k in ("ratio", "seconds")):
+                for key in (k for k in row if k.startswith("G_") or k in ("lambda_target", "seconds")):
                     m[f"controller/{key}"].append(row[key])
             self._metrics["train"]["controller/lambda"].append(self.controller.lam)
         terms.lam = self.controller.lam

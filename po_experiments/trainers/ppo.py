@@ -542,7 +542,7 @@ class ComponentPPOTrainer(PPOTrainer):
                         self.state.max_steps)
         out = {"controller/lambda": c.lam}
         if row is not None:
-            out.update({f"controller/{k}": row[k] for k in row if k.startswith("G_") or k in ("ratio", "seconds")})
+            out.update({f"controller/{k}": row[k] for k in row if k.startswith("G_") or k in ("lambda_target", "seconds")})
         return out
 
     # ========================================================================================= the update
