@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from conftest import make_pairs
 from po_experiments.analysis.gradients import (
-    DPO_COMPONENTS, dpo_alignment, dpo_coefficients, encode, encode_pairs, sequence_logps, summarise,
+    dpo_alignment, dpo_coefficients, encode, encode_pairs, sequence_logps, summarise,
     target_gradients,
 )
 
