@@ -36,6 +36,7 @@ from torch.func import functional_call, grad, vmap
 from ..objectives.pairwise import build_pair_terms, component_coefficients
 from ..objectives.pairwise_losses import decompose
 from ..objectives import BASE_COMPONENTS, components_of
+from .tables import PAPER_TARGET
 
 GROUPS = ("all", "bottom", "middle", "top")
 LAYER = re.compile(r"\.layers\.(\d+)\.")
@@ -144,9 +145,6 @@ def dprime_gradient(model, batches) -> dict[str, torch.Tensor]:
         out[n] = (p.grad if p.grad is not None else torch.zeros_like(p)).div_(count)
         p.grad = None
     return out
-
-
-PAPER_TARGET = "dprime"
 
 
 @dataclass
