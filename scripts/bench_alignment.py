@@ -613,7 +613,9 @@ def print_table(res: dict) -> None:
               f"{r['per_component/tot_only']:.3f}")
     print(f"full/tot_only without the shared D' pass ({res['dprime_median_s']:.3f} s): {r[EXCL_DPRIME]:.3f}   "
           f"in CPU time (steadier on a shared machine): {r['full/tot_only CPU time']:.3f}")
-    print(f"ratio of medians (full/tot_only): {res['ratio']:.3f}  target <= {res['target']}  {res['verdict']}")
+    per = "" if c["targets"] == 1 else f" = {res['ratio'] / c['targets']:.3f} per target ({c['targets']} targets)"
+    print(f"ratio of medians (full/tot_only): {res['ratio']:.3f}{per}  target <= {res['target']}"
+          f"{' per target' if per else ''}  {res['verdict']}")
     if c["targets"] > 1:
         print(f"full with {c['targets']} targets ({c['n_target']} sequences each beside D') vs TOT-only with D' alone: "
               f"t{c['targets']}/t1 = {r['full_targets/tot_only_1']:.3f}, per target t{c['targets']}/({c['targets']} "
