@@ -520,6 +520,7 @@ def add_analysis(run: Path, settings: dict, factor: float) -> Path:
     return folder
 
 
+@pytest.mark.slow  # a few seconds: the fast tier keeps under 3 minutes
 def test_g_figures_are_the_mean_over_seeds_per_model(tmp_path):
     from po_experiments.reporting.paper_figures import draw_paper_figures
 

@@ -126,6 +126,7 @@ def test_nothing_is_written_without_an_objective_run_with_g(tmp_path):
     assert not (tmp_path / "agg").exists()
 
 
+@pytest.mark.slow  # a few seconds: the fast tier keeps under 3 minutes
 def test_aggregate_script_and_report_show_the_objectives_beside_the_other_outputs(pool, tmp_path):
     out = tmp_path / "agg"
     assert load_script("aggregate").main([str(pool), "--out", str(out), "--figures", "objectives"]) == 0

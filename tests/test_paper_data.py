@@ -617,6 +617,7 @@ def _spy_map(monkeypatch) -> list:
     return calls
 
 
+@pytest.mark.slow  # a few seconds: the fast tier keeps under 3 minutes
 def test_parallel_validation_finds_what_the_loop_finds(tmp_path, tokenizer, monkeypatch):
     """num_proc=2 over the real HH sample: the same rows kept, the same report as one process."""
     from po_experiments.data import validation

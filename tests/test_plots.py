@@ -149,6 +149,7 @@ def test_exclude_loss_increase_drops_those_steps(dpo_run):
     assert plain.shape != filtered.shape or not np.array_equal(plain, filtered)
 
 
+@pytest.mark.slow  # a few seconds: the fast tier keeps under 3 minutes
 def test_loss_check_csv_lists_the_excluded_steps_and_old_tables_exclude_nothing(dpo_run):
     draw_figures(dpo_run, exclude_loss_increase=True)
     listed = pd.read_csv(dpo_run / "figures" / "loss_check.csv")

@@ -50,6 +50,7 @@ def _movement(tmp_path, task, tiny_model, tokenizer, name: str, *overrides) -> f
     return sum((after[k] - before[k]).pow(2).sum() for k in after).sqrt().item()
 
 
+@pytest.mark.slow  # a few seconds: the fast tier keeps under 3 minutes
 @pytest.mark.parametrize("dtype", ["bfloat16"])
 def test_bf16_dpo_moves_parameters_like_float32(tmp_path, task, tiny_model, tokenizer, dtype):
     fp32 = _movement(tmp_path, task, tiny_model, tokenizer, "fp32", "model.dtype=float32")

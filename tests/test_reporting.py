@@ -101,6 +101,7 @@ def test_table1_shows_each_rows_best_case_beside_the_paper(tmp_path):
     assert "| PPO w/o TOP | 99.0 (1 seed) | 99.0 (1 seed) |" in md  # every case is still listed below
 
 
+@pytest.mark.slow  # a few seconds: the fast tier keeps under 3 minutes
 def test_table1_llama_column_when_its_runs_are_supplied_and_no_paper_value_for_tiny(tmp_path):
     written = agg.aggregate(case_sweep(tmp_path / "sweep", models=("tiny", "pythia", "llama3")), tmp_path / "agg")
     md = written["table1.md"].read_text()
@@ -176,6 +177,7 @@ def test_html_report_is_self_contained(sweep, tmp_path):
     assert all((page.parent / src).exists() and not src.startswith("/") for src in images)
 
 
+@pytest.mark.slow  # a few seconds: the fast tier keeps under 3 minutes
 @pytest.mark.skipif(chromium() is None, reason="chromium is not installed (.ci/run installs Debian's)")
 def test_html_report_loads_every_image_in_chromium(sweep, tmp_path):
     page = build_report(sweep, tmp_path / "report")
