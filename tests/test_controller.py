@@ -376,3 +376,28 @@ def test_ppo_trainer_with_the_controller(ppo, tokenizer, tmp_path):
     assert scalars["lambda"] == controller.lam
     assert torch.equal(weights, torch.full_like(weights, controller.lam).masked_fill(~(r.advantages < 0), 1.0))
     assert any("controller/G_NEG" in h for h in trainer.state.log_history)
+
+
+# ------------------------------------------------------------------------------------------------ G of a controller run
+
+def test_g_of_a_controller_run_uses_the_lambda_in_force_at_each_checkpoint(tmp_path):
+    """The analysis' coefficients are the trained update's: the controller's lambda (controller.csv: the last
+    estimate at a step <= the checkpoint's), not the t1/t2 schedule the config still records."""
+    from po_experiments.analysis.gradients import dpo_coefficients
+    from po_experiments.controllers.g_balance import CSV, lambda_in_force
+
+    pd.DataFrame({"step": [0, 15, 30], "lambda": [0.2, 0.5, 0.9]}).to_csv(tmp_path / CSV, index=False)
+    assert lambda_in_force(tmp_path, 0, 0.0) == 0.2 and lambda_in_force(tmp_path, 14, 0.0) == 0.2
+    assert lambda_in_force(tmp_path, 15, 0.0) == 0.5 and lambda_in_force(tmp_path, 100, 0.0) == 0.9
+    assert lambda_in_force(tmp_path, -1, 0.3) == 0.3  # before the first estimate: lambda_init
+    with pytest.raises(FileNotFoundError, match="controller.csv"):
+        lambda_in_force(tmp_path / "nowhere", 5, 0.0)
+
+    algo = _compose("algo=cdpo", "algo.t1=30", "algo.t2=80").algo
+    g = torch.Generator().manual_seed(0)
+    chosen, rejected, ref_c, ref_r = (torch.randn(12, generator=g, dtype=torch.float64) for _ in range(4))
+    at = lambda step, lam=None: dpo_coefficients(chosen, rejected, ref_c, ref_r, algo, step, lam=lam)  # noqa: E731
+    scheduled, controlled = at(55), at(10, lam=0.5)  # the schedule's lambda at step 55 is 0.5
+    for c in scheduled:
+        torch.testing.assert_close(controlled[c], scheduled[c])
+    assert not torch.allclose(at(10)["NEG"], controlled["NEG"])  # at step 10 the schedule's lambda is 0

@@ -212,13 +212,16 @@ DPO_COMPONENTS = BASE_COMPONENTS  # every pairwise objective's; its own terms (a
 
 
 def dpo_coefficients(chosen, rejected, ref_chosen, ref_rejected, algo, step: int, *, chosen_completion=None,
-                     rejected_completion=None, chosen_ids=None) -> dict[str, torch.Tensor]:
+                     rejected_completion=None, chosen_ids=None, lam: float | None = None
+                     ) -> dict[str, torch.Tensor]:
     """Per component of the objective (`components_of`), the coefficients on [grad log pi(y+_i); grad log pi(y-_i)]
     of its loss gradient, for the whole sample (thirds ranked over the sample, as the paper ranks over D). The
     completion masks (and y+'s token ids) give length-normalised and unpaired objectives what the trainer gives
-    them (`build_pair_terms`)."""
+    them (`build_pair_terms`). `lam`: a controller's lambda in force at this step (controller=g_balance runs), else
+    the objective's own schedule."""
     terms = build_pair_terms(chosen, rejected, ref_chosen, ref_rejected, step=step, chosen_ids=chosen_ids,
                              chosen_completion=chosen_completion, rejected_completion=rejected_completion)
+    terms.lam = lam
     return component_coefficients(decompose(terms, algo), components_of(algo))
 
 
@@ -268,7 +271,7 @@ def _jvp_sequence_stats(model, ids, mask, comp, g, groups):
 
 def dpo_alignment(model, pairs, ref_logps, dprime: dict[str, torch.Tensor], algo, step: int,
                   batch_size: int = 4, chunk: int = 32, progress=None, method: str = "vmap",
-                  route: str = "auto") -> MinibatchAlignment:
+                  route: str = "auto", lam: float | None = None) -> MinibatchAlignment:
     """G for every DPO component, layer group and target on mini-batches of `batch_size` pairs, every component's
     gradient norm and each pair's share of every G: G_c(b) = c^T s_k and ||grad L_c(b)||^2 = c^T K c with s_i,k = g'_k . grad log pi(y_i) and K the
     Gram matrix of the per-sequence gradients, where the coefficients c (thirds of omega over the whole sample)
@@ -309,7 +312,8 @@ def dpo_alignment(model, pairs, ref_logps, dprime: dict[str, torch.Tensor], algo
     per_sequence[order] = logps  # back to [chosen (N); rejected (N)]
     coef = dpo_coefficients(per_sequence[:n], per_sequence[n:], *(r.to(device).double() for r in ref_logps),
                             algo, step, chosen_completion=pairs["chosen_comp"][:, 1:],
-                            rejected_completion=pairs["rejected_comp"][:, 1:], chosen_ids=pairs["chosen_ids"][:, 1:])
+                            rejected_completion=pairs["rejected_comp"][:, 1:], chosen_ids=pairs["chosen_ids"][:, 1:],
+                            lam=lam)
     components = tuple(coef)
     G, norms, row = [], [], 0
     examples = torch.zeros(n, len(targets.names), len(components), dtype=torch.float64, device=device)
@@ -363,17 +367,23 @@ def summarise(mb: MinibatchAlignment) -> dict:
 PPO_COMPONENTS = DPO_COMPONENTS
 
 
-def ppo_token_coefficients(rollout, algo, step: int, weighting) -> dict[str, torch.Tensor]:
+def ppo_token_coefficients(rollout, algo, step: int, weighting,
+                           lam: float | None = None) -> dict[str, torch.Tensor]:
     """Per component of the objective (`components_of`), the coefficient of each response token's grad log pi in
     its policy-loss gradient at the rollout's own policy (ratio 1, inside the clip): -A_t * weight_t * mask_t, thirds
     ranked over the batch (by response where A is per response); a KL-in-the-loss term (GRPO) is its own component
     KL, kl_coef (1 - pi_ref / pi) per token, and part of TOT. The aggregation's normaliser
-    (`aggregation_weights`, the trainer's) is applied per mini-batch in `ppo_alignment`."""
-    from ..objectives.policy_gradient import TOKEN_COMPONENTS, kl_k3_coefficient, settings, thirds_of
+    (`aggregation_weights`, the trainer's) is applied per mini-batch in `ppo_alignment`. `lam`: a controller's
+    lambda in force at this step (on the weighting's own tokens, as the trainer puts it), else the weighting's own."""
+    from ..objectives.policy_gradient import (TOKEN_COMPONENTS, controlled_weights, kl_k3_coefficient, settings,
+                                              thirds_of)
 
     adv, valid = rollout.advantages, rollout.valid
     thirds = thirds_of(adv, valid, algo)
-    weights, _ = weighting(adv, thirds, step, algo)
+    if lam is None:
+        weights, _ = weighting(adv, thirds, step, algo)
+    else:
+        weights, _ = controlled_weights(adv, thirds, valid, algo.weighting, lam)
     out = {c: -(adv * weights * TOKEN_COMPONENTS[c](adv, thirds, valid).to(adv.dtype)) for c in PPO_COMPONENTS}
     a = settings(algo)
     if "KL" in components_of(algo):

@@ -209,7 +209,8 @@ def _alignment(cfg, step, folder, model, method, g, pairs, ppo_sample, bar) -> M
         from ..objectives.policy_gradient import WEIGHTINGS
 
         rollout = ppo_sample if ppo_sample is not None else Rollout.load(folder / "rollout.pt")
-        coef = ppo_token_coefficients(rollout, cfg.algo, step, WEIGHTINGS[cfg.algo.weighting])
+        coef = ppo_token_coefficients(rollout, cfg.algo, step, WEIGHTINGS[cfg.algo.weighting],
+                                      lam=controller_lambda(cfg, folder, step))
         from ..objectives.policy_gradient import settings
 
         mb = ppo_alignment(model, rollout, g, coef, temperature=cfg.model.ppo.temperature,
@@ -221,7 +222,17 @@ def _alignment(cfg, step, folder, model, method, g, pairs, ppo_sample, bar) -> M
     encoded, ref_logps = pairs
     log.info("G at step %d: method %s", step, method)
     return dpo_alignment(model, encoded, ref_logps, g, cfg.algo, step, batch_size=cfg.analysis.dpo_batch_size,
-                         chunk=cfg.analysis.chunk, progress=bar, method=method)
+                         chunk=cfg.analysis.chunk, progress=bar, method=method,
+                         lam=controller_lambda(cfg, folder, step))
+
+
+def controller_lambda(cfg, folder: Path, step: int) -> float | None:
+    """A controller run's lambda in force for the update after checkpoint `step` (G is that update's gradient),
+    from the run's controller.csv; None without a controller (the objective's own schedule)."""
+    from ..controllers import active
+    from ..controllers.g_balance import lambda_in_force
+
+    return lambda_in_force(Path(folder).parents[1], step, cfg.controller.lambda_init) if active(cfg) else None
 
 
 def loss_check_columns(folder: Path) -> dict:

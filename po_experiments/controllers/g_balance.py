@@ -326,6 +326,17 @@ class GBalance:
         return info
 
 
+def lambda_in_force(run_dir: Path, step: int, lambda_init: float) -> float:
+    """The lambda the update after optimizer step `step` used: the one set by the last estimate at a step <= `step`
+    (an estimate at step s comes before update s + 1), or `lambda_init` before the first (controller.csv)."""
+    path = Path(run_dir) / CSV
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: a controller run's G needs the lambda it trained with (controller.csv)")
+    rows = pd.read_csv(path)
+    rows = rows[rows["step"] <= step]
+    return float(rows["lambda"].iloc[-1]) if len(rows) else float(lambda_init)
+
+
 def controller_summary(run_dir: Path) -> dict:
     """summary.json's controller entries: `controller_overhead` (and the rest of controller.json), or {}."""
     path = Path(run_dir) / SUMMARY
