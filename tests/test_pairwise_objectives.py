@@ -442,16 +442,18 @@ def test_run_py_trains_and_analyses_the_objective(name, e2e_cache, tmp_path):
     table = pd.read_csv(run_dir / "alignment.csv")
     expected = BASE_COMPONENTS + OBJECTIVES[name].extra_components
     assert set(table["component"]) == set(expected) and set(table["layer_group"]) == {"all", "bottom", "middle", "top"}
-    assert table["step"].nunique() >= 3 and len(table) == table["step"].nunique() * len(expected) * 4
+    n_targets = table["target"].nunique()  # analysis.targets: D' and the default four others
+    assert n_targets == 5 and table["step"].nunique() >= 3
+    assert len(table) == table["step"].nunique() * n_targets * len(expected) * 4
     extras = list(OBJECTIVES[name].extra_components)
     for column in ("G", "G_unfiltered"):
-        g = table.pivot_table(index=["step", "layer_group"], columns="component", values=column)
+        g = table.pivot_table(index=["step", "target", "layer_group"], columns="component", values=column)
         scale = g.abs().max(axis=1) + 1e-12
         rest = g[extras].sum(axis=1) if extras else 0.0
         assert ((g["POS"] + g["NEG"] + rest - g["TOT"]).abs() / scale).max() < 1e-4
         assert ((g["TOP"] + g["MID"] + g["BOT"] + rest - g["TOT"]).abs() / scale).max() < 1e-4
         assert (g[list(expected)].abs().max() > 0).all()  # every component measured, none identically zero
-        by_group = table.pivot_table(index=["step", "component"], columns="layer_group", values=column)
+        by_group = table.pivot_table(index=["step", "target", "component"], columns="layer_group", values=column)
         scale = by_group.abs().max(axis=1) + 1e-12
         assert ((by_group[["bottom", "middle", "top"]].sum(axis=1) - by_group["all"]).abs() / scale).max() < 1e-4
     assert (run_dir / "figures" / "G_components.png").stat().st_size > 5000

@@ -343,12 +343,12 @@ def test_run_py_trains_decomposes_and_measures_a_critic_free_objective(name, tmp
     comps = ["TOT", "POS", "NEG", "TOP", "MID", "BOT"] + (["KL"] if name == "grpo" else [])
     assert sorted(table["component"].unique()) == sorted(comps) and sorted(table["step"].unique()) == steps
     for column in ("G", "G_unfiltered"):
-        g = table.pivot_table(index=["step", "layer_group"], columns="component", values=column)
+        g = table.pivot_table(index=["step", "target", "layer_group"], columns="component", values=column)
         kl = g["KL"] if name == "grpo" else 0.0
         scale = g.abs().max(axis=1) + 1e-12
         assert ((g["POS"] + g["NEG"] + kl - g["TOT"]).abs() / scale).max() < 1e-4
         assert ((g["TOP"] + g["MID"] + g["BOT"] + kl - g["TOT"]).abs() / scale).max() < 1e-4
-        by_group = table.pivot_table(index=["step", "component"], columns="layer_group", values=column)
+        by_group = table.pivot_table(index=["step", "target", "component"], columns="layer_group", values=column)
         scale = by_group.abs().max(axis=1) + 1e-12
         assert ((by_group[["bottom", "middle", "top"]].sum(axis=1) - by_group["all"]).abs() / scale).max() < 1e-4
     if name == "grpo":
