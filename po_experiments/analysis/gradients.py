@@ -227,9 +227,9 @@ def dpo_coefficients(chosen, rejected, ref_chosen, ref_rejected, algo, step: int
 
 def _sequence_stats(model, ids, mask, comp, g, groups):
     """For each sequence of one vmap call: its completion log-prob, g'_t,k . grad log pi (n x T x 3: every target
-    t, k = bottom, middle, top) and the Gram matrix of the per-sequence gradients. Products are taken parameter by parameter in the model's
-    dtype and summed in float64: no flat copy of the per-sequence gradients, and sums over billions of entries
-    never accumulate in float32."""
+    t, k = bottom, middle, top) and the Gram matrix of the per-sequence gradients. Products are taken parameter by
+    parameter in the model's dtype and summed in float64: no flat copy of the per-sequence gradients, and sums over
+    billions of entries never accumulate in float32."""
     params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
 
     def one(p, ids1, mask1, comp1):
@@ -405,11 +405,11 @@ def _response_logps(model, params, rollout, idx, temperature: float):
     return torch.log_softmax(logits, -1).gather(-1, ids[:, ctx:, None])[..., 0]
 
 
-def group_directional_derivatives(model, fn, dprime: dict[str, torch.Tensor], groups: dict[str, int]) -> torch.Tensor:
-    """[3, *fn's output]: d fn(theta) . g'_k for k = bottom, middle, top, by forward-mode AD one layer group at a
-    time: the group's parameters are the primals and their slices of g' (views, not copies) the tangents; the
-    other parameters are constants, so no zero tangents and no stacked copies exist. No backward graph is kept.
-    SDPA's fused kernels have no forward-mode formula: its math backend is forced (eager attention needs none)."""
+def _per_group_jvp(model, fn, tangent_of, groups: dict[str, int], over_targets: bool) -> list[torch.Tensor]:
+    """For k = bottom, middle, top: the forward-mode product of fn(theta) with the group's tangents
+    (`tangent_of(name)`: a view of g', or [T, *shape] stacked g' that `over_targets` vmaps). The group's parameters
+    are the primals, the others constants: no zero tangents, no stacked copies, no backward graph. SDPA's fused
+    kernels have no forward-mode formula: its math backend is forced (eager attention needs none)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
@@ -418,9 +418,18 @@ def group_directional_derivatives(model, fn, dprime: dict[str, torch.Tensor], gr
         for k in range(3):
             primals = {n: v for n, v in params.items() if groups[n] == k}
             fixed = {n: v for n, v in params.items() if groups[n] != k}
-            tangents = {n: dprime[n].to(v.dtype) for n, v in primals.items()}
-            out.append(torch.func.jvp(lambda p: fn({**fixed, **p}), (primals,), (tangents,))[1])
-    return torch.stack(out)
+            tangents = {n: tangent_of(n).to(v.dtype) for n, v in primals.items()}
+
+            def along(tangent, primals=primals, fixed=fixed):
+                return torch.func.jvp(lambda p: fn({**fixed, **p}), (primals,), (tangent,))[1]
+            out.append(vmap(along, randomness="same")(tangents) if over_targets else along(tangents))
+    return out
+
+
+def group_directional_derivatives(model, fn, dprime: dict[str, torch.Tensor], groups: dict[str, int]) -> torch.Tensor:
+    """[3, *fn's output]: d fn(theta) . g'_k for k = bottom, middle, top, by forward mode one layer group at a
+    time (`_per_group_jvp`)."""
+    return torch.stack(_per_group_jvp(model, fn, lambda n: dprime[n], groups, over_targets=False))
 
 
 def target_directional_derivatives(model, fn, targets: TargetGradients, groups: dict[str, int],
@@ -431,21 +440,7 @@ def target_directional_derivatives(model, fn, targets: TargetGradients, groups: 
     if not batched or len(targets.names) == 1:
         return torch.stack([group_directional_derivatives(model, fn, targets.one(t), groups)
                             for t in range(len(targets.names))])
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
-    out = []
-    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
-        for k in range(3):
-            primals = {n: v for n, v in params.items() if groups[n] == k}
-            fixed = {n: v for n, v in params.items() if groups[n] != k}
-            tangents = {n: targets.grads[n].to(v.dtype) for n, v in primals.items()}  # [T, *shape] each
-
-            def along(tangent, primals=primals, fixed=fixed):
-                return torch.func.jvp(lambda p: fn({**fixed, **p}), (primals,), (tangent,))[1]
-
-            out.append(vmap(along, randomness="same")(tangents))
-    return torch.stack(out, dim=1)
+    return torch.stack(_per_group_jvp(model, fn, lambda n: targets.grads[n], groups, over_targets=True), dim=1)
 
 
 def _weighted_gradient_stats(model, groups, dprime, logps_fn, weights: torch.Tensor):
