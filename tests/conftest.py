@@ -38,6 +38,24 @@ def make_pairs(task, n: int, seed: int = 0) -> Dataset:
     return task.ranked_demonstration_pairs(n, seed)
 
 
+def nudge(model, scale: float = 0.05):
+    """Move a model a little (in place, N(0, scale) per weight): a policy off its reference or behaviour policy, so
+    omega, log-ratios and importance ratios differ between rows. Returns the model."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return model
+
+
+def float64_checkpoint(tiny_model):
+    """(reference, checkpoint): the tiny model in float64 and a nudged copy with eager attention (vmap and forward
+    mode need it), as the G tests analyse them."""
+    ref = tiny_model.double().eval()
+    model = nudge(copy.deepcopy(ref))
+    model.config._attn_implementation = "eager"
+    return ref, model
+
+
 def load_script(name: str):
     """A script from scripts/ as a module (the benchmarks' smoke tests call their `main`)."""
     import importlib.util

@@ -1,13 +1,12 @@
 """G (Eq. 3) for the DPO family: brute force per component, additivity, and its first-order meaning (Eq. 1-2)."""
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import make_pairs
+from conftest import float64_checkpoint, make_pairs
 from po_experiments.analysis.gradients import (
     DPO_COMPONENTS, choose_method, dpo_alignment, dpo_coefficients, dprime_gradient, encode, encode_pairs, flatten,
     iqr_outliers, layer_groups, sequence_logps, summarise,
@@ -19,12 +18,7 @@ ALGO = OmegaConf.create({"name": "dpo", "beta": 0.1})
 @pytest.fixture
 def setup(task, tokenizer, tiny_model):
     """A float64 'checkpoint' a little away from its reference, 12 pairs (3 mini-batches of 4) and 8 D' answers."""
-    ref = tiny_model.double().eval()
-    model = copy.deepcopy(ref)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    model.config._attn_implementation = "eager"
+    ref, model = float64_checkpoint(tiny_model)
     pairs = encode_pairs(tokenizer, make_pairs(task, 12, seed=1))
     with torch.no_grad():
         ref_logps = tuple(sequence_logps(ref, pairs[f"{s}_ids"], pairs[f"{s}_mask"], pairs[f"{s}_comp"])

@@ -15,7 +15,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from conftest import make_pairs
+from conftest import make_pairs, nudge
 from po_experiments.config import _run_name, is_identity_key, validate
 from po_experiments.controllers.g_balance import (GBalance, Law, alignment, balance_point, component_losses,
                                                   next_lambda, proxy_gradient, proxy_prompts)
@@ -101,9 +101,7 @@ def test_g_estimate_equals_brute_force_g_and_leaves_grad_untouched(task, tokeniz
     model = tiny_model.double()
     ref = copy.deepcopy(model)
     torch.manual_seed(1)
-    with torch.no_grad():  # the policy away from the reference: omega differs between pairs
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    nudge(model)  # the policy away from the reference: omega differs between pairs
     pairs = make_pairs(task, 6)
     lam, beta = 0.3, 0.1
     algo = OmegaConf.create({"name": "cdpo", "family": "dpo", "beta": beta, "components": ["TOT"], "t1": 30, "t2": 80})

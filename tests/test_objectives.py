@@ -6,7 +6,7 @@ import torch
 from omegaconf import OmegaConf
 from trl import DPOTrainer
 
-from conftest import dpo_trainer, first_batch, make_pairs
+from conftest import dpo_trainer, first_batch, make_pairs, nudge
 from po_experiments.trainers.ablations import ABLATIONS
 from po_experiments.objectives import OBJECTIVES
 from po_experiments.objectives.pairwise import PairTerms, Thirds, coverage, objective, rank_thirds
@@ -39,9 +39,7 @@ def trainer_and_batch(task, tokenizer, tiny_model, tmp_path):
         trainer = dpo_trainer(model, tokenizer, make_pairs(task, 24), tmp_path, algo or {}, ablation, batch=12)
         trainer.ref_model.double()
         # a few random steps away from the reference, so omega and the log-ratios are not all equal
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(0.05 * torch.randn_like(p))
+        nudge(model)
         return trainer, first_batch(trainer)
     return build
 

@@ -17,7 +17,7 @@ from po_experiments.objectives.policy_gradient import (
     TOKEN_COMPONENTS, WEIGHTINGS, gae, hppo_lambda, token_mask, token_thirds,
 )
 
-from conftest import PPO_ALGO as ALGO
+from conftest import PPO_ALGO as ALGO, nudge
 
 
 def random_batch(seed=0, rows=6, length=9):
@@ -124,9 +124,7 @@ def whole_batch_policy_loss(trainer, r: Rollout, step=0, components=None):
 
 def perturbed(trainer):
     """Move the policy off the behaviour policy, so ratios differ from 1 and clipping bites."""
-    with torch.no_grad():
-        for p in trainer.accelerator.unwrap_model(trainer.model).policy.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    nudge(trainer.accelerator.unwrap_model(trainer.model).policy)
 
 
 def test_rollout_is_well_formed(ppo):

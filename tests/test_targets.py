@@ -3,7 +3,6 @@ G's first-order meaning holds for every target (one SGD step), the config is val
 and the report's first-order correlation is Pearson's r of the right points."""
 from __future__ import annotations
 
-import copy
 import math
 
 import numpy as np
@@ -12,7 +11,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import make_pairs
+from conftest import float64_checkpoint, make_pairs
 from po_experiments.analysis.gradients import (
     dpo_alignment, dpo_coefficients, encode, encode_pairs, sequence_logps, summarise,
     target_gradients,
@@ -42,12 +41,7 @@ def target_sets(task, tokenizer, pairs_text):
 
 @pytest.fixture
 def setup(task, tokenizer, tiny_model):
-    ref = tiny_model.double().eval()
-    model = copy.deepcopy(ref)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    model.config._attn_implementation = "eager"
+    ref, model = float64_checkpoint(tiny_model)
     text = make_pairs(task, 12, seed=1)
     pairs = encode_pairs(tokenizer, text)
     with torch.no_grad():
