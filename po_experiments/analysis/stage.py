@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .. import distributed
+from ..atomic import write_csv, write_json
 from ..checkpoints import step_dirs
 from ..trainers.loss_check import read_loss_check
 from ..generation.backend import shared_generate_texts
@@ -326,9 +327,7 @@ def append_rows(path: Path, rows: list[dict]) -> pd.DataFrame:
     else:
         table = new
     table = table.sort_values([c for c in SORT if c in table], kind="stable").reset_index(drop=True)
-    tmp = path.with_suffix(".tmp")
-    table.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    write_csv(path, table)
     return table
 
 
@@ -385,10 +384,7 @@ def response_examples(rollout, tokenizer) -> list[dict]:
 
 
 def write_examples(run_dir: Path, content: dict) -> None:
-    path = run_dir / EXAMPLES
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(content, indent=1, default=str))
-    os.replace(tmp, path)
+    write_json(run_dir / EXAMPLES, content, default=str)
 
 
 def add_ppo_examples(run_dir: Path, step: int, rollout, tokenizer) -> None:

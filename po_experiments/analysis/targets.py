@@ -21,6 +21,7 @@ import logging
 from pathlib import Path
 
 from .. import distributed
+from ..atomic import write_json
 from .gradients import PAPER_TARGET, encode
 
 log = logging.getLogger(__name__)
@@ -62,11 +63,7 @@ def answer_sft(cfg, run_dir: Path, sft_dir: Path, tokenizer) -> list[dict]:
                                     desc="SFT answers (G targets)")
     rows = [{"prompt": p, "response": task_of(cfg).dprime_response(a)} for p, a in zip(prompts, answers)]
     if distributed.is_main():
-        cache = sft_cache(cfg, run_dir)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp")
-        tmp.write_text(json.dumps(rows, indent=1))
-        tmp.replace(cache)
+        write_json(sft_cache(cfg, run_dir), rows)
     return rows
 
 
